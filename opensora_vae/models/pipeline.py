@@ -1,0 +1,248 @@
+"""VideoAutoencoderPipeline: the spatial VAE, then the temporal VAE, with latent normalisation."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..registry import MODELS, build_from_cfg, to_plain
+from .distributions import DiagonalGaussianDistribution
+from .pretrained import CONFIG_NAME, WEIGHTS_NAME, load_strict, read_config, read_state_dict, resolve_pretrained
+from .spatial import SDXL_VAE_HUB_ID, check_video, sdxl_vae_config
+
+OPENSORA_V1_2_SHIFT = (-0.10, 0.34, 0.27, 0.98)
+OPENSORA_V1_2_SCALE = (3.85, 2.32, 2.33, 3.06)
+
+
+class PipelineOutput(NamedTuple):
+    """What training needs from one pass: unpacks like the reference's loss-mode tuple."""
+
+    x_rec: Optional[torch.Tensor]  # pixels decoded from x_z_rec (None when decode_pixels=False)
+    x_z_rec: torch.Tensor  # the temporal VAE's reconstruction of x_z
+    z: torch.Tensor  # temporal latent sample, before shift/scale
+    posterior: DiagonalGaussianDistribution  # over every micro-chunk
+    x_z: torch.Tensor  # spatial VAE latents
+
+
+def _channel_buffer(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32).reshape(1, -1, 1, 1, 1)
+
+
+@MODELS.register_module()
+class VideoAutoencoderPipeline(nn.Module):
+    """Constructor arguments are the saved config (config.json); see `from_pretrained` / `save_pretrained`.
+
+    micro_frame_size: the temporal VAE sees chunks of this many frames, each padded on its own (None: whole clip).
+    cal_loss: kept for configs written for the reference; `forward` always returns the training tuple.
+    from_pretrained: when given, weights are loaded from it (strict names) after building from these arguments.
+    """
+
+    def __init__(
+        self,
+        vae_2d: Optional[dict] = None,
+        vae_temporal: Optional[dict] = None,
+        from_pretrained: Optional[str] = None,
+        freeze_vae_2d: bool = False,
+        cal_loss: bool = False,
+        micro_frame_size: Optional[int] = None,
+        shift: Union[float, Sequence[float]] = 0.0,
+        scale: Union[float, Sequence[float]] = 1.0,
+    ):
+        super().__init__()
+        if vae_2d is None or vae_temporal is None:
+            raise ValueError("VideoAutoencoderPipeline needs both vae_2d and vae_temporal config dicts")
+        if micro_frame_size is not None and micro_frame_size < 1:
+            raise ValueError(f"micro_frame_size must be a positive integer or None, got {micro_frame_size}")
+        self.config = dict(vae_2d=to_plain(vae_2d), vae_temporal=to_plain(vae_temporal), from_pretrained=None,
+                           freeze_vae_2d=freeze_vae_2d, cal_loss=cal_loss, micro_frame_size=micro_frame_size,
+                           shift=to_plain(shift), scale=to_plain(scale))
+        self.spatial_vae = build_from_cfg(vae_2d, MODELS)
+        self.temporal_vae = build_from_cfg(vae_temporal, MODELS)
+        if self.spatial_vae.out_channels != self.temporal_vae.in_out_channels:
+            raise ValueError(
+                f"spatial VAE gives {self.spatial_vae.out_channels} latent channels but the temporal VAE takes "
+                f"{self.temporal_vae.in_out_channels}"
+            )
+        self.micro_frame_size = micro_frame_size
+        self.freeze_vae_2d = freeze_vae_2d
+        self.cal_loss = cal_loss
+        self.register_buffer("shift", _channel_buffer(shift))
+        self.register_buffer("scale", _channel_buffer(scale))
+        self.out_channels = self.temporal_vae.out_channels
+        if freeze_vae_2d:
+            self.spatial_vae.requires_grad_(False)
+        if from_pretrained is not None:
+            _, weights = resolve_pretrained(from_pretrained)
+            load_strict(self, read_state_dict(weights), str(weights))
+
+    # ----- encode / decode -------------------------------------------------------------------------------
+    def _chunks(self, length: int, size: Optional[int]):
+        size = size or length
+        return [(i, min(i + size, length)) for i in range(0, length, size)]
+
+    def _encode(self, x, sample_posterior=True, generator=None):
+        check_video(x, self.spatial_vae.in_channels, self.spatial_vae.patch_size[1])
+        x_z = self.spatial_vae.encode(x, sample_posterior=sample_posterior, generator=generator)
+        parts = [self.temporal_vae.encode(x_z[:, :, a:b]) for a, b in self._chunks(x_z.shape[2], self.micro_frame_size)]
+        posterior = DiagonalGaussianDistribution.cat(parts, dim=2)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return z, posterior, x_z
+
+    def _decode(self, z, num_frames, decode_pixels=True):
+        expected = self.get_latent_size([num_frames, None, None])[0]
+        if z.shape[2] != expected:
+            raise ValueError(f"{z.shape[2]} latent frames cannot decode to num_frames={num_frames} (that needs {expected})")
+        if self.micro_frame_size is None:
+            x_z = self.temporal_vae.decode(z, num_frames=num_frames)
+        else:
+            micro_z = self.temporal_vae.get_latent_size([self.micro_frame_size])[0]
+            outs, left = [], num_frames
+            for a, b in self._chunks(z.shape[2], micro_z):
+                outs.append(self.temporal_vae.decode(z[:, :, a:b], num_frames=min(self.micro_frame_size, left)))
+                left -= self.micro_frame_size
+            x_z = torch.cat(outs, dim=2)
+        x = self.spatial_vae.decode(x_z) if decode_pixels else None
+        return x, x_z
+
+    def encode(
+        self, x: torch.Tensor, sample_posterior: bool = True, generator: Optional[torch.Generator] = None
+    ) -> torch.Tensor:
+        """Video (B, 3, T, H, W) in [-1, 1] -> normalised latents (B, 4, T', H/8, W/8)."""
+        z, _, _ = self._encode(x, sample_posterior, generator)
+        return (z - self.shift) / self.scale
+
+    def decode(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """Normalised latents -> video with `num_frames` frames (the encoded clip's length)."""
+        x, _ = self._decode(z * self.scale + self.shift, num_frames)
+        return x
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        sample_posterior: bool = True,
+        generator: Optional[torch.Generator] = None,
+        decode_pixels: bool = True,
+    ) -> PipelineOutput:
+        """Training pass (no shift/scale): (x_rec, x_z_rec, z, posterior, x_z)."""
+        z, posterior, x_z = self._encode(x, sample_posterior, generator)
+        x_rec, x_z_rec = self._decode(z, num_frames=x_z.shape[2], decode_pixels=decode_pixels)
+        return PipelineOutput(x_rec, x_z_rec, z, posterior, x_z)
+
+    def get_latent_size(self, input_size: Sequence[Optional[int]]) -> list:
+        """[T', H', W'] of the latents for an input of [T, H, W] (entries may be None)."""
+        size = self.temporal_vae.get_latent_size(self.spatial_vae.get_latent_size(list(input_size)))
+        t, m = input_size[0], self.micro_frame_size
+        if m is not None and t is not None:
+            per_chunk = self.temporal_vae.get_latent_size([m])[0]
+            size[0] = (t // m) * per_chunk + (self.temporal_vae.get_latent_size([t % m])[0] if t % m else 0)
+        return size
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.temporal_vae.enable_gradient_checkpointing()
+        if not self.freeze_vae_2d:
+            self.spatial_vae.enable_gradient_checkpointing()
+
+    @property
+    def device(self) -> torch.device:
+        return self.shift.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    # ----- published format --------------------------------------------------------------------------------
+    def save_pretrained(self, folder: Union[str, os.PathLike]) -> None:
+        """Write config.json + model.safetensors (the published layout); each file is replaced atomically."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg = copy.deepcopy(self.config)
+        # Record the spatial architecture so loading rebuilds it offline.
+        cfg["vae_2d"]["config"] = self.spatial_vae.architecture_config()
+        cfg.update(architectures=["VideoAutoencoderPipeline"], model_type="VideoAutoencoderPipeline")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+        os.replace(f.name, folder / CONFIG_NAME)
+        tmp = folder / (WEIGHTS_NAME + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, folder / WEIGHTS_NAME)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: Union[str, os.PathLike],
+        cache_dir: Optional[str] = None,
+        local_files_only: bool = False,
+        torch_dtype: Optional[torch.dtype] = None,
+        **overrides,
+    ) -> "VideoAutoencoderPipeline":
+        """Load a published-format folder, weights file, trainer checkpoint or hub id; `overrides` replace
+        config entries (e.g. micro_frame_size, freeze_vae_2d) and, for `micro_batch_size`, the spatial VAE's."""
+        config_path, weights = resolve_pretrained(str(path_or_id), cache_dir, local_files_only)
+        if config_path is None:
+            raise FileNotFoundError(f"{CONFIG_NAME} missing beside {weights}: cannot tell the model's structure")
+        cfg = read_config(config_path)
+        cfg.pop("from_pretrained", None)
+        state = read_state_dict(weights)
+        cfg["vae_2d"] = dict(cfg["vae_2d"])
+        if any(k.startswith("spatial_vae.") for k in state):
+            # The checkpoint carries the spatial weights: build the architecture locally, no hub download.
+            cfg["vae_2d"]["config"] = cfg["vae_2d"].get("config") or sdxl_vae_config()
+            cfg["vae_2d"]["from_pretrained"] = None
+        cfg["vae_temporal"] = dict(cfg["vae_temporal"], from_pretrained=None)
+        if "micro_batch_size" in overrides:
+            cfg["vae_2d"]["micro_batch_size"] = overrides.pop("micro_batch_size")
+        unknown = set(overrides) - set(cfg) - {"vae_2d", "vae_temporal"}
+        if unknown:
+            raise TypeError(f"unknown override(s) for {cls.__name__}: {sorted(unknown)}")
+        cfg.update(overrides)
+        with torch.device("meta"):  # skip random init: every tensor comes from the checkpoint
+            model = cls(**cfg)
+        load_strict(model, state, str(weights), assign=True)
+        # Frozen parts keep their flag: assign=True replaces the parameter objects.
+        if model.freeze_vae_2d:
+            model.spatial_vae.requires_grad_(False)
+        return model.to(torch_dtype) if torch_dtype is not None else model
+
+
+@MODELS.register_module()
+def OpenSoraVAE_V1_2(
+    micro_batch_size: Optional[int] = 4,
+    micro_frame_size: Optional[int] = 17,
+    from_pretrained: Optional[str] = None,
+    local_files_only: bool = False,
+    freeze_vae_2d: bool = False,
+    cal_loss: bool = False,
+    cache_dir: Optional[str] = None,
+    vae_2d: Optional[dict] = None,
+    vae_temporal: Optional[dict] = None,
+    force_huggingface: bool = False,  # accepted for reference configs; loading always goes through from_pretrained
+) -> VideoAutoencoderPipeline:
+    """The published Open-Sora 1.2 VAE. With `from_pretrained` (hub id, folder, file or trainer checkpoint)
+    the weights are loaded; otherwise the spatial VAE comes from `vae_2d` (default: the SDXL VAE from the hub)
+    and the temporal VAE is randomly initialised."""
+    if from_pretrained is not None:
+        return VideoAutoencoderPipeline.from_pretrained(
+            from_pretrained, cache_dir=cache_dir, local_files_only=local_files_only,
+            micro_batch_size=micro_batch_size, micro_frame_size=micro_frame_size,
+            freeze_vae_2d=freeze_vae_2d, cal_loss=cal_loss,
+        )
+    vae_2d = dict(vae_2d) if vae_2d is not None else dict(
+        type="VideoAutoencoderKL", from_pretrained=SDXL_VAE_HUB_ID, subfolder="vae",
+        local_files_only=local_files_only, cache_dir=cache_dir,
+    )
+    vae_2d.setdefault("micro_batch_size", micro_batch_size)
+    return VideoAutoencoderPipeline(
+        vae_2d=vae_2d,
+        vae_temporal=vae_temporal or dict(type="VAE_Temporal_SD", from_pretrained=None),
+        freeze_vae_2d=freeze_vae_2d, cal_loss=cal_loss, micro_frame_size=micro_frame_size,
+        shift=list(OPENSORA_V1_2_SHIFT), scale=list(OPENSORA_V1_2_SCALE),
+    )

@@ -1,0 +1,142 @@
+"""Spatial VAE: a diffusers AutoencoderKL applied frame by frame to (B, C, T, H, W) videos."""
+from __future__ import annotations
+
+import json
+import logging
+from importlib import resources
+from typing import Optional, Sequence, Union
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from ..registry import MODELS
+from .distributions import DiagonalGaussianDistribution
+
+logger = logging.getLogger(__name__)
+
+SDXL_VAE_HUB_ID = "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers"
+
+
+def sdxl_vae_config() -> dict:
+    """The SDXL VAE's architecture config, shipped with the package so the full-size model builds offline."""
+    text = resources.files("opensora_vae.models").joinpath("sdxl_vae.json").read_text()
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def check_video(x: torch.Tensor, channels: int, spatial_factor: int = 1, name: str = "video") -> None:
+    """Raise a ValueError naming the problem when `x` is not a (B, C, T, H, W) tensor the model can take."""
+    if x.ndim != 5:
+        raise ValueError(f"{name} must be 5-D (B, C, T, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != channels:
+        raise ValueError(f"{name} must have {channels} channels in dim 1 (B, C, T, H, W), got shape {tuple(x.shape)}")
+    if x.shape[2] < 1:
+        raise ValueError(f"{name} has no frames: shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    if spatial_factor > 1 and (h % spatial_factor or w % spatial_factor):
+        raise ValueError(
+            f"{name} height and width must be multiples of {spatial_factor} (the spatial compression), "
+            f"got {h}x{w}; resize or crop, e.g. to {h // spatial_factor * spatial_factor}x{w // spatial_factor * spatial_factor}"
+        )
+
+
+def _load_autoencoderkl(from_pretrained: str, subfolder, cache_dir, local_files_only):
+    from diffusers import AutoencoderKL
+
+    try:
+        return AutoencoderKL.from_pretrained(
+            from_pretrained, subfolder=subfolder, cache_dir=cache_dir, local_files_only=local_files_only
+        )
+    except (OSError, ValueError, EnvironmentError) as err:
+        where = f"{from_pretrained}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+        raise OSError(
+            f"could not load the spatial VAE (diffusers AutoencoderKL) from {where}: {err}\n"
+            f"Either download it where this machine can read it, e.g. "
+            f"`huggingface-cli download {SDXL_VAE_HUB_ID} --include 'vae/*' --local-dir DIR` and set "
+            f"from_pretrained=DIR, subfolder='vae'; or load a whole pipeline checkpoint, which carries the spatial "
+            f"weights itself."
+        ) from err
+
+
+@MODELS.register_module()
+class VideoAutoencoderKL(nn.Module):
+    """AutoencoderKL over frames: frames are folded into the batch, latents are scaled by `scaling_factor`.
+
+    from_pretrained: hub id or local folder of a diffusers AutoencoderKL (with `subfolder`), or None to build a
+    randomly initialised model from `config` (an AutoencoderKL config dict; None means the SDXL VAE architecture).
+    micro_batch_size: frames per AutoencoderKL call (bounds memory; results do not depend on it).
+    """
+
+    def __init__(
+        self,
+        from_pretrained: Optional[str] = None,
+        micro_batch_size: Optional[int] = None,
+        cache_dir: Optional[str] = None,
+        local_files_only: bool = False,
+        subfolder: Optional[str] = None,
+        scaling_factor: float = 0.18215,
+        config: Optional[dict] = None,
+    ):
+        super().__init__()
+        from diffusers import AutoencoderKL
+
+        if from_pretrained is not None:
+            self.module = _load_autoencoderkl(from_pretrained, subfolder, cache_dir, local_files_only)
+        else:
+            self.module = AutoencoderKL(**(dict(config) if config is not None else sdxl_vae_config()))
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be a positive integer or None, got {micro_batch_size}")
+        self.micro_batch_size = micro_batch_size
+        self.scaling_factor = scaling_factor
+        cfg = self.module.config
+        self.in_channels = cfg.in_channels
+        self.out_channels = cfg.latent_channels
+        # Each down block but the last halves H and W.
+        factor = 2 ** (len(cfg.block_out_channels) - 1)
+        self.patch_size = (1, factor, factor)
+
+    def architecture_config(self) -> dict:
+        """The AutoencoderKL constructor config (for saving a pipeline that rebuilds offline)."""
+        return {k: v for k, v in dict(self.module.config).items() if not k.startswith("_")}
+
+    def _frames(self, x: torch.Tensor, fn) -> torch.Tensor:
+        b = x.shape[0]
+        x = rearrange(x, "b c t h w -> (b t) c h w")
+        step = self.micro_batch_size or x.shape[0]
+        out = torch.cat([fn(x[i : i + step]) for i in range(0, x.shape[0], step)], dim=0)
+        return rearrange(out, "(b t) c h w -> b c t h w", b=b)
+
+    def encode(
+        self, x: torch.Tensor, sample_posterior: bool = True, generator: Optional[torch.Generator] = None
+    ) -> torch.Tensor:
+        """Scaled latents (B, 4, T, H/8, W/8) of a video in [-1, 1]; the posterior mean when not sampling."""
+        check_video(x, self.in_channels, self.patch_size[1])
+        # Sample once over all frames so the result does not depend on micro_batch_size.
+        dist = DiagonalGaussianDistribution(self._frames(x, lambda f: self.module.encode(f).latent_dist.parameters))
+        z = dist.sample(generator) if sample_posterior else dist.mode()
+        return z * self.scaling_factor
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        check_video(z, self.out_channels, name="latent")
+        return self._frames(z / self.scaling_factor, lambda f: self.module.decode(f).sample)
+
+    def get_latent_size(self, input_size: Sequence[Optional[int]]) -> list:
+        return [None if n is None else n // p for n, p in zip(input_size, self.patch_size)]
+
+    def enable_tiling(self, *args, **kwargs) -> None:
+        """Tile large frames inside AutoencoderKL (diffusers' overlapping tiles; changes results slightly)."""
+        self.module.enable_tiling(*args, **kwargs)
+
+    def disable_tiling(self) -> None:
+        self.module.disable_tiling()
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.module.enable_gradient_checkpointing()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
