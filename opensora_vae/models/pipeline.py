@@ -119,6 +119,7 @@ class VideoAutoencoderPipeline(nn.Module):
 
     def decode(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
         """Normalised latents -> video with `num_frames` frames (the encoded clip's length)."""
+        check_video(z, self.out_channels, name="latent")
         x, _ = self._decode(z * self.scale + self.shift, num_frames)
         return x
 

@@ -1,0 +1,28 @@
+# Reconstruct videos with the published Open-Sora 1.2 VAE (scripts/inference_vae.py).
+num_frames = 17
+frame_interval = 1
+fps = 24
+image_size = (256, 256)
+
+dataset = dict(
+    type="VideoTextDataset",
+    data_path=None,
+    num_frames=num_frames,
+    frame_interval=frame_interval,
+    image_size=image_size,
+)
+num_workers = 2
+batch_size = 1
+seed = 42
+# "auto": bf16 on a GPU that supports it, fp32 on CPU.
+dtype = "auto"
+
+model = dict(
+    type="OpenSoraVAE_V1_2",
+    from_pretrained="hpcai-tech/OpenSora-VAE-v1.2",
+    micro_frame_size=17,
+    micro_batch_size=4,
+)
+save_dir = "samples/vae_video"
+sample_posterior = False
+cal_stats = False
