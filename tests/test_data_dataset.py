@@ -94,7 +94,8 @@ def test_bad_rows_skipped_logged_once_and_counted(tmp_path, sample_videos, make_
     for _ in range(2):
         for i in (1, 2, 3):
             assert ds[i]["index"] == 4  # substituted by the next good row
-    assert ds[0]["index"] == 0
+    assert ds[0]["index"] == 0 and ds[0]["skipped"] == ""
+    assert ds[2]["skipped"].split("\n") == [str(tmp_path / "missing.mp4"), str(tmp_path / "short.mp4")]
     bad = {str(tmp_path / n) for n in ("corrupt.mp4", "missing.mp4", "short.mp4")}
     assert set(ds.bad_rows) == bad
     assert "does not exist" in ds.bad_rows[str(tmp_path / "missing.mp4")]

@@ -46,7 +46,8 @@ class VideoTextDataset(Dataset):
     `num_frames` (drops too-short videos up front and saves a probe), `fps` and `text` are used when
     present; `height`/`width` and any other columns are accepted and ignored (frames get resized).
 
-    Each item is `{"video": float32 (C, T, H, W) in [-1, 1], "index": int, "path": str, "fps": float}`,
+    Each item is `{"video": float32 (C, T, H, W) in [-1, 1], "index": int, "path": str, "fps": float,
+    "skipped": str}` (`skipped`: newline-joined paths of bad rows passed over to reach this one),
     plus `"text"` ("" where blank) when the CSV has that column. Images give T = 1. `index` is the
     row actually loaded (it differs from the requested one when a bad row was substituted) and `fps`
     is the clip's effective rate, source fps / frame_interval (0.0 for images).
@@ -152,13 +153,18 @@ class VideoTextDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         n = len(self)
         idx = int(index) % n
+        skipped = []
         for _ in range(n):
             path = self.data.at[idx, "path"]
             if path not in self.bad_rows:
                 try:
-                    return self._load(idx)
+                    item = self._load(idx)
+                    # Rows skipped on the way, so the main process can count them (workers' counters are private).
+                    item["skipped"] = "\n".join(skipped)
+                    return item
                 except VideoReadError as e:
                     self._mark_bad(path, e.reason or str(e))
+            skipped.append(path)
             self.num_skipped += 1
             idx = (idx + 1) % n
         raise RuntimeError(
