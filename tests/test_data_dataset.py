@@ -95,12 +95,12 @@ def test_bad_rows_skipped_logged_once_and_counted(tmp_path, sample_videos, make_
         for i in (1, 2, 3):
             assert ds[i]["index"] == 4  # substituted by the next good row
     assert ds[0]["index"] == 0 and ds[0]["skipped"] == ""
-    assert ds[2]["skipped"].split("\n") == [str(tmp_path / "missing.mp4"), str(tmp_path / "short.mp4")]
     bad = {str(tmp_path / n) for n in ("corrupt.mp4", "missing.mp4", "short.mp4")}
     assert set(ds.bad_rows) == bad
     assert "does not exist" in ds.bad_rows[str(tmp_path / "missing.mp4")]
     assert "frames" in ds.bad_rows[str(tmp_path / "short.mp4")]
     assert ds.num_skipped == 12  # 6 lookups, each passing over 3, 2 and 1 bad rows
+    assert ds[2]["skipped"].split("\n") == [str(tmp_path / "missing.mp4"), str(tmp_path / "short.mp4")]
     msgs = [r.getMessage() for r in caplog.records if r.name == "opensora_vae.data"]
     for p in bad:
         assert sum(p in m for m in msgs) == 1, msgs
