@@ -153,7 +153,7 @@ def test_micro_batch_size_does_not_change_results():
     x = torch.rand(2, 3, 7, 8, 8) * 2 - 1
     g = torch.Generator().manual_seed(1)
     whole_cfg = tiny_model_cfg()
-    whole_cfg["vae_2d"]["micro_batch_size"] = None
+    whole_cfg["micro_batch_size"] = None
     whole = build_model(whole_cfg).eval()
     whole.load_state_dict(model.state_dict())
     assert torch.allclose(model.encode(x, sample_posterior=False), whole.encode(x, sample_posterior=False), atol=1e-6)

@@ -1,34 +1,9 @@
-# A pipeline with the published structure and tiny widths (the reference fixture's): for tests and the demo.
+# The published pipeline (OpenSoraVAE_V1_2: shift, scale, micro-chunks) with tiny widths: for tests and the demo.
+_base_ = ["widths.py"]
 model = dict(
-    type="VideoAutoencoderPipeline",
-    vae_2d=dict(
-        type="VideoAutoencoderKL",
-        from_pretrained=None,
-        micro_batch_size=4,
-        config=dict(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-            block_out_channels=[16, 32],
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=4,
-            sample_size=32,
-        ),
-    ),
-    vae_temporal=dict(
-        type="VAE_Temporal",
-        in_out_channels=4,
-        latent_embed_dim=4,
-        embed_dim=4,
-        filters=16,
-        num_res_blocks=1,
-        channel_multipliers=(1, 2, 2, 4),
-        temporal_downsample=(False, True, True),
-        num_groups=4,
-    ),
+    type="OpenSoraVAE_V1_2",
     micro_frame_size=17,
-    shift=[-0.10, 0.34, 0.27, 0.98],
-    scale=[3.85, 2.32, 2.33, 3.06],
+    micro_batch_size=4,
+    vae_2d={{_base_.tiny_vae_2d}},
+    vae_temporal={{_base_.tiny_vae_temporal}},
 )
