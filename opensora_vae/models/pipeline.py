@@ -229,21 +229,23 @@ def OpenSoraVAE_V1_2(
 ) -> VideoAutoencoderPipeline:
     """The published Open-Sora 1.2 VAE. With `from_pretrained` (hub id, folder, file or trainer checkpoint)
     the weights are loaded; otherwise the spatial VAE comes from `vae_2d` (default: the SDXL VAE from the hub)
-    and the temporal VAE is randomly initialised."""
+    and the temporal VAE (`vae_temporal`, default VAE_Temporal_SD) is randomly initialised."""
     if from_pretrained is not None:
         return VideoAutoencoderPipeline.from_pretrained(
             from_pretrained, cache_dir=cache_dir, local_files_only=local_files_only,
             micro_batch_size=micro_batch_size, micro_frame_size=micro_frame_size,
             freeze_vae_2d=freeze_vae_2d, cal_loss=cal_loss,
         )
-    vae_2d = dict(vae_2d) if vae_2d is not None else dict(
-        type="VideoAutoencoderKL", from_pretrained=SDXL_VAE_HUB_ID, subfolder="vae",
-        local_files_only=local_files_only, cache_dir=cache_dir,
+    # Partial dicts are merged onto the published parts, e.g. vae_2d=dict(from_pretrained=LOCAL_DIR).
+    vae_2d = dict(
+        dict(type="VideoAutoencoderKL", from_pretrained=SDXL_VAE_HUB_ID, subfolder="vae",
+             local_files_only=local_files_only, cache_dir=cache_dir, micro_batch_size=micro_batch_size),
+        **(vae_2d or {}),
     )
-    vae_2d.setdefault("micro_batch_size", micro_batch_size)
+    vae_temporal = dict(dict(type="VAE_Temporal_SD", from_pretrained=None), **(vae_temporal or {}))
     return VideoAutoencoderPipeline(
         vae_2d=vae_2d,
-        vae_temporal=vae_temporal or dict(type="VAE_Temporal_SD", from_pretrained=None),
+        vae_temporal=vae_temporal,
         freeze_vae_2d=freeze_vae_2d, cal_loss=cal_loss, micro_frame_size=micro_frame_size,
         shift=list(OPENSORA_V1_2_SHIFT), scale=list(OPENSORA_V1_2_SCALE),
     )

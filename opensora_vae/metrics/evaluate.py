@@ -1,0 +1,184 @@
+"""Folder-vs-folder evaluation behind `eval/vae/eval_common_metric.py`.
+
+Each metric gives one value per frame (FloLPIPS: NaN on the last frame, see flolpips.py); a video's value is
+the nan-mean over its frames, and a metric's `mean` / `std` are the mean and population std (ddof 0) over
+videos. With equal-length clips the mean equals the reference script's mean over all frames.
+
+A metric whose pretrained weights are not on disk (MissingWeightsError) is reported as unavailable with the
+reason and the others still run. Asking for CUDA when it is unavailable is an error (no silent CPU fallback:
+a long evaluation should not quietly run on the wrong device).
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Callable, Dict, Optional, Sequence, Union
+
+import torch
+
+from opensora_vae.perceptual import MissingWeightsError
+
+from .flolpips import flolpips, get_flow_model
+from .lpips import get_lpips_model, lpips
+from .pairs import iter_batches, pair_videos
+from .psnr import psnr
+from .ssim import ssim
+
+__all__ = ["METRICS", "evaluate", "format_table", "resolve_device"]
+
+METRICS = ("ssim", "psnr", "lpips", "flolpips")
+PathLike = Union[str, os.PathLike]
+
+
+def resolve_device(device: Optional[Union[str, torch.device]]) -> torch.device:
+    """None -> cuda if available else cpu; an unavailable CUDA device is an error."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return dev
+
+
+def _build_flolpips(device, backbone, pwcnet_weights, random_weights):
+    """The FloLPIPS scorer, or the reasons it cannot run (both models are tried so every missing file is named)."""
+    loaders = (
+        lambda: get_lpips_model("alex", backbone, random_weights, device),
+        lambda: get_flow_model(pwcnet_weights, device, random_init=random_weights),
+    )
+    models, missing = [], []
+    for load in loaders:
+        try:
+            models.append(load())
+        except MissingWeightsError as e:
+            missing.append(str(e))
+    if missing:
+        return None, "\n".join(missing + ["(CLI: --flolpips-backbone / --lpips-backbone, --pwcnet-weights)"])
+    lp, flow = models
+    return (lambda a, b: flolpips(a, b, lpips_model=lp, flow_model=flow)), None
+
+
+def _build_metrics(
+    metrics: Sequence[str], device: torch.device, num_frames: int, lpips_net: str,
+    lpips_backbone: Optional[PathLike], flolpips_backbone: Optional[PathLike],
+    pwcnet_weights: Optional[PathLike], random_weights: bool,
+) -> tuple:
+    """(name -> fn(real, gen) -> (B, T), name -> reason) with every model loaded up front."""
+    fns: Dict[str, Callable] = {"ssim": ssim, "psnr": psnr}
+    fns = {m: fns[m] for m in metrics if m in fns}
+    unavailable: Dict[str, str] = {}
+    if "lpips" in metrics:
+        try:
+            model = get_lpips_model(lpips_net, lpips_backbone, random_weights, device)
+            fns["lpips"] = lambda a, b: lpips(a, b, model=model)
+        except MissingWeightsError as e:
+            unavailable["lpips"] = f"{e}\n(CLI: --lpips-backbone PATH)"
+    if "flolpips" in metrics:
+        if num_frames < 2:
+            unavailable["flolpips"] = f"FloLPIPS needs at least 2 frames per clip (num_frames={num_frames})"
+        else:
+            # FloLPIPS is defined on AlexNet LPIPS; reuse the LPIPS backbone file only when it is AlexNet's
+            backbone = flolpips_backbone if flolpips_backbone is not None else (lpips_backbone if lpips_net == "alex" else None)
+            fn, reason = _build_flolpips(device, backbone, pwcnet_weights, random_weights)
+            if fn is None:
+                unavailable["flolpips"] = reason
+            else:
+                fns["flolpips"] = fn
+    return fns, unavailable
+
+
+def _summary(per_video: Dict[str, float]) -> dict:
+    vals = torch.tensor(list(per_video.values()), dtype=torch.float64)
+    return {
+        "available": True,
+        "mean": float(vals.mean()),
+        "std": float(vals.std(unbiased=False)),
+        "num_videos": len(per_video),
+        "per_video": per_video,
+    }
+
+
+def evaluate(
+    real_video_dir: PathLike,
+    generated_video_dir: PathLike,
+    metrics: Sequence[str] = METRICS,
+    *,
+    batch_size: int = 2,
+    num_frames: int = 17,
+    sample_rate: int = 1,
+    sample_fps: Optional[float] = None,
+    resolution: Optional[int] = 256,
+    crop_size: Optional[int] = 256,
+    subset_size: Optional[int] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    lpips_net: str = "alex",
+    lpips_backbone: Optional[PathLike] = None,
+    flolpips_backbone: Optional[PathLike] = None,
+    pwcnet_weights: Optional[PathLike] = None,
+    random_weights: bool = False,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Score every real/generated pair; returns {"config", "videos", "metrics": {name: summary or unavailable}}.
+
+    `sample_fps` is recorded only: the reference sampler ignores it (see pairs.py). `random_weights=True`
+    runs LPIPS / FloLPIPS with random trunks (meaningless values; tests only).
+    """
+    metrics = list(dict.fromkeys(metrics))
+    bad = [m for m in metrics if m not in METRICS]
+    if bad or not metrics:
+        raise ValueError(f"unknown or no metrics {bad}; choose from {', '.join(METRICS)}")
+    dev = resolve_device(device)
+    pairs = pair_videos(real_video_dir, generated_video_dir, subset_size)
+    fns, unavailable = _build_metrics(
+        metrics, dev, num_frames, lpips_net, lpips_backbone, flolpips_backbone, pwcnet_weights, random_weights
+    )
+    per_video: Dict[str, Dict[str, float]] = {m: {} for m in fns}
+    batches = iter_batches(pairs, batch_size, num_frames, sample_rate, resolution, crop_size, num_workers)
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, total=math.ceil(len(pairs) / batch_size), desc="eval", file=sys.stderr)
+        except ImportError:
+            pass
+    with torch.no_grad():
+        for batch in batches:
+            real, gen = batch.real.to(dev), batch.generated.to(dev)
+            for name, fn in fns.items():
+                video_vals = fn(real, gen).double().nanmean(dim=1).cpu().tolist()
+                per_video[name].update(zip(batch.names, video_vals))
+
+    config = dict(
+        real_video_dir=str(real_video_dir), generated_video_dir=str(generated_video_dir), batch_size=batch_size,
+        num_frames=num_frames, sample_rate=sample_rate, sample_fps=sample_fps, resolution=resolution,
+        crop_size=crop_size, subset_size=subset_size, device=str(dev), lpips_net=lpips_net,
+        lpips_backbone=None if lpips_backbone is None else str(lpips_backbone),
+        flolpips_backbone=None if flolpips_backbone is None else str(flolpips_backbone),
+        pwcnet_weights=None if pwcnet_weights is None else str(pwcnet_weights), random_weights=random_weights,
+    )
+    results = {}
+    for name in metrics:
+        if name in unavailable:
+            results[name] = {"available": False, "reason": unavailable[name]}
+        else:
+            results[name] = _summary(per_video[name])
+    return {"config": config, "videos": [p.name for p in pairs], "metrics": results}
+
+
+def format_table(result: dict) -> str:
+    """Plain-text table: one row per metric with mean, std and video count, or why it did not run."""
+    rows = [f"{'metric':<10} {'mean':>12} {'std':>12} {'videos':>7}"]
+    for name, r in result["metrics"].items():
+        if r["available"]:
+            rows.append(f"{name:<10} {r['mean']:>12.6f} {r['std']:>12.6f} {r['num_videos']:>7d}")
+        else:
+            rows.append(f"{name:<10} {'unavailable':>12}  (see below)")
+    for name, r in result["metrics"].items():
+        if not r["available"]:
+            rows.append(f"\n{name} unavailable: " + r["reason"].replace("\n", "\n  "))
+    return "\n".join(rows)

@@ -1,0 +1,59 @@
+"""Run logging on rank 0: tqdm progress, TensorBoard events and metrics.jsonl (one line per logged step)."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Dict, Optional
+
+from tqdm import tqdm
+
+logger = logging.getLogger("opensora_vae.train")
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"[%(asctime)s rank{rank}] %(levelname)s %(name)s: %(message)s")
+
+
+class RunLogger:
+    """Does nothing on ranks other than 0, so callers need no rank checks."""
+
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: Optional[int], initial_step: int = 0,
+                 tensorboard: bool = True):
+        self.enabled = enabled
+        self.bar = self.writer = self.jsonl = None
+        if not enabled:
+            return
+        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
+        self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional at run time
+                logger.warning("tensorboard is not installed: no event files will be written")
+            else:
+                self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log(self, record: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}
+        self.jsonl.write(json.dumps(clean) + "\n")
+        self.jsonl.flush()
+        step = int(record["step"])
+        if self.writer is not None:
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"train/{key}", value, step)
+        self.bar.set_postfix(loss=f"{record['loss']:.4g}", refresh=False)
+
+    def close(self) -> None:
+        for h in (self.bar, self.writer, self.jsonl):
+            if h is not None:
+                h.close()

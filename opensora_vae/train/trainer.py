@@ -1,0 +1,250 @@
+"""The VAE trainer: set-up, `train_step`, `train`; every stateful part saves through the checkpoint module."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..config import save_config
+from ..data import ResumableDistributedSampler, apply_mixed_strategy
+from ..losses import build_loss
+from ..registry import DATASETS, build_from_cfg, build_model
+from ..runtime import resolve_dtype
+from . import checkpoint as ckpt
+from .distributed import all_reduce_mean, any_rank, close_distributed, init_distributed, unwrap, wrap_model
+from .logging import RunLogger, setup_logging
+
+logger = logging.getLogger("opensora_vae.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class TrainStep(nn.Module):
+    """Model + loss in one module, so DDP also averages the learned logvar's gradient."""
+
+    def __init__(self, model: nn.Module, loss: nn.Module, sample_posterior: bool = True):
+        super().__init__()
+        self.model, self.loss = model, loss
+        self.sample_posterior = sample_posterior
+
+    def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        out = self.model(x, sample_posterior=self.sample_posterior, generator=generator,
+                         decode_pixels=self.loss.use_real_rec_loss)
+        return self.loss(x, out)
+
+
+def _next_run_dir(outputs: Path, name: str) -> Path:
+    outputs.mkdir(parents=True, exist_ok=True)
+    index = len([p for p in outputs.iterdir() if p.is_dir()])
+    return outputs / f"{index:03d}-{name}"
+
+
+class Trainer:
+    def __init__(self, cfg, config_name: str = "run", load: Optional[str] = None):
+        self.cfg = cfg
+        self.config_name = config_name
+        self.load_path = Path(load) if load else None
+        self.setup()
+
+    # ----- set-up -------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.dist = init_distributed(cfg.get("device", "auto"))
+        setup_logging(self.dist.rank)
+        self.device = self.dist.device
+        self.dtype = resolve_dtype(cfg.get("dtype", "fp32"), self.device)
+        seed = int(cfg.get("seed", 42))
+        torch.manual_seed(seed)  # same initial weights on every rank
+
+        self.dataset = build_from_cfg(cfg.dataset, DATASETS)
+        self.batch_size = int(cfg.get("batch_size", 1))
+        self.sampler = ResumableDistributedSampler(
+            self.dataset, self.dist.world_size, self.dist.rank, shuffle=True, seed=seed, drop_last=False
+        )
+
+        self.model = build_model(cfg.model).to(self.device)
+        if cfg.get("grad_checkpoint", False):
+            self.model.enable_gradient_checkpointing()
+        self.loss_fn = build_loss(cfg).to(self.device)
+        self.step_module = TrainStep(self.model, self.loss_fn, cfg.get("sample_posterior", True)).train()
+        # The spatial decoder gets no gradient when only latents are reconstructed.
+        unused = not self.loss_fn.use_real_rec_loss and any(p.requires_grad for p in self.model.spatial_vae.parameters())
+        self.wrapped = wrap_model(self.step_module, self.dist, cfg.get("find_unused_parameters", unused))
+        self.params = [p for p in self.step_module.parameters() if p.requires_grad]
+        self.optimizer = self._build_optimizer()
+        warmup = int(cfg.get("warmup_steps", 0))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
+        )
+
+        # Per-rank random streams: mixed-strategy draws (CPU) and posterior noise (on the model's device).
+        self.data_gen = torch.Generator().manual_seed(seed + 1000 * self.dist.rank)
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 1000 * self.dist.rank + 1)
+        self.epoch = self.global_step = 0
+        self.skipped_rows = 0
+
+        self.run_dir = self._resolve_run_dir()
+        if self.load_path is not None:
+            self._resume(self.load_path)
+        if self.dist.is_main:
+            save_config(cfg, self.run_dir / "config.py")
+            logger.info("run folder %s; %d rows; %d rank(s); dtype %s; device %s", self.run_dir, len(self.dataset),
+                        self.dist.world_size, self.dtype, self.device)
+        self.max_steps = cfg.get("max_steps")
+        steps_per_epoch = len(self.sampler.epoch_indices()) // self.batch_size
+        if steps_per_epoch == 0:
+            raise ValueError(f"batch_size {self.batch_size} is larger than this rank's share of the data set "
+                             f"({len(self.sampler.epoch_indices())} rows)")
+        total = steps_per_epoch * int(cfg.get("epochs", 1))
+        self.total_steps = min(total, self.max_steps) if self.max_steps else total
+        self.run_logger = RunLogger(self.run_dir, self.dist.is_main, self.total_steps, self.global_step,
+                                    tensorboard=cfg.get("tensorboard", True))
+
+    def _build_optimizer(self):
+        cfg = self.cfg
+        kwargs = dict(lr=float(cfg.get("lr", 1e-5)), weight_decay=float(cfg.get("weight_decay", 0.0)),
+                      betas=tuple(cfg.get("adam_betas", (0.9, 0.999))), eps=float(cfg.get("adam_eps", 1e-8)))
+        if cfg.get("shard_optimizer", False) and self.dist.world_size > 1:
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            # ZeRO-style: each rank keeps the AdamW state of its shard of the parameters only.
+            return ZeroRedundancyOptimizer(self.params, optimizer_class=torch.optim.AdamW, **kwargs)
+        return torch.optim.AdamW(self.params, **kwargs)
+
+    def _resolve_run_dir(self) -> Path:
+        if self.load_path is not None:
+            run_dir = self.load_path.resolve().parent  # resuming continues the same run
+        else:
+            run_dir = _next_run_dir(Path(self.cfg.get("outputs", "outputs")), self.cfg.get("run_name") or self.config_name)
+        if self.dist.enabled:
+            holder = [str(run_dir)]
+            dist.broadcast_object_list(holder, src=0)
+            run_dir = Path(holder[0])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+
+    # ----- state -------------------------------------------------------------------------------------------
+    def running_states(self) -> Dict[str, Any]:
+        return {"epoch": self.epoch, "global_step": self.global_step, "sampler": self.sampler.state_dict(),
+                "world_size": self.dist.world_size, "batch_size": self.batch_size,
+                "skipped_rows": self.skipped_rows, "scheduler": self.scheduler.state_dict()}
+
+    def save(self) -> Path:
+        path = ckpt.save_checkpoint(
+            self.run_dir, self.epoch, self.global_step, self.dist.rank, unwrap(self.model),
+            self.loss_fn.state_dict(), ckpt.consolidated_optimizer_state(self.optimizer), self.running_states(),
+            ckpt.rng_state({"data": self.data_gen, "noise": self.noise_gen}),
+        )
+        logger.info("saved checkpoint %s", path)
+        return path
+
+    def _resume(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path, self.dist.rank)
+        from ..models.pretrained import load_strict, read_state_dict, resolve_pretrained
+
+        _, weights = resolve_pretrained(str(state["model_dir"]))
+        load_strict(self.model, {k: v.to(self.device) for k, v in read_state_dict(weights).items()}, str(weights))
+        self.loss_fn.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        running = state["running_states"]
+        if running["world_size"] != self.dist.world_size or running["batch_size"] != self.batch_size:
+            logger.warning("resuming with %d rank(s) x batch %d; the checkpoint ran %d x %d: the data order differs",
+                           self.dist.world_size, self.batch_size, running["world_size"], running["batch_size"])
+        self.epoch, self.global_step = running["epoch"], running["global_step"]
+        self.skipped_rows = running.get("skipped_rows", 0)
+        self.sampler.load_state_dict(running["sampler"])
+        self.scheduler.load_state_dict(running["scheduler"])
+        if state["rng"] is not None:
+            ckpt.set_rng_state(state["rng"], {"data": self.data_gen, "noise": self.noise_gen})
+        logger.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.global_step)
+
+    # ----- loop --------------------------------------------------------------------------------------------
+    def train_step(self, batch: Dict[str, Any]) -> Dict[str, float]:
+        x = batch["video"].to(self.device, non_blocking=True)
+        x = apply_mixed_strategy(x, self.cfg.get("mixed_strategy"), self.cfg.get("mixed_image_ratio", 0.0),
+                                 self.data_gen)
+        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        with autocast:
+            terms = self.wrapped(x, self.noise_gen)
+        loss = terms["loss"]
+        if any_rank(not bool(torch.isfinite(loss)), self.device):
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.global_step + 1} (epoch {self.epoch}); nothing was saved for this "
+                f"step, the last checkpoint in {self.run_dir} is intact. Terms: "
+                + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+            )
+        loss.backward()
+        clip = self.cfg.get("grad_clip")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, float(clip) if clip else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = {k: v.detach().float() for k, v in terms.items()}
+        out["grad_norm"] = grad_norm.detach().float()
+        out["frames"] = torch.tensor(float(x.shape[2]), device=self.device)
+        return out
+
+    def _log(self, metrics: Dict[str, torch.Tensor], seconds: float, steps: int) -> None:
+        keys = sorted(metrics)
+        mean = all_reduce_mean(torch.stack([metrics[k].to(self.device) for k in keys]))
+        skipped = int(all_reduce_mean(torch.tensor([float(self.skipped_rows)], device=self.device)).item()
+                      * self.dist.world_size)
+        record: Dict[str, Any] = {"step": self.global_step, "epoch": self.epoch}
+        record.update({k: float(v) for k, v in zip(keys, mean.tolist())})
+        record.update(lr=self.optimizer.param_groups[0]["lr"], sec_per_step=seconds / steps,
+                      samples_per_sec=steps * self.batch_size * self.dist.world_size / max(seconds, 1e-9),
+                      skipped_rows=skipped)
+        self.run_logger.log(record)
+
+    def _count_skips(self, batch: Dict[str, Any]) -> None:
+        new = [p for s in batch.get("skipped", []) for p in s.split("\n") if p]
+        if new:
+            self.skipped_rows += len(new)
+            logger.warning("skipped %d bad row(s) so far on rank %d (latest: %s)", self.skipped_rows,
+                           self.dist.rank, new[-1])
+
+    def _done(self) -> bool:
+        return self.max_steps is not None and self.global_step >= self.max_steps
+
+    def train(self) -> Optional[Path]:
+        cfg = self.cfg
+        log_every, ckpt_every = int(cfg.get("log_every", 1)), int(cfg.get("ckpt_every", 0))
+        epochs = int(cfg.get("epochs", 1))
+        last_saved: Optional[Path] = None
+        tick, steps_since = time.perf_counter(), 0
+        while self.epoch < epochs and not self._done():
+            self.sampler.set_epoch(self.epoch)
+            self.dataset.set_epoch(self.epoch)
+            loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
+                                num_workers=int(cfg.get("num_workers", 0)), pin_memory=self.device.type == "cuda")
+            for batch in loader:
+                self._count_skips(batch)
+                metrics = self.train_step(batch)
+                self.global_step += 1
+                steps_since += 1
+                self.sampler.advance(self.batch_size)
+                self.run_logger.step()
+                if self.global_step % log_every == 0:
+                    self._log(metrics, time.perf_counter() - tick, steps_since)
+                    tick, steps_since = time.perf_counter(), 0
+                if ckpt_every and self.global_step % ckpt_every == 0:
+                    last_saved = self.save()
+                if self._done():
+                    break
+            else:
+                self.epoch += 1
+        if last_saved is None or not last_saved.name.endswith(f"global_step{self.global_step}"):
+            last_saved = self.save()
+        return last_saved
+
+    def close(self) -> None:
+        self.run_logger.close()
+        close_distributed()
