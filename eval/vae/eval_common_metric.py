@@ -1,0 +1,66 @@
+"""SSIM / PSNR / LPIPS / FloLPIPS between folders of real and generated (reconstructed) videos.
+
+Flags follow Open-Sora's eval/vae/eval_common_metric.py; the logic lives in opensora_vae.metrics.evaluate.
+Example:
+  python eval/vae/eval_common_metric.py --real_video_dir A --generated_video_dir B --device cuda \
+      --batch_size 2 --sample_fps 24 --crop_size 256 --resolution 256 --num_frames 17 --sample_rate 1 \
+      --metric ssim psnr lpips flolpips --output results.json
+Metrics whose weights are missing are reported as unavailable; `--device cuda` without CUDA is an error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from opensora_vae.metrics.evaluate import METRICS, evaluate, format_table
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--real_video_dir", required=True)
+    p.add_argument("--generated_video_dir", required=True)
+    p.add_argument("--batch_size", type=int, default=2)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--num_workers", type=int, default=0, help="threads decoding videos")
+    p.add_argument("--sample_fps", type=float, default=None, help="recorded only; frames are not resampled in time")
+    p.add_argument("--resolution", type=int, default=256, help="short side after resizing (0: keep)")
+    p.add_argument("--crop_size", type=int, default=256, help="centre crop size (0: no crop)")
+    p.add_argument("--num_frames", type=int, default=17)
+    p.add_argument("--sample_rate", type=int, default=1)
+    p.add_argument("--subset_size", type=int, default=None, help="evaluate only the first N pairs (by name)")
+    p.add_argument("--metric", nargs="+", default=list(METRICS), choices=METRICS)
+    p.add_argument("--output", type=Path, default=None, help="write a JSON report here")
+    p.add_argument("--lpips-net", dest="lpips_net", default="alex", choices=["alex", "vgg"])
+    p.add_argument("--lpips-backbone", dest="lpips_backbone", default=None, help="torchvision backbone state dict")
+    p.add_argument("--flolpips-backbone", dest="flolpips_backbone", default=None,
+                   help="AlexNet backbone for FloLPIPS (default: --lpips-backbone when --lpips-net alex, else the torch cache)")
+    p.add_argument("--pwcnet-weights", dest="pwcnet_weights", default=None, help="PWC-Net network-default.pytorch")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = evaluate(
+            args.real_video_dir, args.generated_video_dir, args.metric,
+            batch_size=args.batch_size, num_frames=args.num_frames, sample_rate=args.sample_rate,
+            sample_fps=args.sample_fps, resolution=args.resolution or None, crop_size=args.crop_size or None,
+            subset_size=args.subset_size, device=args.device, lpips_net=args.lpips_net,
+            lpips_backbone=args.lpips_backbone, flolpips_backbone=args.flolpips_backbone,
+            pwcnet_weights=args.pwcnet_weights, num_workers=args.num_workers,
+        )
+    except (RuntimeError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""eval/vae/eval_common_metric.py on tiny folders: pairing, frame sampling, JSON report, unavailable metrics."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from opensora_vae.data.video import write_video
+from opensora_vae.metrics.pairs import ClipTooShortError, PairingError, load_clip, pair_videos, sample_indices
+from opensora_vae.metrics.pwcnet import PWCNet
+from opensora_vae.perceptual import build_lpips
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "eval" / "vae" / "eval_common_metric.py"
+ARGS = ["--batch_size", "2", "--device", "cpu", "--sample_fps", "8", "--resolution", "64", "--crop_size", "64",
+        "--num_frames", "5", "--sample_rate", "1"]
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("eval_common_metric", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _clip(seed: int, t: int = 6, h: int = 64, w: int = 80) -> torch.Tensor:
+    """A smooth pattern drifting right by 2 px per frame, uint8 (T, 3, H, W)."""
+    g = torch.Generator().manual_seed(seed)
+    phase = torch.rand(3, generator=g) * 6.28
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    frames = [
+        torch.stack([torch.sin((xx - 2 * i) / (5 + c) + yy / 9 + phase[c]) for c in range(3)]) for i in range(t)
+    ]
+    return ((torch.stack(frames) + 1) * 127.5).round().to(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """real/{a,b}.mp4 and generated/{a,b}.mkv: a is a noisy copy, b the identical file."""
+    root = tmp_path_factory.mktemp("videos")
+    real, gen = root / "real", root / "generated"
+    for name, seed in (("a", 0), ("b", 1)):
+        write_video(real / f"{name}.mp4", _clip(seed), fps=8)
+    noisy = _clip(0).float() + 25 * torch.randn(6, 3, 64, 80, generator=torch.Generator().manual_seed(5))
+    write_video(gen / "a.mkv", noisy.clamp(0, 255).round().to(torch.uint8), fps=8)
+    shutil.copy(real / "b.mp4", gen / "b.mkv")
+    return real, gen
+
+
+@pytest.fixture(scope="module")
+def weight_files(tmp_path_factory):
+    """Random-valued stand-ins in the published formats: torchvision AlexNet features and sniklaus PWC-Net."""
+    root = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    net = build_lpips("alex", random_backbone=True).net
+    alex = {"features." + k.split(".", 1)[1]: v for k, v in net.state_dict().items()}
+    torch.save(alex, root / "alexnet.pth")
+    pwc = {k.replace("net", "module"): v for k, v in PWCNet().state_dict().items()}
+    torch.save(pwc, root / "network-default.pytorch")
+    return root / "alexnet.pth", root / "network-default.pytorch"
+
+
+def test_sample_indices_follow_reference_linspace():
+    assert sample_indices(17, 17, 1) == list(range(17))
+    assert sample_indices(40, 17, 2) == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 33]
+    assert sample_indices(12, 4, 3) == [0, 3, 7, 11]  # linspace(0, 11, 4) = 0, 3.67, 7.33, 11, truncated
+    with pytest.raises(ValueError, match="needs 34 frames"):
+        sample_indices(33, 17, 2)
+
+
+def test_pairing_by_stem_and_errors(folders, tmp_path):
+    real, gen = folders
+    pairs = pair_videos(real, gen)
+    assert [(p.name, p.real.name, p.generated.name) for p in pairs] == [("a", "a.mp4", "a.mkv"), ("b", "b.mp4", "b.mkv")]
+    assert [p.name for p in pair_videos(real, gen, subset_size=1)] == ["a"]
+    extra = tmp_path / "gen"
+    shutil.copytree(gen, extra)
+    (extra / "a.mkv").rename(extra / "zzz.mkv")
+    (extra / "notes.txt").write_text("not a video")
+    with pytest.raises(PairingError) as err:
+        pair_videos(real, extra)
+    assert "a.mp4" in str(err.value) and "zzz.mkv" in str(err.value) and "notes.txt" not in str(err.value)
+
+
+def test_load_clip_range_shape_and_short_clip(folders):
+    real, _ = folders
+    x = load_clip(real / "a.mp4", num_frames=5, resolution=32, crop_size=32)
+    assert x.shape == (5, 3, 32, 32) and x.dtype == torch.float32
+    assert 0.0 <= x.min().item() and x.max().item() <= 1.0
+    with pytest.raises(ClipTooShortError, match="too short"):
+        load_clip(real / "a.mp4", num_frames=4, sample_rate=2)
+
+
+def test_cli_reports_missing_weights_and_runs_the_rest(folders, tmp_path):
+    real, gen = folders
+    out = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "OPENSORA_VAE_PWCNET_WEIGHTS"}
+    env["TORCH_HOME"] = str(tmp_path / "empty_torch_home")  # no backbone or PWC-Net weights cached there
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--real_video_dir", str(real), "--generated_video_dir", str(gen), *ARGS,
+         "--metric", "ssim", "psnr", "lpips", "flolpips", "--output", str(out)],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "unavailable" in proc.stdout
+    report = json.loads(out.read_text())
+    assert set(report) == {"config", "videos", "metrics"}
+    assert report["videos"] == ["a", "b"] and report["config"]["num_frames"] == 5
+    m = report["metrics"]
+    assert set(m) == {"ssim", "psnr", "lpips", "flolpips"}
+    for name in ("lpips", "flolpips"):
+        assert m[name]["available"] is False
+    assert "alexnet-owt" in m["lpips"]["reason"] and "network-default.pytorch" in m["flolpips"]["reason"]
+    for name in ("ssim", "psnr"):
+        assert m[name]["available"] is True
+        assert set(m[name]) == {"available", "mean", "std", "num_videos", "per_video"}
+        assert set(m[name]["per_video"]) == {"a", "b"}
+    assert m["ssim"]["per_video"]["b"] == pytest.approx(1.0, abs=1e-12)
+    assert m["psnr"]["per_video"]["b"] == 100.0
+    assert 0 < m["ssim"]["per_video"]["a"] < 0.99 and 10 < m["psnr"]["per_video"]["a"] < 40
+    vals = np.array(list(m["psnr"]["per_video"].values()))
+    assert m["psnr"]["mean"] == pytest.approx(vals.mean()) and m["psnr"]["std"] == pytest.approx(vals.std())
+
+
+def test_cli_all_metrics_with_weight_files(folders, weight_files, tmp_path, monkeypatch, capsys):
+    real, gen = folders
+    alex, pwc = weight_files
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    monkeypatch.delenv("OPENSORA_VAE_PWCNET_WEIGHTS", raising=False)
+    cli = _cli()
+    base = ["--real_video_dir", str(real), "--generated_video_dir", str(gen), *ARGS, "--lpips-backbone", str(alex)]
+    out = tmp_path / "all.json"
+    assert cli.main([*base, "--pwcnet-weights", str(pwc), "--output", str(out)]) == 0
+    m = json.loads(out.read_text())["metrics"]
+    assert all(m[k]["available"] for k in ("ssim", "psnr", "lpips", "flolpips"))
+    for name in ("lpips", "flolpips"):
+        assert m[name]["per_video"]["b"] == 0.0
+        assert m[name]["per_video"]["a"] > 0.0
+    out2 = tmp_path / "no_pwc.json"
+    assert cli.main([*base, "--pwcnet-weights", str(tmp_path / "missing.pytorch"), "--metric", "lpips", "flolpips",
+                     "--output", str(out2)]) == 0
+    m2 = json.loads(out2.read_text())["metrics"]
+    assert m2["lpips"]["available"] and m2["lpips"]["per_video"] == m["lpips"]["per_video"]
+    assert not m2["flolpips"]["available"] and "missing.pytorch" in m2["flolpips"]["reason"]
+    assert "flolpips unavailable" in capsys.readouterr().out
+
+
+def test_cli_fails_clearly(folders, tmp_path, capsys):
+    real, gen = folders
+    cli = _cli()
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    shutil.copy(real / "a.mp4", lonely / "c.mp4")
+    assert cli.main(["--real_video_dir", str(real), "--generated_video_dir", str(lonely), *ARGS, "--metric", "psnr"]) == 2
+    assert "c.mp4" in capsys.readouterr().err
+    args = ["--real_video_dir", str(real), "--generated_video_dir", str(gen), "--metric", "psnr"]
+    assert cli.main([*args, "--num_frames", "7"]) == 2
+    assert "too short" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main([*args, "--num_frames", "5", "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
