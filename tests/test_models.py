@@ -301,3 +301,14 @@ def test_temporal_config_errors():
         VAE_Temporal(channel_multipliers=(1, 2), temporal_downsample=(True, True))
     with pytest.raises(KeyError, match="unknown model type"):
         build_model(dict(type="NoSuchModel"))
+
+
+def test_bare_weights_file_loads_into_the_configured_structure(tmp_path):
+    model = tiny_pipeline(seed=11)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "weights.safetensors"))
+    cfg = tiny_model_cfg(from_pretrained=str(tmp_path / "weights.safetensors"))
+    loaded = build_model(cfg)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k

@@ -158,7 +158,7 @@ class VideoTextDataset(Dataset):
             path = self.data.at[idx, "path"]
             if path not in self.bad_rows:
                 try:
-                    item = self._load(idx)
+                    item = self.load_row(idx)
                     # Rows skipped on the way, so the main process can count them (workers' counters are private).
                     item["skipped"] = "\n".join(skipped)
                     return item
@@ -171,7 +171,8 @@ class VideoTextDataset(Dataset):
             f"dataset CSV {self.data_path}: all {n} rows are unreadable ({len(self.bad_rows)} bad paths)"
         )
 
-    def _load(self, idx: int) -> dict[str, Any]:
+    def load_row(self, idx: int) -> dict[str, Any]:
+        """Row `idx` as an item, without substitution: raises VideoReadError for a bad row."""
         row = self.data.iloc[idx]
         path = row["path"]
         g = _generator(self.seed, self.epoch, idx)

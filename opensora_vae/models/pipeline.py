@@ -231,11 +231,20 @@ def OpenSoraVAE_V1_2(
     the weights are loaded; otherwise the spatial VAE comes from `vae_2d` (default: the SDXL VAE from the hub)
     and the temporal VAE (`vae_temporal`, default VAE_Temporal_SD) is randomly initialised."""
     if from_pretrained is not None:
-        return VideoAutoencoderPipeline.from_pretrained(
-            from_pretrained, cache_dir=cache_dir, local_files_only=local_files_only,
-            micro_batch_size=micro_batch_size, micro_frame_size=micro_frame_size,
-            freeze_vae_2d=freeze_vae_2d, cal_loss=cal_loss,
+        config_path, weights = resolve_pretrained(str(from_pretrained), cache_dir, local_files_only)
+        if config_path is not None:
+            return VideoAutoencoderPipeline.from_pretrained(
+                from_pretrained, cache_dir=cache_dir, local_files_only=local_files_only,
+                micro_batch_size=micro_batch_size, micro_frame_size=micro_frame_size,
+                freeze_vae_2d=freeze_vae_2d, cal_loss=cal_loss,
+            )
+        # A bare weights file: the structure is this function's (published, or as vae_2d/vae_temporal say).
+        model = OpenSoraVAE_V1_2(
+            micro_batch_size, micro_frame_size, None, local_files_only, freeze_vae_2d, cal_loss, cache_dir,
+            vae_2d=dict(vae_2d or {}, from_pretrained=None), vae_temporal=vae_temporal,
         )
+        load_strict(model, read_state_dict(weights), str(weights))
+        return model
     # Partial dicts are merged onto the published parts, e.g. vae_2d=dict(from_pretrained=LOCAL_DIR).
     vae_2d = dict(
         dict(type="VideoAutoencoderKL", from_pretrained=SDXL_VAE_HUB_ID, subfolder="vae",

@@ -1,7 +1,7 @@
 # Reconstruct videos with the published Open-Sora 1.2 VAE (scripts/inference_vae.py).
 num_frames = 17
 frame_interval = 1
-fps = 24
+fps = None  # written videos' rate; None: the source clip's fps / frame_interval
 image_size = (256, 256)
 
 dataset = dict(

@@ -1,0 +1,111 @@
+"""scripts/inference_vae.py: the three output folders, images, stats, bad rows, no overwrite, several ranks."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from opensora_vae.data import probe_video, read_video
+from opensora_vae.inference import output_names
+
+from helpers import ROOT, tiny_pipeline
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import inference_vae  # noqa: E402
+
+CONFIG = ROOT / "configs" / "vae" / "tiny" / "inference.py"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    tiny_pipeline(seed=2).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def csv(tmp_path, sample_videos):
+    img = tmp_path / "still.png"
+    Image.new("RGB", (50, 40), (200, 30, 30)).save(img)
+    rows = [sample_videos["carphone_pristine"], sample_videos["bikes"], img]
+    path = tmp_path / "in.csv"
+    path.write_text("path\n" + "\n".join(map(str, rows)) + "\n")
+    return path
+
+
+def run(*args):
+    inference_vae.main([str(CONFIG), *map(str, args)])
+
+
+def test_writes_ori_rec_spatial_that_decode_back(tmp_path, csv, ckpt, sample_videos):
+    run("--ckpt-path", ckpt, "--data-path", csv, "--save-dir", tmp_path / "out", "--num-frames", 9,
+        "--image-size", 32, 48)
+    for kind in ("ori", "rec", "spatial"):
+        folder = tmp_path / f"out_{kind}"
+        assert sorted(p.name for p in folder.iterdir()) == ["bikes.mp4", "carphone_pristine.mp4", "still.png"]
+        for name in ("bikes.mp4", "carphone_pristine.mp4"):
+            frames, fps = read_video(folder / name)
+            assert tuple(frames.shape) == (9, 3, 32, 48)
+            assert fps == pytest.approx(probe_video(sample_videos[name[:-4]]).fps, rel=1e-3)
+        assert Image.open(folder / "still.png").size == (48, 32)
+    ori, _ = read_video(tmp_path / "out_ori" / "carphone_pristine.mp4")
+    rec, _ = read_video(tmp_path / "out_rec" / "carphone_pristine.mp4")
+    assert not torch.equal(ori, rec)  # an untrained VAE changes the clip
+
+
+def test_matches_the_pipeline_on_the_same_input(tmp_path, sample_videos, ckpt):
+    """What lands in _rec is the pipeline's reconstruction of what lands in _ori (up to video coding)."""
+    path = tmp_path / "one.csv"
+    path.write_text(f"path\n{sample_videos['carphone_pristine']}\n")
+    run("--ckpt-path", ckpt, "--data-path", path, "--save-dir", tmp_path / "o", "--num-frames", 5, "--cal-stats")
+    from opensora_vae.data import VideoTextDataset
+
+    item = VideoTextDataset(path, num_frames=5, image_size=(64, 64)).load_row(0)
+    model = tiny_pipeline(seed=2)
+    with torch.no_grad():
+        out = model(item["video"][None], sample_posterior=False)
+    stats = json.loads((tmp_path / "o_latent_stats.json").read_text())
+    z = out.z.double()
+    assert stats["mean"] == pytest.approx(z.mean(dim=(0, 2, 3, 4)).tolist(), rel=1e-5, abs=1e-6)
+    assert stats["std"] == pytest.approx(z.std(dim=(0, 2, 3, 4), unbiased=False).tolist(), rel=1e-5, abs=1e-6)
+    assert stats["num_videos"] == 1
+    rec, _ = read_video(tmp_path / "o_rec" / "carphone_pristine.mp4")
+    expected = ((out.x_rec[0].clamp(-1, 1) + 1) * 127.5).permute(1, 0, 2, 3)
+    source = ((item["video"] + 1) * 127.5).permute(1, 0, 2, 3)
+    # H.264 (4:2:0) is lossy on an untrained VAE's noisy output, but the file is far closer to it than to the input.
+    err = (rec.float() - expected).abs().mean()
+    assert err < 0.5 * (rec.float() - source).abs().mean(), err
+
+
+def test_bad_rows_skipped_and_existing_outputs_kept(tmp_path, csv, ckpt, caplog):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(os.urandom(2048))
+    csv.write_text(csv.read_text() + f"{bad}\n")
+    run("--ckpt-path", ckpt / "model.safetensors", "--data-path", csv, "--save-dir", tmp_path / "r",
+        "--num-frames", 5)
+    assert not (tmp_path / "r_rec" / "broken.mp4").exists()
+    assert any("broken.mp4" in r.getMessage() and "skipped 1 row" in r.getMessage() for r in caplog.records)
+    target = tmp_path / "r_rec" / "bikes.mp4"
+    before = target.stat().st_mtime_ns
+    run("--ckpt-path", ckpt, "--data-path", csv, "--save-dir", tmp_path / "r", "--num-frames", 5)
+    assert target.stat().st_mtime_ns == before
+    run("--ckpt-path", ckpt, "--data-path", csv, "--save-dir", tmp_path / "r", "--num-frames", 5, "--overwrite")
+    assert target.stat().st_mtime_ns != before
+
+
+def test_two_ranks_split_the_csv(tmp_path, csv, ckpt):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "scripts" / "inference_vae.py"), str(CONFIG), "--ckpt-path", str(ckpt), "--data-path",
+           str(csv), "--save-dir", str(tmp_path / "d"), "--num-frames", "5", "--cal-stats"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert len(list((tmp_path / "d_rec").iterdir())) == 3
+    assert json.loads((tmp_path / "d_latent_stats.json").read_text())["num_videos"] == 3
+
+
+def test_output_names_are_unique():
+    assert output_names(["/a/x.mp4", "/b/x.mp4", "/c/y.mp4"]) == ["x-0", "x-1", "y"]
