@@ -28,12 +28,15 @@ class CausalConv3d(nn.Module):
         super().__init__()
         kt, kh, kw = _triple(kernel_size)
         self.time_pad = kt - 1 + (1 - stride)
-        # F.pad order: (w_left, w_right, h_top, h_bottom, t_front, t_back).
-        self.padding = (kw // 2, kw // 2, kh // 2, kh // 2, self.time_pad, 0)
-        self.conv = nn.Conv3d(in_channels, out_channels, (kt, kh, kw), stride=(stride, 1, 1), bias=bias)
+        # Symmetric H/W zero padding is done inside the convolution (no padded copy of the input); only the
+        # one-sided time padding needs an explicit pad.
+        self.conv = nn.Conv3d(in_channels, out_channels, (kt, kh, kw), stride=(stride, 1, 1),
+                              padding=(0, kh // 2, kw // 2), bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, self.padding))
+        if self.time_pad:
+            x = F.pad(x, (0, 0, 0, 0, self.time_pad, 0))
+        return self.conv(x)
 
 
 class ResBlock(nn.Module):
