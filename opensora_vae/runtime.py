@@ -9,13 +9,17 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "fp16": torch.float16, "float16": torch.float16}
 
 
-def resolve_device(name: Optional[str] = None) -> torch.device:
-    """None/"auto": CUDA when available, else CPU. "cuda" without a GPU is an error, not a silent fallback."""
+def resolve_device(name: Union[str, torch.device, None] = None) -> torch.device:
+    """None/"auto": CUDA when available, else CPU. CUDA that is not there is an error, not a silent fallback
+    (a long job should not quietly run on the wrong device)."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {str(name)!r} requested but CUDA is not available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {str(name)!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     return device
 
 

@@ -18,6 +18,7 @@ from typing import Callable, Dict, Optional, Sequence, Union
 import torch
 
 from opensora_vae.perceptual import MissingWeightsError
+from opensora_vae.runtime import resolve_device
 
 from .flolpips import flolpips, get_flow_model
 from .lpips import get_lpips_model, lpips
@@ -29,19 +30,6 @@ __all__ = ["METRICS", "evaluate", "format_table", "resolve_device"]
 
 METRICS = ("ssim", "psnr", "lpips", "flolpips")
 PathLike = Union[str, os.PathLike]
-
-
-def resolve_device(device: Optional[Union[str, torch.device]]) -> torch.device:
-    """None -> cuda if available else cpu; an unavailable CUDA device is an error."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise RuntimeError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    return dev
 
 
 def _build_flolpips(device, backbone, pwcnet_weights, random_weights):

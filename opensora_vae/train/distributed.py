@@ -9,6 +9,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..runtime import resolve_device
+
 
 @dataclass
 class DistInfo:
@@ -28,9 +30,7 @@ class DistInfo:
 
 def init_distributed(device: str = "auto") -> DistInfo:
     """NCCL on GPU, gloo on CPU; a plain single process when not launched by torchrun."""
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' asked for, but CUDA is not available; pass --cfg-options device=cpu")
+    use_cuda = resolve_device(device).type == "cuda"
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
