@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	OPENSORA_VAE_REQUIRE_SAMPLES=1 $(PY) -m pytest -q tests
 
 demo: $(STAMP)
 	$(PY) -m opensora_vae.demo --out demo_outputs

