@@ -202,6 +202,8 @@ class Trainer:
         record.update(lr=self.optimizer.param_groups[0]["lr"], sec_per_step=seconds / steps,
                       samples_per_sec=steps * self.batch_size * self.dist.world_size / max(seconds, 1e-9),
                       skipped_rows=skipped)
+        if self.device.type == "cuda":
+            record["max_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.run_logger.log(record)
 
     def _count_skips(self, batch: Dict[str, Any]) -> None:

@@ -1,0 +1,186 @@
+"""Speed and memory of the Open-Sora 1.2 VAE, side by side in one run, with ratios.
+
+Sections (full-size model, random weights):
+  conv     reference-style causal conv (explicit zero pad of T, H and W, then an unpadded Conv3d) vs this
+           package's (H/W padding inside the convolution, only T padded): encode + decode of one clip.
+  dtype    fp32 vs bf16 weights (GPU only).
+  micro    spatial VAE decode with micro_batch_size None (all frames at once) vs 4: peak memory.
+  load     loading a published-format checkpoint: random init + load_state_dict vs from_pretrained
+           (meta device + assign): seconds and peak host memory, each in a fresh process.
+
+python bench/bench_vae.py --device cuda --frames 17 --size 256 [--sections conv dtype micro load]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from opensora_vae import build_model
+from opensora_vae.models import VideoAutoencoderPipeline
+from opensora_vae.models.pretrained import load_strict, read_state_dict
+from opensora_vae.models.temporal import CausalConv3d
+
+FULL = dict(type="OpenSoraVAE_V1_2", vae_2d=dict(from_pretrained=None))
+
+
+def reference_style_forward(self, x):
+    """All padding as an explicit copy, then a convolution without padding (how the reference pads)."""
+    kt, kh, kw = self.conv.kernel_size
+    x = F.pad(x, (kw // 2, kw // 2, kh // 2, kh // 2, self.time_pad, 0))
+    return F.conv3d(x, self.conv.weight, self.conv.bias, self.conv.stride)
+
+
+@contextlib.contextmanager
+def conv_style(style):
+    original = CausalConv3d.forward
+    if style == "reference":
+        CausalConv3d.forward = reference_style_forward
+    try:
+        yield
+    finally:
+        CausalConv3d.forward = original
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(fn, device, repeat):
+    fn()  # warm-up (cuDNN algorithm choice, allocator)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return statistics.median(times), peak
+
+
+def row(name, base, new):
+    (tb, mb), (tn, mn) = base, new
+    mem = f"{mb:7.2f} -> {mn:7.2f} GiB ({mn / mb:5.2f}x)" if mb == mb else "memory n/a on CPU"
+    print(f"{name:<38} {tb * 1e3:9.1f} -> {tn * 1e3:9.1f} ms  speed-up {tb / tn:5.2f}x   {mem}")
+    return {"name": name, "base_ms": tb * 1e3, "new_ms": tn * 1e3, "speedup": tb / tn, "base_gib": mb, "new_gib": mn}
+
+
+def bench_conv(model, x, device, repeat):
+    def run():
+        with torch.inference_mode():
+            z = model.encode(x, sample_posterior=False)
+            model.decode(z, num_frames=x.shape[2])
+
+    with conv_style("reference"):
+        base = measure(run, device, repeat)
+    new = measure(run, device, repeat)
+    return row(f"encode+decode {tuple(x.shape)} {str(x.dtype)[6:]}", base, new)
+
+
+def bench_dtype(model, x, device, repeat):
+    def run_with(m, inp):
+        def run():
+            with torch.inference_mode():
+                m.decode(m.encode(inp, sample_posterior=False), num_frames=inp.shape[2])
+        return run
+
+    base = measure(run_with(model.float(), x.float()), device, repeat)
+    new = measure(run_with(model.to(torch.bfloat16), x.to(torch.bfloat16)), device, repeat)
+    return row("fp32 -> bf16 weights, encode+decode", base, new)
+
+
+def bench_micro(model, x, device, repeat):
+    with torch.inference_mode():
+        x_z = model.spatial_vae.encode(x, sample_posterior=False)
+
+    def run_with(mbs):
+        def run():
+            model.spatial_vae.micro_batch_size = mbs
+            with torch.inference_mode():
+                model.spatial_vae.decode(x_z)
+        return run
+
+    base = measure(run_with(None), device, repeat)
+    new = measure(run_with(4), device, repeat)
+    model.spatial_vae.micro_batch_size = 4
+    return row("spatial decode, micro_batch None -> 4", base, new)
+
+
+def load_once(mode, folder):
+    t = time.perf_counter()
+    if mode == "naive":
+        model = build_model(dict(FULL, micro_frame_size=17))
+        load_strict(model, read_state_dict(Path(folder) / "model.safetensors"), folder)
+    else:
+        model = VideoAutoencoderPipeline.from_pretrained(folder)
+    seconds = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    print(json.dumps({"seconds": seconds, "peak_gib": peak, "params": sum(p.numel() for p in model.parameters())}))
+
+
+def bench_load():
+    with tempfile.TemporaryDirectory() as folder:
+        build_model(FULL).save_pretrained(folder)
+        results = {}
+        for mode in ("naive", "meta"):
+            out = subprocess.run([sys.executable, __file__, "--load-only", mode, folder], capture_output=True,
+                                 text=True, check=True)
+            results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    a, b = results["naive"], results["meta"]
+    print(f"{'load 393M checkpoint (host)':<38} {a['seconds'] * 1e3:9.1f} -> {b['seconds'] * 1e3:9.1f} ms  "
+          f"speed-up {a['seconds'] / b['seconds']:5.2f}x   {a['peak_gib']:7.2f} -> {b['peak_gib']:7.2f} GiB RSS "
+          f"({b['peak_gib'] / a['peak_gib']:5.2f}x)")
+    return {"name": "load", "naive": a, "meta": b}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--frames", type=int, default=17)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--sections", nargs="+", default=["conv", "dtype", "micro", "load"])
+    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--load-only", nargs=2, metavar=("MODE", "FOLDER"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.load_only:
+        return load_once(*args.load_only)
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+          f"torch {torch.__version__}, clip {args.frames}x{args.size}x{args.size}, median of {args.repeat}")
+    rows = []
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if any(s in args.sections for s in ("conv", "dtype", "micro")):
+        torch.manual_seed(0)
+        model = build_model(FULL).to(device=device, dtype=dtype).eval()
+        x = (torch.rand(1, 3, args.frames, args.size, args.size, device=device) * 2 - 1).to(dtype)
+        if "conv" in args.sections:
+            rows.append(bench_conv(model, x, device, args.repeat))
+        if "dtype" in args.sections and device.type == "cuda":
+            rows.append(bench_dtype(model, x, device, args.repeat))
+        if "micro" in args.sections:
+            rows.append(bench_micro(model.to(dtype), x.to(dtype), device, args.repeat))
+        del model
+    if "load" in args.sections:
+        rows.append(bench_load())
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
