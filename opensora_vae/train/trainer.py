@@ -179,7 +179,7 @@ class Trainer:
             raise NonFiniteLossError(
                 f"non-finite loss at step {self.global_step + 1} (epoch {self.epoch}); nothing was saved for this "
                 f"step, the last checkpoint in {self.run_dir} is intact. Terms: "
-                + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+                + ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
             )
         loss.backward()
         clip = self.cfg.get("grad_clip")
