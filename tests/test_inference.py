@@ -40,7 +40,11 @@ def run(*args):
     inference_vae.main([str(CONFIG), *map(str, args)])
 
 
-def test_writes_ori_rec_spatial_that_decode_back(tmp_path, csv, ckpt, sample_videos):
+@pytest.mark.parametrize("layout", ["published", "trainer"])
+def test_writes_ori_rec_spatial_that_decode_back(tmp_path, csv, ckpt, sample_videos, layout):
+    if layout == "trainer":  # a training checkpoint folder holds the published format under model/
+        tiny_pipeline(seed=2).save_pretrained(tmp_path / "epoch0-global_step1" / "model")
+        ckpt = tmp_path / "epoch0-global_step1"
     run("--ckpt-path", ckpt, "--data-path", csv, "--save-dir", tmp_path / "out", "--num-frames", 9,
         "--image-size", 32, 48)
     for kind in ("ori", "rec", "spatial"):

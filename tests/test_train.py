@@ -104,12 +104,30 @@ def test_ddp_two_ranks_equals_one_rank_with_the_same_global_batch(tmp_path, clip
         assert torch.allclose(a[k], b[k], atol=5e-4), k
 
 
+def test_sharded_optimizer_two_ranks_saves_and_resumes(tmp_path, clip_csv):
+    """ZeRO-style AdamW (state sharded across 2 gloo ranks): checkpoints hold the full state and resume exactly."""
+    opts = {**EXACT, "shard_optimizer": True, "ckpt_every": 2, "max_steps": 4}
+    torchrun(2, TINY / "stage1.py", "--data-path", clip_csv, "--outputs", tmp_path / "full",
+             "--cfg-options", *options(opts))
+    full_dir = next((tmp_path / "full").iterdir())
+    state = torch.load(full_dir / "epoch0-global_step2" / "optimizer.pt", weights_only=True)
+    n_params = sum(1 for p in VideoAutoencoderPipeline.from_pretrained(full_dir / "epoch0-global_step2").parameters()
+                   if p.requires_grad)
+    assert len(state["state"]) == n_params + 1  # every trainable tensor of both shards, plus the learned logvar
+    torchrun(2, TINY / "stage1.py", "--data-path", clip_csv, "--load", full_dir / "epoch0-global_step2",
+             "--cfg-options", *options(opts))
+    rows = metrics(full_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 3, 4]
+    assert rows[2]["loss"] == rows[4]["loss"] and rows[3]["loss"] == rows[5]["loss"]
+
+
 def test_corrupt_file_is_skipped_and_counted(tmp_path, clip_csv, caplog):
     bad = tmp_path / "corrupt.mp4"
     bad.write_bytes(os.urandom(4096))
     clip_csv.write_text(clip_csv.read_text() + f"{bad}\n")
+    # Two DataLoader workers: each has its own copy of the dataset, the trainer still counts the skips.
     run_dir, _ = run_in_process(TINY / "stage1.py", clip_csv, tmp_path / "out", **{**EXACT, "max_steps": 5,
-                                                                                  "ckpt_every": 0})
+                                                                                  "ckpt_every": 0, "num_workers": 2})
     rows = metrics(run_dir)
     assert len(rows) == 5
     assert rows[-1]["skipped_rows"] >= 1
