@@ -56,3 +56,13 @@ def make_csv(tmp_path):
         return path
 
     return _make
+
+
+@pytest.fixture
+def empty_hub(monkeypatch, tmp_path):
+    """An empty torch hub folder: a real weights cache on the machine must not decide (or spoil) a test."""
+    import torch
+
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    return hub

@@ -20,12 +20,7 @@ class Out(NamedTuple):
     x_z: Optional[torch.Tensor]
 
 
-@pytest.fixture(autouse=True)
-def empty_hub(monkeypatch, tmp_path):
-    # A real torch hub cache on the machine must not decide these tests.
-    hub = tmp_path / "hub"
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
-    return hub
+pytestmark = pytest.mark.usefixtures("empty_hub")
 
 
 @pytest.fixture(scope="module")

@@ -29,12 +29,7 @@ def _save_tv_backbone(net, path):
     return tv
 
 
-@pytest.fixture(autouse=True)
-def empty_hub(monkeypatch, tmp_path):
-    # Never let a real cache on the machine satisfy (or spoil) these tests.
-    hub = tmp_path / "hub"
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
-    return hub
+pytestmark = pytest.mark.usefixtures("empty_hub")
 
 
 @pytest.fixture(scope="module")
