@@ -5,6 +5,8 @@ Sections (full-size model, random weights):
            package's (H/W padding inside the convolution, only T padded): encode + decode of one clip.
   dtype    fp32 vs bf16 weights (GPU only).
   micro    spatial VAE decode with micro_batch_size None (all frames at once) vs 4: peak memory.
+  layout   contiguous (NCDHW) vs channels_last_3d weights and input (cuDNN's preferred layout for bf16).
+  compile  eager vs torch.compile of the temporal VAE's encoder and decoder.
   load     loading a published-format checkpoint: random init + load_state_dict vs from_pretrained
            (meta device + assign): seconds and peak host memory, each in a fresh process.
 
@@ -120,6 +122,34 @@ def bench_micro(model, x, device, repeat):
     return row("spatial decode, micro_batch None -> 4", base, new)
 
 
+def _encode_decode(model, x):
+    def run():
+        with torch.inference_mode():
+            model.decode(model.encode(x, sample_posterior=False), num_frames=x.shape[2])
+    return run
+
+
+def bench_layout(model, x, device, repeat):
+    base = measure(_encode_decode(model, x), device, repeat)
+    model.temporal_vae.to(memory_format=torch.channels_last_3d)
+    model.spatial_vae.to(memory_format=torch.channels_last)
+    new = measure(_encode_decode(model, x.contiguous(memory_format=torch.channels_last_3d)), device, repeat)
+    model.to(memory_format=torch.contiguous_format)
+    return row("contiguous -> channels_last(_3d)", base, new)
+
+
+def bench_compile(model, x, device, repeat):
+    base = measure(_encode_decode(model, x), device, repeat)
+    eager = model.temporal_vae.encoder.forward, model.temporal_vae.decoder.forward
+    model.temporal_vae.encoder.forward = torch.compile(model.temporal_vae.encoder.forward, dynamic=False)
+    model.temporal_vae.decoder.forward = torch.compile(model.temporal_vae.decoder.forward, dynamic=False)
+    try:
+        new = measure(_encode_decode(model, x), device, repeat)
+    finally:
+        model.temporal_vae.encoder.forward, model.temporal_vae.decoder.forward = eager
+    return row("eager -> torch.compile (temporal VAE)", base, new)
+
+
 def load_once(mode, folder):
     t = time.perf_counter()
     if mode == "naive":
@@ -153,7 +183,7 @@ def main():
     parser.add_argument("--frames", type=int, default=17)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--sections", nargs="+", default=["conv", "dtype", "micro", "load"])
+    parser.add_argument("--sections", nargs="+", default=["conv", "dtype", "micro", "layout", "compile", "load"])
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--load-only", nargs=2, metavar=("MODE", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -165,7 +195,7 @@ def main():
           f"torch {torch.__version__}, clip {args.frames}x{args.size}x{args.size}, median of {args.repeat}")
     rows = []
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if any(s in args.sections for s in ("conv", "dtype", "micro")):
+    if any(s in args.sections for s in ("conv", "dtype", "micro", "layout", "compile")):
         torch.manual_seed(0)
         model = build_model(FULL).to(device=device, dtype=dtype).eval()
         x = (torch.rand(1, 3, args.frames, args.size, args.size, device=device) * 2 - 1).to(dtype)
@@ -175,6 +205,10 @@ def main():
             rows.append(bench_dtype(model, x, device, args.repeat))
         if "micro" in args.sections:
             rows.append(bench_micro(model.to(dtype), x.to(dtype), device, args.repeat))
+        if "layout" in args.sections:
+            rows.append(bench_layout(model.to(dtype), x.to(dtype), device, args.repeat))
+        if "compile" in args.sections:
+            rows.append(bench_compile(model.to(dtype), x.to(dtype), device, args.repeat))
         del model
     if "load" in args.sections:
         rows.append(bench_load())
