@@ -180,3 +180,15 @@ def test_mixed_strategies():
     assert draws() == a
     with pytest.raises(ValueError, match="unknown mixed strategy"):
         apply_mixed_strategy(video, "mixed_video_sometimes", 0.5, g)
+
+
+def test_collate_names_mixed_clip_shapes():
+    import torch
+
+    from opensora_vae.data import collate_clips
+
+    video = {"video": torch.zeros(3, 5, 8, 8), "path": "a.mp4", "index": 0}
+    image = {"video": torch.zeros(3, 1, 8, 8), "path": "b.png", "index": 1}
+    assert collate_clips([video, dict(video, index=2)])["video"].shape == (2, 3, 5, 8, 8)
+    with pytest.raises(ValueError, match="b.png.*batch_size=1"):
+        collate_clips([video, image])

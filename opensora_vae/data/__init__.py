@@ -1,5 +1,5 @@
 """Data loading: video/image IO, clip transforms, the CSV dataset and a resumable sampler."""
-from .dataset import MIXED_STRATEGIES, VideoTextDataset, apply_mixed_strategy
+from .dataset import MIXED_STRATEGIES, VideoTextDataset, apply_mixed_strategy, collate_clips
 from .sampler import ResumableDistributedSampler
 from .transforms import center_crop, random_crop, resize, resize_crop, resize_short_side, to_model_range
 from .video import (
@@ -24,6 +24,7 @@ __all__ = [
     "VideoReadError",
     "VideoTextDataset",
     "apply_mixed_strategy",
+    "collate_clips",
     "center_crop",
     "ensure_uint8_video",
     "is_image_path",

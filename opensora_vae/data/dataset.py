@@ -9,13 +9,13 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from ..registry import DATASETS
 from .transforms import resize_crop, to_model_range
 from .video import VideoReadError, is_image_path, probe_video, read_frames, read_image
 
-__all__ = ["VideoTextDataset", "apply_mixed_strategy", "MIXED_STRATEGIES"]
+__all__ = ["VideoTextDataset", "apply_mixed_strategy", "collate_clips", "MIXED_STRATEGIES"]
 
 logger = logging.getLogger("opensora_vae.data")
 
@@ -199,6 +199,16 @@ class VideoTextDataset(Dataset):
         start = int(torch.randint(0, total - self.span + 1, (1,), generator=g))
         indices = range(start, start + self.span, self.frame_interval)
         return read_frames(path, indices), (fps or 0.0) / self.frame_interval
+
+
+def collate_clips(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """default_collate, with a clear error when a batch mixes clip shapes (images are 1-frame clips)."""
+    shapes = sorted({tuple(item["video"].shape) for item in items})
+    if len(shapes) > 1:
+        paths = ", ".join(item["path"] for item in items)
+        raise ValueError(f"a batch mixes clip shapes {shapes} ({paths}): images are 1-frame clips, so use "
+                         f"batch_size=1 or keep images and videos in separate CSVs")
+    return default_collate(items)
 
 
 def apply_mixed_strategy(

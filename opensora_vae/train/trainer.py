@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..config import save_config
-from ..data import ResumableDistributedSampler, apply_mixed_strategy
+from ..data import ResumableDistributedSampler, apply_mixed_strategy, collate_clips
 from ..losses import build_loss
 from ..registry import DATASETS, build_from_cfg, build_model
 from ..runtime import resolve_dtype
@@ -226,6 +226,7 @@ class Trainer:
             self.sampler.set_epoch(self.epoch)
             self.dataset.set_epoch(self.epoch)
             loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
+                                collate_fn=collate_clips,
                                 num_workers=int(cfg.get("num_workers", 0)), pin_memory=self.device.type == "cuda")
             for batch in loader:
                 self._count_skips(batch)
