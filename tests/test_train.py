@@ -105,8 +105,10 @@ def test_ddp_two_ranks_equals_one_rank_with_the_same_global_batch(tmp_path, clip
 
 
 def test_sharded_optimizer_two_ranks_saves_and_resumes(tmp_path, clip_csv):
-    """ZeRO-style AdamW (state sharded across 2 gloo ranks): checkpoints hold the full state and resume exactly."""
-    opts = {**EXACT, "shard_optimizer": True, "ckpt_every": 2, "max_steps": 4}
+    """ZeRO-style AdamW (state sharded across 2 gloo ranks): checkpoints hold the full state and resume exactly.
+    Image/video steps drawn per rank, so ranks report different loss terms at the same step."""
+    opts = {**EXACT, "shard_optimizer": True, "ckpt_every": 2, "max_steps": 4,
+            "mixed_strategy": "mixed_video_image", "mixed_image_ratio": 0.5}
     torchrun(2, TINY / "stage1.py", "--data-path", clip_csv, "--outputs", tmp_path / "full",
              "--cfg-options", *options(opts))
     full_dir = next((tmp_path / "full").iterdir())

@@ -17,7 +17,7 @@ from ..losses import build_loss
 from ..registry import DATASETS, build_from_cfg, build_model
 from ..runtime import resolve_dtype
 from . import checkpoint as ckpt
-from .distributed import all_reduce_mean, any_rank, close_distributed, init_distributed, unwrap, wrap_model
+from .distributed import any_rank, close_distributed, init_distributed, unwrap, wrap_model
 from .logging import RunLogger, setup_logging
 
 logger = logging.getLogger("opensora_vae.train")
@@ -193,15 +193,20 @@ class Trainer:
         return out
 
     def _log(self, metrics: Dict[str, torch.Tensor], seconds: float, steps: int) -> None:
-        keys = sorted(metrics)
-        mean = all_reduce_mean(torch.stack([metrics[k].to(self.device) for k in keys]))
-        skipped = int(all_reduce_mean(torch.tensor([float(self.skipped_rows)], device=self.device)).item()
-                      * self.dist.world_size)
+        local = {k: float(v) for k, v in metrics.items()}
+        local["skipped_rows"] = float(self.skipped_rows)
+        parts = [local]
+        if self.dist.enabled:
+            # Ranks may report different terms (the identity term exists only on single-frame steps).
+            parts = [None] * self.dist.world_size
+            dist.all_gather_object(parts, local)
         record: Dict[str, Any] = {"step": self.global_step, "epoch": self.epoch}
-        record.update({k: float(v) for k, v in zip(keys, mean.tolist())})
+        for key in sorted({k for p in parts for k in p}):
+            values = [p[key] for p in parts if key in p]
+            record[key] = sum(values) if key == "skipped_rows" else sum(values) / len(values)
+        record["skipped_rows"] = int(record["skipped_rows"])
         record.update(lr=self.optimizer.param_groups[0]["lr"], sec_per_step=seconds / steps,
-                      samples_per_sec=steps * self.batch_size * self.dist.world_size / max(seconds, 1e-9),
-                      skipped_rows=skipped)
+                      samples_per_sec=steps * self.batch_size * self.dist.world_size / max(seconds, 1e-9))
         if self.device.type == "cuda":
             record["max_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.run_logger.log(record)
