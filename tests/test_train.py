@@ -223,3 +223,13 @@ def test_published_stage_configs_run_one_step_full_size(tmp_path, clip_csv, stag
     assert "grad_checkpoint = True" in cfg_text and "lr = 1e-05" in cfg_text
     names = json.loads((latest_checkpoint(run_dir) / "model" / "config.json").read_text())
     assert names["vae_temporal"]["type"] == "VAE_Temporal_SD"
+
+
+@pytest.mark.parametrize("precision", ["autocast", "params"])
+def test_bf16_training_runs_and_checkpoints(tmp_path, clip_csv, precision):
+    run_dir, saved = run_in_process(TINY / "stage3.py", clip_csv, tmp_path, **{**EXACT, "max_steps": 2,
+                                    "dtype": "bf16", "precision": precision, "ckpt_every": 0})
+    rows = metrics(run_dir)
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    weights = VideoAutoencoderPipeline.from_pretrained(saved).temporal_vae.decoder.conv_out.conv.weight
+    assert weights.dtype == (torch.bfloat16 if precision == "params" else torch.float32)

@@ -61,6 +61,11 @@ class Trainer:
         setup_logging(self.dist.rank)
         self.device = self.dist.device
         self.dtype = resolve_dtype(cfg.get("dtype", "fp32"), self.device)
+        # "autocast": fp32 parameters and AdamW state, low-precision compute; "params": parameters (and AdamW
+        # state) stored in `dtype` too, half the memory, coarser updates.
+        self.precision = cfg.get("precision", "autocast")
+        if self.precision not in ("autocast", "params"):
+            raise ValueError(f"precision must be 'autocast' or 'params', got {self.precision!r}")
         seed = int(cfg.get("seed", 42))
         torch.manual_seed(seed)  # same initial weights on every rank
 
@@ -71,6 +76,8 @@ class Trainer:
         )
 
         self.model = build_model(cfg.model).to(self.device)
+        if self.precision == "params":
+            self.model.to(self.dtype)
         if cfg.get("grad_checkpoint", False):
             self.model.enable_gradient_checkpointing()
         self.loss_fn = build_loss(cfg).to(self.device)
@@ -96,8 +103,8 @@ class Trainer:
             self._resume(self.load_path)
         if self.dist.is_main:
             save_config(cfg, self.run_dir / "config.py")
-            logger.info("run folder %s; %d rows; %d rank(s); dtype %s; device %s", self.run_dir, len(self.dataset),
-                        self.dist.world_size, self.dtype, self.device)
+            logger.info("run folder %s; %d rows; %d rank(s); %s %s; device %s", self.run_dir, len(self.dataset),
+                        self.dist.world_size, self.dtype, self.precision, self.device)
         self.max_steps = cfg.get("max_steps")
         steps_per_epoch = len(self.sampler.epoch_indices()) // self.batch_size
         if steps_per_epoch == 0:
@@ -171,8 +178,10 @@ class Trainer:
         x = batch["video"].to(self.device, non_blocking=True)
         x = apply_mixed_strategy(x, self.cfg.get("mixed_strategy"), self.cfg.get("mixed_image_ratio", 0.0),
                                  self.data_gen)
-        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
-        with autocast:
+        use_autocast = self.precision == "autocast" and self.dtype != torch.float32
+        if self.precision == "params":
+            x = x.to(self.dtype)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=use_autocast):
             terms = self.wrapped(x, self.noise_gen)
         loss = terms["loss"]
         if any_rank(not bool(torch.isfinite(loss)), self.device):

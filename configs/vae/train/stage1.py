@@ -36,7 +36,8 @@ sample_posterior = True
 
 # Optimisation
 seed = 42
-dtype = "bf16"  # autocast; parameters and AdamW state stay fp32
+dtype = "bf16"
+precision = "autocast"  # fp32 parameters and AdamW state; "params" stores them in bf16 too (half the memory)
 grad_checkpoint = True
 shard_optimizer = True  # ZeRO-style: AdamW state sharded across ranks
 lr = 1e-5
