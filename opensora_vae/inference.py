@@ -133,8 +133,9 @@ def reconstruct_dataset(cfg, ckpt_path: Optional[str], save_dir: str, overwrite:
         return all(any((folders[k] / f"{names[row]}{ext}").exists() for ext in (".mp4", ".png")) for k in FOLDERS)
 
     mine = list(range(info.rank, len(paths), info.world_size))
-    report.existing = [paths[r] for r in mine if done(r) and not overwrite]
-    todo = [r for r in mine if overwrite or not done(r)]
+    kept = set() if overwrite else {r for r in mine if done(r)}
+    report.existing = [paths[r] for r in mine if r in kept]
+    todo = [r for r in mine if r not in kept]
     if report.existing:
         logger.info("%d clip(s) already reconstructed: kept (pass --overwrite to redo them)", len(report.existing))
 

@@ -232,9 +232,9 @@ def OpenSoraVAE_V1_2(
     and the temporal VAE (`vae_temporal`, default VAE_Temporal_SD) is randomly initialised."""
     if from_pretrained is not None:
         config_path, weights = resolve_pretrained(str(from_pretrained), cache_dir, local_files_only)
-        if config_path is not None:
+        if config_path is not None:  # the resolved file (config.json beside it): no second hub look-up
             return VideoAutoencoderPipeline.from_pretrained(
-                from_pretrained, cache_dir=cache_dir, local_files_only=local_files_only,
+                weights, cache_dir=cache_dir, local_files_only=local_files_only,
                 micro_batch_size=micro_batch_size, micro_frame_size=micro_frame_size,
                 freeze_vae_2d=freeze_vae_2d, cal_loss=cal_loss,
             )

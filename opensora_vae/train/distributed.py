@@ -53,15 +53,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks of a float tensor (a copy; the input is untouched)."""
-    values = values.detach().clone()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values /= dist.get_world_size()
-    return values
-
-
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when `flag` is true on any rank (so all ranks stop together)."""
     t = torch.tensor([1.0 if flag else 0.0], device=device)

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from ..config import save_config
 from ..data import ResumableDistributedSampler, apply_mixed_strategy, collate_clips
 from ..losses import build_loss
+from ..models.pretrained import load_state_dict_file
 from ..registry import DATASETS, build_from_cfg, build_model
 from ..runtime import resolve_dtype
 from . import checkpoint as ckpt
@@ -155,10 +156,7 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path, self.dist.rank)
-        from ..models.pretrained import load_strict, read_state_dict, resolve_pretrained
-
-        _, weights = resolve_pretrained(str(state["model_dir"]))
-        load_strict(self.model, {k: v.to(self.device) for k, v in read_state_dict(weights).items()}, str(weights))
+        load_state_dict_file(self.model, str(state["model_dir"]))
         self.loss_fn.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
         running = state["running_states"]
