@@ -49,12 +49,17 @@ def resize_short_side(frames: torch.Tensor, size: int, antialias: bool = True) -
     return resize(frames, (h, w), antialias=antialias)
 
 
-def center_crop(frames: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
+def _crop_dims(frames: torch.Tensor, size: int | Sequence[int]) -> tuple[int, int, int, int]:
     _check(frames)
     h, w = _size2(size)
     H, W = frames.shape[-2:]
     if h > H or w > W:
         raise ValueError(f"crop {(h, w)} larger than frame {(H, W)}")
+    return h, w, H, W
+
+
+def center_crop(frames: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
+    h, w, H, W = _crop_dims(frames, size)
     top, left = (H - h) // 2, (W - w) // 2
     return frames[..., top : top + h, left : left + w]
 
@@ -63,11 +68,7 @@ def random_crop(
     frames: torch.Tensor, size: int | Sequence[int], generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """The same random window for every frame of the clip (offsets drawn from `generator`)."""
-    _check(frames)
-    h, w = _size2(size)
-    H, W = frames.shape[-2:]
-    if h > H or w > W:
-        raise ValueError(f"crop {(h, w)} larger than frame {(H, W)}")
+    h, w, H, W = _crop_dims(frames, size)
     top = int(torch.randint(0, H - h + 1, (1,), generator=generator))
     left = int(torch.randint(0, W - w + 1, (1,), generator=generator))
     return frames[..., top : top + h, left : left + w]
