@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from opensora_vae.data import VideoTextDataset, apply_mixed_strategy, write_video
+from opensora_vae.data import VideoTextDataset, apply_mixed_strategy, collate_clips, read_frames, write_video
 from opensora_vae.registry import DATASETS, build_from_cfg
 
 
@@ -63,7 +63,8 @@ def test_temporal_window_and_determinism(tmp_path, make_csv):
     for epoch in range(6):
         ds.set_epoch(epoch)
         ids = frame_ids(ds[0]["video"])
-        assert ids == list(range(ids[0], ids[0] + 13, 3)) and 0 <= ids[0] <= 30 - 13
+        # the reference's window: 5 * 3 frames from a start in 0..30-15-1, indices linspace(s, s + 14, 5) truncated
+        assert ids == [ids[0] + d for d in (0, 3, 7, 10, 14)] and 0 <= ids[0] <= 30 - 15 - 1
         starts.add(ids[0])
         again = VideoTextDataset(csv, num_frames=5, frame_interval=3, image_size=(16, 16), crop="random", seed=7)
         again.set_epoch(epoch)
@@ -71,9 +72,30 @@ def test_temporal_window_and_determinism(tmp_path, make_csv):
     assert len(starts) > 1  # the epoch reseeds the window
 
 
-def test_images_are_one_frame_clips(tmp_path, make_csv):
+def test_image_row_is_a_static_clip_and_mixes_with_videos(tmp_path, sample_videos, make_csv):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "noise.png")
+    rows = [{"path": tmp_path / "noise.png"}, {"path": sample_videos["carphone_pristine"]}]
+    ds = VideoTextDataset(make_csv(rows), num_frames=5, image_size=(16, 16))
+    item = ds[0]
+    v = item["video"]
+    assert v.shape == (3, 5, 16, 16) and item["fps"] == 0.0 and v.std() > 0.1
+    assert all(torch.equal(v[:, t], v[:, 0]) for t in range(5))  # the image repeated: a static clip
+    batch = next(iter(DataLoader(ds, batch_size=2, collate_fn=collate_clips)))
+    assert batch["video"].shape == (2, 3, 5, 16, 16)
+
+    single = VideoTextDataset(make_csv(rows, name="single.csv"), num_frames=5, image_size=(16, 16),
+                              image_frames="single")
+    assert torch.equal(single[0]["video"], v[:, :1])
+    with pytest.raises(ValueError, match="1-frame clips"):
+        collate_clips([single[0], single[1]])
+    with pytest.raises(ValueError, match="image_frames"):
+        VideoTextDataset(make_csv(rows, name="bad.csv"), image_frames="once")
+
+
+def test_white_image_stays_white(tmp_path, make_csv):
     Image.fromarray(np.full((40, 60, 3), 255, np.uint8)).save(tmp_path / "white.jpg")
-    ds = VideoTextDataset(make_csv([{"path": tmp_path / "white.jpg", "num_frames": 1}]), image_size=(16, 24))
+    ds = VideoTextDataset(make_csv([{"path": tmp_path / "white.jpg"}]), num_frames=1, image_size=(16, 24))
     item = ds[0]
     assert item["video"].shape == (3, 1, 16, 24) and item["fps"] == 0.0
     assert torch.allclose(item["video"], torch.ones(1), atol=0.02)
@@ -192,3 +214,33 @@ def test_collate_names_mixed_clip_shapes():
     assert collate_clips([video, dict(video, index=2)])["video"].shape == (2, 3, 5, 8, 8)
     with pytest.raises(ValueError, match="b.png.*batch_size=1"):
         collate_clips([video, image])
+
+
+def reference_center_transform(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """Open-Sora 1.2's "center" video transform, written from its definition: uint8 (T, C, H, W) / 255, bilinear
+    F.interpolate with scale_factor = size / short side (align_corners=False, no antialias), centre crop with
+    offsets round((H - size) / 2), normalise with mean 0.5 and std 0.5; returned as (C, T, H, W)."""
+    x = frames.float() / 255.0
+    x = torch.nn.functional.interpolate(x, scale_factor=size / min(x.shape[-2:]), mode="bilinear",
+                                        align_corners=False)
+    top, left = int(round((x.shape[-2] - size) / 2.0)), int(round((x.shape[-1] - size) / 2.0))
+    x = x[..., top : top + size, left : left + size]
+    return ((x - 0.5) / 0.5).permute(1, 0, 2, 3)
+
+
+@pytest.mark.parametrize("name, num_frames, interval, size", [("bikes", 2, 125, 256),  # 640x272, 250 frames
+                                                               ("carphone_pristine", 4, 30, 256)])  # 176x144, 120
+def test_video_transform_matches_the_reference_center_transform(sample_videos, make_csv, name, num_frames,
+                                                                interval, size):
+    # num_frames * interval == the clip's length, so the window starts at 0 and the indices are known
+    csv = make_csv([{"path": sample_videos[name]}])
+    item = VideoTextDataset(csv, num_frames=num_frames, frame_interval=interval, image_size=(size, size))[0]
+    indices = np.linspace(0, num_frames * interval - 1, num_frames, dtype=int).tolist()
+    expected = reference_center_transform(read_frames(sample_videos[name], indices), size)
+    assert item["video"].shape == expected.shape
+    level = 2 / 255  # one 8-bit level on the [-1, 1] scale
+    assert (item["video"] - expected).abs().max() <= level
+    smoothed = VideoTextDataset(csv, num_frames=num_frames, frame_interval=interval, image_size=(size, size),
+                                antialias=True)[0]["video"]
+    if min(expected.shape[-2:]) < min(read_frames(sample_videos[name], [0]).shape[-2:]):  # shrinking
+        assert (smoothed - expected).abs().max() > level  # the option is not the reference's transform

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from ..registry import DATASETS
-from .transforms import resize_crop, to_model_range
+from .transforms import center_crop_image, resize_crop, to_model_range
 from .video import VideoReadError, is_image_path, probe_video, read_frames, read_image
 
 __all__ = ["VideoTextDataset", "apply_mixed_strategy", "collate_clips", "MIXED_STRATEGIES"]
@@ -20,6 +20,7 @@ __all__ = ["VideoTextDataset", "apply_mixed_strategy", "collate_clips", "MIXED_S
 logger = logging.getLogger("opensora_vae.data")
 
 MIXED_STRATEGIES = (None, "mixed_video_image", "mixed_video_random")
+IMAGE_FRAMES = ("repeat", "single")
 
 
 def _generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -40,7 +41,7 @@ def _opt_float(value: Any) -> float | None:
 
 @DATASETS.register_module()
 class VideoTextDataset(Dataset):
-    """Clips of `num_frames` frames, `frame_interval` apart, from the videos and images listed in a CSV.
+    """Clips of `num_frames` frames from the videos and images listed in a CSV, sampled as the reference does.
 
     CSV columns: `path` (required; relative paths are taken from the CSV's folder); optional
     `num_frames` (drops too-short videos up front and saves a probe), `fps` and `text` are used when
@@ -48,9 +49,20 @@ class VideoTextDataset(Dataset):
 
     Each item is `{"video": float32 (C, T, H, W) in [-1, 1], "index": int, "path": str, "fps": float,
     "skipped": str}` (`skipped`: newline-joined paths of bad rows passed over to reach this one),
-    plus `"text"` ("" where blank) when the CSV has that column. Images give T = 1. `index` is the
-    row actually loaded (it differs from the requested one when a bad row was substituted) and `fps`
-    is the clip's effective rate, source fps / frame_interval (0.0 for images).
+    plus `"text"` ("" where blank) when the CSV has that column. `index` is the row actually loaded (it
+    differs from the requested one when a bad row was substituted) and `fps` is the clip's effective rate,
+    source fps / frame_interval (0.0 for images).
+
+    Temporal window (the reference's TemporalRandomCrop): start uniform in 0..max(0, N - num_frames *
+    frame_interval - 1) for a video of N frames, then `num_frames` indices spread by
+    linspace(start, end - 1) (truncated) up to end = min(start + num_frames * frame_interval, N); a video
+    needs at least `num_frames` frames (a shorter span than num_frames * frame_interval is spread thinner).
+    Spatial: `crop="center"` is the reference's "center" transform (videos: scale by size / short side,
+    bilinear in float, no antialias unless `antialias=True`, centre crop; images: the ADM centre crop);
+    `crop="random"` scales the same way and crops a random window.
+
+    Images: `image_frames="repeat"` (the reference) repeats the image to `num_frames` frames, a static clip,
+    so images and videos mix in one batch; `"single"` gives a 1-frame clip (e.g. to encode images alone).
 
     Randomness (temporal window start, random crop) comes from a generator seeded by
     (seed, epoch, row), so a sample is identical across resumes, ranks and worker counts. Call
@@ -70,11 +82,15 @@ class VideoTextDataset(Dataset):
         image_size: int | Sequence[int] = (256, 256),
         crop: str = "center",
         seed: int = 0,
+        image_frames: str = "repeat",
+        antialias: bool = False,
     ):
         if num_frames < 1 or frame_interval < 1:
             raise ValueError(f"num_frames and frame_interval must be >= 1, got {num_frames}, {frame_interval}")
         if crop not in ("center", "random"):
             raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+        if image_frames not in IMAGE_FRAMES:
+            raise ValueError(f"image_frames must be one of {IMAGE_FRAMES}, got {image_frames!r}")
         self.data_path = os.path.abspath(os.fspath(data_path))
         self.num_frames = int(num_frames)
         self.frame_interval = int(frame_interval)
@@ -82,6 +98,8 @@ class VideoTextDataset(Dataset):
         self.image_size = tuple(int(v) for v in size)
         self.crop = crop
         self.seed = int(seed)
+        self.image_frames = image_frames
+        self.antialias = bool(antialias)
         self.epoch = 0
         self.bad_rows: dict[str, str] = {}
         self.num_skipped = 0
@@ -91,8 +109,8 @@ class VideoTextDataset(Dataset):
 
     @property
     def span(self) -> int:
-        """Frames a video must have to hold one clip."""
-        return (self.num_frames - 1) * self.frame_interval + 1
+        """Frames a video must have to hold one clip (the reference's minimum)."""
+        return self.num_frames
 
     def _load_csv(self) -> pd.DataFrame:
         csv = self.data_path
@@ -177,10 +195,18 @@ class VideoTextDataset(Dataset):
         path = row["path"]
         g = _generator(self.seed, self.epoch, idx)
         if is_image_path(path):
-            frames, fps = read_image(path), 0.0
+            fps = 0.0
+            frames = read_image(path)
+            if self.crop == "center":
+                frames = center_crop_image(frames, self.image_size)
+            else:
+                frames = resize_crop(frames, self.image_size, crop=self.crop, generator=g, antialias=self.antialias)
+            if self.image_frames == "repeat":
+                frames = frames.expand(self.num_frames, -1, -1, -1)
         else:
             frames, fps = self._read_clip(path, row, g)
-        frames = resize_crop(frames, self.image_size, crop=self.crop, generator=g)
+            frames = resize_crop(frames.float() / 255.0, self.image_size, crop=self.crop, generator=g,
+                                 antialias=self.antialias)
         item = {"video": to_model_range(frames), "index": idx, "path": path, "fps": fps}
         if "text" in row.index:  # always present with the column, so default_collate sees the same keys
             item["text"] = row["text"] if isinstance(row["text"], str) else ""
@@ -196,18 +222,23 @@ class VideoTextDataset(Dataset):
         total = int(total)
         if total < self.span:
             raise VideoReadError(path, f"has {total} frames, a clip needs {self.span}")
-        start = int(torch.randint(0, total - self.span + 1, (1,), generator=g))
-        indices = range(start, start + self.span, self.frame_interval)
-        return read_frames(path, indices), (fps or 0.0) / self.frame_interval
+        return read_frames(path, self.clip_indices(total, g)), (fps or 0.0) / self.frame_interval
+
+    def clip_indices(self, total: int, generator: torch.Generator) -> list[int]:
+        """The reference's temporal window over a video of `total` frames (see the class docstring)."""
+        size = self.num_frames * self.frame_interval
+        start = int(torch.randint(0, max(0, total - size - 1) + 1, (1,), generator=generator))
+        end = min(start + size, total)
+        return np.linspace(start, end - 1, self.num_frames, dtype=int).tolist()
 
 
 def collate_clips(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """default_collate, with a clear error when a batch mixes clip shapes (images are 1-frame clips)."""
+    """default_collate, with a clear error when a batch mixes clip shapes."""
     shapes = sorted({tuple(item["video"].shape) for item in items})
     if len(shapes) > 1:
         paths = ", ".join(item["path"] for item in items)
-        raise ValueError(f"a batch mixes clip shapes {shapes} ({paths}): images are 1-frame clips, so use "
-                         f"batch_size=1 or keep images and videos in separate CSVs")
+        raise ValueError(f"a batch mixes clip shapes {shapes} ({paths}): with image_frames='single' images are "
+                         f"1-frame clips, so use batch_size=1 or keep images and videos in separate CSVs")
     return default_collate(items)
 
 
