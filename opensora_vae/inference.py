@@ -103,26 +103,32 @@ def load_model(model_cfg: Dict[str, Any], ckpt_path: Optional[str]):
     return build_model(cfg)
 
 
-def _write(folder: Path, name: str, video: torch.Tensor, fps: float) -> Path:
+def _write(folder: Path, name: str, video: torch.Tensor, fps: float, crf: int) -> Path:
     frames = ensure_uint8_video(video)
     if frames.shape[0] == 1:  # a single frame is an image
         path = folder / f"{name}.png"
         write_image(path, frames[0])
     else:
         path = folder / f"{name}.mp4"
-        write_video(path, frames, fps)
+        write_video(path, frames, fps, crf=crf)
     return path
 
 
 def reconstruct_dataset(cfg, ckpt_path: Optional[str], save_dir: str, overwrite: bool = False,
                         cal_stats: bool = False, stats_path: Optional[str] = None) -> InferenceReport:
-    """Run the pipeline over every CSV row (rows split across ranks) and write the three folders."""
+    """Run the pipeline over the CSV's rows (the first `num_samples` if set; split across ranks) and write the
+    three folders. Config: `sample_posterior` (False: the posterior mean), `crf` (H.264 quality, default 18),
+    `fps` (None: the source clip's rate), `num_samples` (None: every row)."""
     info = init_distributed(cfg.get("device", "auto"))
     device = info.device
     dtype = resolve_dtype(cfg.get("dtype", "auto"), device)
     dataset = build_from_cfg(cfg.dataset, DATASETS)
     paths = list(dataset.data["path"])
     names = output_names(paths)
+    num_samples = cfg.get("num_samples")
+    if num_samples is not None and int(num_samples) < 1:
+        raise ValueError(f"num_samples must be >= 1 or None, got {num_samples}")
+    rows = range(len(paths)) if num_samples is None else range(min(len(paths), int(num_samples)))
     base = Path(save_dir)
     folders = {k: base.parent / f"{base.name}_{k}" for k in FOLDERS}
     for f in folders.values():
@@ -132,7 +138,7 @@ def reconstruct_dataset(cfg, ckpt_path: Optional[str], save_dir: str, overwrite:
     def done(row: int) -> bool:
         return all(any((folders[k] / f"{names[row]}{ext}").exists() for ext in (".mp4", ".png")) for k in FOLDERS)
 
-    mine = list(range(info.rank, len(paths), info.world_size))
+    mine = list(rows[info.rank :: info.world_size])
     kept = set() if overwrite else {r for r in mine if done(r)}
     report.existing = [paths[r] for r in mine if r in kept]
     todo = [r for r in mine if r not in kept]
@@ -141,6 +147,7 @@ def reconstruct_dataset(cfg, ckpt_path: Optional[str], save_dir: str, overwrite:
 
     model = load_model(cfg.model, ckpt_path).to(device=device, dtype=dtype).eval()
     sample_posterior = bool(cfg.get("sample_posterior", False))
+    crf = int(cfg.get("crf", 18))
     generator = torch.Generator(device=device).manual_seed(int(cfg.get("seed", 42)) + info.rank)
     stats = LatentStats()
     loader = DataLoader(_Rows(dataset, todo), batch_size=None, num_workers=int(cfg.get("num_workers", 0)))
@@ -159,7 +166,7 @@ def reconstruct_dataset(cfg, ckpt_path: Optional[str], save_dir: str, overwrite:
             stats.add(out.z.float())
         fps = float(cfg.get("fps") or item.get("fps") or 24.0)  # config/--fps, else the source clip's rate
         for key, video in (("ori", x[0]), ("rec", out.x_rec[0]), ("spatial", spatial[0])):
-            _write(folders[key], names[row], video.float(), fps)
+            _write(folders[key], names[row], video.float(), fps, crf)
         report.written.append(paths[row])
 
     if cal_stats:

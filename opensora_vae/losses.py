@@ -2,7 +2,8 @@
 
 Per frame: rec = |x - x_rec| (+ w_p * LPIPS(x, x_rec), broadcast over the frame's pixels as in the reference),
 NLL = rec / exp(logvar) + logvar summed over everything and divided by the number of frames (B*T), with `logvar`
-a learned scalar. KL of the posterior is summed, divided by the batch size and weighted by `kl_loss_weight`.
+a scalar: fixed at `logvar_init` as in the reference trainer (whose optimizer never sees it), or trained with
+`learn_logvar=True`. KL of the posterior is summed, divided by the batch size and weighted by `kl_loss_weight`.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def _unpack(out: Any) -> Tuple[Any, ...]:
 
 
 class VAELoss(nn.Module):
-    """NLL (+ LPIPS) reconstruction terms and the weighted KL, with a learned `logvar`.
+    """NLL (+ LPIPS) reconstruction terms and the weighted KL, with a scalar `logvar` (fixed unless `learn_logvar`).
 
     The stage switches pick which terms enter the total, as the reference trainer does:
     `use_real_rec_loss` adds the pixel NLL (with LPIPS) and the KL; `use_z_rec_loss` adds the temporal VAE's
@@ -59,6 +60,7 @@ class VAELoss(nn.Module):
         perceptual_loss_weight: Optional[float] = 0.1,
         kl_loss_weight: Optional[float] = 1e-6,
         logvar_init: float = 0.0,
+        learn_logvar: bool = False,
         lpips_net: str = "vgg",
         lpips_backbone_path: Optional[str] = None,
         allow_missing_lpips: bool = False,
@@ -76,7 +78,9 @@ class VAELoss(nn.Module):
                 f"loss weights must be >= 0, got perceptual_loss_weight={perceptual_loss_weight}, "
                 f"kl_loss_weight={kl_loss_weight}"
             )
-        self.logvar = nn.Parameter(torch.tensor(float(logvar_init), dtype=torch.float32))
+        # A parameter either way, so checkpoints keep one layout; frozen unless learned.
+        self.learn_logvar = bool(learn_logvar)
+        self.logvar = nn.Parameter(torch.tensor(float(logvar_init), dtype=torch.float32), requires_grad=self.learn_logvar)
         self.lpips_net = lpips_net
         self.lpips_backbone_path = lpips_backbone_path
         self.allow_missing_lpips = bool(allow_missing_lpips)
@@ -92,6 +96,7 @@ class VAELoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"perceptual_loss_weight={self.perceptual_loss_weight}, kl_loss_weight={self.kl_loss_weight}, "
+            f"learn_logvar={self.learn_logvar}, "
             f"lpips_net={self.lpips_net!r}, use_real_rec_loss={self.use_real_rec_loss}, "
             f"use_z_rec_loss={self.use_z_rec_loss}, use_image_identity_loss={self.use_image_identity_loss}"
         )
@@ -203,6 +208,7 @@ _LOSS_KEYS = (
     "perceptual_loss_weight",
     "kl_loss_weight",
     "logvar_init",
+    "learn_logvar",
     "lpips_net",
     "lpips_backbone_path",
     "allow_missing_lpips",

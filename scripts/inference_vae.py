@@ -19,7 +19,11 @@ def main(argv=None) -> None:
     parser.add_argument("--save-dir", help="output prefix: DIR_ori, DIR_rec, DIR_spatial (default: config save_dir)")
     parser.add_argument("--num-frames", type=int, help="frames per clip (overrides the config)")
     parser.add_argument("--image-size", type=int, nargs="+", metavar="H [W]", help="output size (overrides)")
-    parser.add_argument("--fps", type=float, help="fps of the written videos (default: the source's)")
+    parser.add_argument("--fps", type=float, help="fps of the written videos (default: the config's, else the source's)")
+    parser.add_argument("--crf", type=int, help="H.264 quality of the written videos (config default 18; x264's own 23)")
+    parser.add_argument("--num-samples", type=int, help="reconstruct only the first N rows of the CSV")
+    parser.add_argument("--sample-posterior", action=argparse.BooleanOptionalAction, default=None,
+                        help="sample the posteriors (the published protocol) instead of taking their means")
     parser.add_argument("--cal-stats", action="store_true", help="also write per-channel latent mean/std JSON")
     parser.add_argument("--stats-path", help="where --cal-stats writes (default: DIR_latent_stats.json)")
     parser.add_argument("--overwrite", action="store_true", help="redo clips whose outputs already exist")
@@ -35,6 +39,12 @@ def main(argv=None) -> None:
         options["dataset.image_size"] = tuple(size)
     if args.fps:
         options["fps"] = args.fps
+    if args.crf is not None:
+        options["crf"] = args.crf
+    if args.num_samples is not None:
+        options["num_samples"] = args.num_samples
+    if args.sample_posterior is not None:
+        options["sample_posterior"] = args.sample_posterior
     cfg = load_config(args.config, options)
     save_dir = args.save_dir or cfg.get("save_dir")
     if not save_dir:

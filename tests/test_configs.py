@@ -18,19 +18,35 @@ def test_published_stage_settings(stage):
     assert cfg.model.type == "OpenSoraVAE_V1_2" and cfg.model.freeze_vae_2d == (stage == 1)
     switches = (cfg.use_real_rec_loss, cfg.use_z_rec_loss, cfg.use_image_identity_loss)
     assert switches == {1: (False, True, True), 2: (False, True, False), 3: (True, False, False)}[stage]
+    assert cfg.model.micro_frame_size is None  # one chunk per clip in every stage, as the reference configs
+    assert (cfg.learn_logvar, cfg.logvar_init, cfg.sampler_seed, cfg.seed) == (False, 0.0, 0, 42)
     if stage < 3:
-        assert cfg.dataset.num_frames == 17 and cfg.model.micro_frame_size is None
+        assert cfg.dataset.num_frames == 17
         assert (cfg.mixed_strategy, cfg.mixed_image_ratio) == ("mixed_video_image", 0.2)
     else:
-        assert cfg.dataset.num_frames == 33 and cfg.model.micro_frame_size == 17
+        assert cfg.dataset.num_frames == 33
         assert cfg.mixed_strategy == "mixed_video_random"
 
 
 def test_inference_configs():
     video = load_config(CFG / "inference" / "video.py")
     assert (video.model.micro_frame_size, video.model.micro_batch_size, video.dtype) == (17, 4, "auto")
+    assert (video.sample_posterior, video.crf, video.fps, video.num_samples) == (False, 18, None, None)
     image = load_config(CFG / "inference" / "image.py")
     assert image.dataset.num_frames == 1 and image.model.type == "OpenSoraVAE_V1_2"
+
+
+@pytest.mark.parametrize("name, frames", [("published_eval.py", 17), ("published_eval_image.py", 1)])
+def test_published_evaluation_protocol_configs(name, frames):
+    """Open-Sora 1.2's inference configs and script: sampled posteriors, x264's default CRF 23, 24 fps, 100 rows,
+    256x256, one chunk, bf16."""
+    cfg = load_config(CFG / "inference" / name)
+    assert (cfg.sample_posterior, cfg.crf, cfg.fps, cfg.num_samples) == (True, 23, 24, 100)
+    assert cfg.dataset.image_size == (256, 256) and cfg.dataset.num_frames == frames
+    assert cfg.dataset.frame_interval == 1 and cfg.dataset.get("image_frames", "repeat") == "repeat"
+    assert cfg.dataset.get("crop", "center") == "center" and not cfg.dataset.get("antialias", False)
+    assert (cfg.model.type, cfg.model.micro_frame_size, cfg.model.micro_batch_size, cfg.dtype) == (
+        "OpenSoraVAE_V1_2", None, 4, "bf16")
 
 
 @pytest.mark.parametrize("name", ["model.py", "inference.py", "stage1.py", "stage2.py", "stage3.py"])

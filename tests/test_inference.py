@@ -49,12 +49,15 @@ def test_writes_ori_rec_spatial_that_decode_back(tmp_path, csv, ckpt, sample_vid
         "--image-size", 32, 48)
     for kind in ("ori", "rec", "spatial"):
         folder = tmp_path / f"out_{kind}"
-        assert sorted(p.name for p in folder.iterdir()) == ["bikes.mp4", "carphone_pristine.mp4", "still.png"]
+        # as the reference, an image in a video run is repeated to num_frames: a static clip, written as video
+        assert sorted(p.name for p in folder.iterdir()) == ["bikes.mp4", "carphone_pristine.mp4", "still.mp4"]
         for name in ("bikes.mp4", "carphone_pristine.mp4"):
             frames, fps = read_video(folder / name)
             assert tuple(frames.shape) == (9, 3, 32, 48)
             assert fps == pytest.approx(probe_video(sample_videos[name[:-4]]).fps, rel=1e-3)
-        assert Image.open(folder / "still.png").size == (48, 32)
+        assert tuple(read_video(folder / "still.mp4")[0].shape) == (9, 3, 32, 48)
+    still, _ = read_video(tmp_path / "out_ori" / "still.mp4")
+    assert (still.float() - still[:1].float()).abs().max() <= 3  # static up to video coding
     ori, _ = read_video(tmp_path / "out_ori" / "carphone_pristine.mp4")
     rec, _ = read_video(tmp_path / "out_rec" / "carphone_pristine.mp4")
     assert not torch.equal(ori, rec)  # an untrained VAE changes the clip
@@ -109,6 +112,26 @@ def test_two_ranks_split_the_csv(tmp_path, csv, ckpt):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert len(list((tmp_path / "d_rec").iterdir())) == 3
     assert json.loads((tmp_path / "d_latent_stats.json").read_text())["num_videos"] == 3
+
+
+def test_image_run_writes_images(tmp_path, csv, ckpt):
+    run("--ckpt-path", ckpt, "--data-path", csv, "--save-dir", tmp_path / "i", "--num-frames", 1)
+    assert Image.open(tmp_path / "i_rec" / "still.png").size == (64, 64)
+
+
+def test_protocol_options_num_samples_crf_fps_and_sampling(tmp_path, csv, ckpt):
+    common = ["--ckpt-path", ckpt, "--data-path", csv, "--num-frames", 5, "--num-samples", 1, "--fps", 24]
+    run(*common, "--save-dir", tmp_path / "a", "--crf", 23, "--sample-posterior")
+    run(*common, "--save-dir", tmp_path / "b", "--crf", 23, "--sample-posterior", "--cfg-options", "seed=7")
+    run(*common, "--save-dir", tmp_path / "c", "--crf", 0)
+    assert [p.name for p in (tmp_path / "a_rec").iterdir()] == ["carphone_pristine.mp4"]  # the first row only
+    a, fps = read_video(tmp_path / "a_rec" / "carphone_pristine.mp4")
+    b, _ = read_video(tmp_path / "b_rec" / "carphone_pristine.mp4")
+    assert fps == pytest.approx(24)
+    assert not torch.equal(a, b)  # sampled posteriors: another seed, another reconstruction
+    # the written quality follows --crf: near-lossless CRF 0 takes several times the bytes of CRF 23
+    size = {k: (tmp_path / f"{k}_ori" / "carphone_pristine.mp4").stat().st_size for k in "ac"}
+    assert size["c"] > 2 * size["a"], size
 
 
 def test_output_names_are_unique():

@@ -154,8 +154,16 @@ def test_kl_enters_total_only_with_pixel_reconstruction():
     torch.testing.assert_close(real["rec_nll"], direct_nll(x, out.x_rec, 0.0))
 
 
-def test_logvar_is_trained_and_only_it_is_saved(alex_file):
-    loss = perceptual_loss(alex_file, use_real_rec_loss=True)
+def test_logvar_is_fixed_by_default():
+    loss = VAELoss(perceptual_loss_weight=0, use_real_rec_loss=True)
+    assert not loss.logvar.requires_grad
+    x, out = make_batch(t=2)
+    loss(x, out._replace(x_rec=out.x_rec.clone().requires_grad_(True)))["loss"].backward()
+    assert loss.logvar.grad is None and list(loss.state_dict()) == ["logvar"]
+
+
+def test_learned_logvar_gets_its_gradient_and_only_it_is_saved(alex_file):
+    loss = perceptual_loss(alex_file, use_real_rec_loss=True, learn_logvar=True)
     x, out = make_batch(t=2)
     x_rec = out.x_rec.clone().requires_grad_(True)
     terms = loss(x, out._replace(x_rec=x_rec))

@@ -2,7 +2,10 @@
 
 Each metric gives one value per frame (FloLPIPS: NaN on the last frame, see flolpips.py); a video's value is
 the nan-mean over its frames, and a metric's `mean` / `std` are the mean and population std (ddof 0) over
-videos. With equal-length clips the mean equals the reference script's mean over all frames.
+videos. The reference script instead averages, over batches, each batch's per-timestamp means (the mean over
+the batch's videos at frame t), which gives the videos of a short last batch more weight. With equal-length
+clips the two agree when every batch is full (the number of videos divisible by `batch_size`, e.g. 100 videos
+at batch size 2, the published setting, or batch size 1); per-video means do not depend on the batch size.
 
 A metric whose pretrained weights are not on disk (MissingWeightsError) is reported as unavailable with the
 reason and the others still run. Asking for CUDA when it is unavailable is an error (no silent CPU fallback:

@@ -12,9 +12,8 @@ silently took fewer frames, which breaks batching). `sample_fps` is accepted for
 as in the reference, does not change which frames are read: clips are compared at their native frame rate.
 
 Preprocessing, as the reference: frames / 255, short side bilinearly resized to `resolution` (no antialias,
-like pytorchvideo's ShortSideScale), then a centre crop of `crop_size`. Residual differences: the long side
-is rounded instead of floored and an odd crop margin's extra pixel goes bottom/right, both by
-`opensora_vae.data.transforms`.
+long side floored, like pytorchvideo's ShortSideScale), then a centre crop of `crop_size` with offsets
+round(margin / 2) (like torchvision's CenterCropVideo).
 """
 from __future__ import annotations
 

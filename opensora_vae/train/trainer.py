@@ -29,7 +29,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainStep(nn.Module):
-    """Model + loss in one module, so DDP also averages the learned logvar's gradient."""
+    """Model + loss in one module, so DDP also averages logvar's gradient when it is learned."""
 
     def __init__(self, model: nn.Module, loss: nn.Module, sample_posterior: bool = True):
         super().__init__()
@@ -72,8 +72,10 @@ class Trainer:
 
         self.dataset = build_from_cfg(cfg.dataset, DATASETS)
         self.batch_size = int(cfg.get("batch_size", 1))
+        # The reference's sampler is seeded with 0 whatever `seed` is; `sampler_seed` keeps that order by default.
         self.sampler = ResumableDistributedSampler(
-            self.dataset, self.dist.world_size, self.dist.rank, shuffle=True, seed=seed, drop_last=False
+            self.dataset, self.dist.world_size, self.dist.rank, shuffle=True, seed=int(cfg.get("sampler_seed", 0)),
+            drop_last=False,
         )
 
         self.model = build_model(cfg.model).to(self.device)
@@ -86,15 +88,18 @@ class Trainer:
         # The spatial decoder gets no gradient when only latents are reconstructed.
         unused = not self.loss_fn.use_real_rec_loss and any(p.requires_grad for p in self.model.spatial_vae.parameters())
         self.wrapped = wrap_model(self.step_module, self.dist, cfg.get("find_unused_parameters", unused))
+        # logvar is optimised only with learn_logvar (the reference never optimises it); clipping covers the model.
         self.params = [p for p in self.step_module.parameters() if p.requires_grad]
+        self.model_params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = self._build_optimizer()
         warmup = int(cfg.get("warmup_steps", 0))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
         )
 
-        # Per-rank random streams: mixed-strategy draws (CPU) and posterior noise (on the model's device).
-        self.data_gen = torch.Generator().manual_seed(seed + 1000 * self.dist.rank)
+        # Mixed-strategy draws (CPU): one stream seeded alike on every rank, one draw per step, so all ranks take
+        # the same choice at a step (as the reference). Posterior noise (on the model's device): per rank.
+        self.data_gen = torch.Generator().manual_seed(seed)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 1000 * self.dist.rank + 1)
         self.epoch = self.global_step = 0
         self.skipped_rows = 0
@@ -157,7 +162,12 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path, self.dist.rank)
         load_state_dict_file(self.model, str(state["model_dir"]))
-        self.loss_fn.load_state_dict(state["loss"])
+        if self.loss_fn.learn_logvar:
+            self.loss_fn.load_state_dict(state["loss"])
+        elif float(state["loss"]["logvar"]) != float(self.loss_fn.logvar):
+            logger.warning("the checkpoint's logvar %.4g is not used: logvar stays at logvar_init %.4g (set "
+                           "learn_logvar=True to resume a learned one)", float(state["loss"]["logvar"]),
+                           float(self.loss_fn.logvar))
         self.optimizer.load_state_dict(state["optimizer"])
         running = state["running_states"]
         if running["world_size"] != self.dist.world_size or running["batch_size"] != self.batch_size:
@@ -190,7 +200,7 @@ class Trainer:
             )
         loss.backward()
         clip = self.cfg.get("grad_clip")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, float(clip) if clip else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model_params, float(clip) if clip else float("inf"))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -212,6 +222,7 @@ class Trainer:
             values = [p[key] for p in parts if key in p]
             record[key] = sum(values) if key == "skipped_rows" else sum(values) / len(values)
         record["skipped_rows"] = int(record["skipped_rows"])
+        record["frames_per_rank"] = [p["frames"] for p in parts]  # the mixed-strategy draw each rank took
         record.update(lr=self.optimizer.param_groups[0]["lr"], sec_per_step=seconds / steps,
                       samples_per_sec=steps * self.batch_size * self.dist.world_size / max(seconds, 1e-9))
         if self.device.type == "cuda":

@@ -24,5 +24,9 @@ model = dict(
     micro_batch_size=4,
 )
 save_dir = "samples/vae_video"
+# Deterministic defaults (repeatable scores): posterior means, H.264 CRF 18, every row. The published table used
+# published_eval.py instead (sampled posteriors, CRF 23, 24 fps, 100 rows).
 sample_posterior = False
+crf = 18
+num_samples = None  # None: every row of the CSV
 cal_stats = False

@@ -33,9 +33,12 @@ use_image_identity_loss = True
 mixed_strategy = "mixed_video_image"
 mixed_image_ratio = 0.2
 sample_posterior = True
+learn_logvar = False  # the reference optimises the model's parameters only: logvar stays at logvar_init
+logvar_init = 0.0
 
 # Optimisation
 seed = 42
+sampler_seed = 0  # the reference's data order: its sampler is seeded with 0 whatever `seed` is
 dtype = "bf16"
 precision = "autocast"  # fp32 parameters and AdamW state; "params" stores them in bf16 too (half the memory)
 grad_checkpoint = True
