@@ -89,6 +89,9 @@ def test_image_row_is_a_static_clip_and_mixes_with_videos(tmp_path, sample_video
     assert torch.equal(single[0]["video"], v[:, :1])
     with pytest.raises(ValueError, match="1-frame clips"):
         collate_clips([single[0], single[1]])
+    randomly = VideoTextDataset(make_csv(rows, name="random.csv"), num_frames=5, image_size=(16, 16), crop="random")
+    assert randomly[0]["video"].shape == (3, 5, 16, 16) and randomly[0]["video"].abs().max() <= 1
+    assert randomly[0]["video"].std() > 0.1
     with pytest.raises(ValueError, match="image_frames"):
         VideoTextDataset(make_csv(rows, name="bad.csv"), image_frames="once")
 

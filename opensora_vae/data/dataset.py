@@ -198,9 +198,10 @@ class VideoTextDataset(Dataset):
             fps = 0.0
             frames = read_image(path)
             if self.crop == "center":
-                frames = center_crop_image(frames, self.image_size)
+                frames = center_crop_image(frames, self.image_size).float() / 255.0
             else:
-                frames = resize_crop(frames, self.image_size, crop=self.crop, generator=g, antialias=self.antialias)
+                frames = resize_crop(frames.float() / 255.0, self.image_size, crop=self.crop, generator=g,
+                                     antialias=self.antialias)
             if self.image_frames == "repeat":
                 frames = frames.expand(self.num_frames, -1, -1, -1)
         else:
