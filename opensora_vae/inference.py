@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .data import VideoReadError, ensure_uint8_video, write_image, write_video
 from .registry import DATASETS, build_from_cfg, build_model, to_plain
 from .runtime import resolve_dtype
-from .train.distributed import init_distributed
+from .distributed import init_distributed
 
 logger = logging.getLogger("opensora_vae.inference")
 FOLDERS = ("ori", "rec", "spatial")
