@@ -48,6 +48,7 @@ class VideoTextDataset(Dataset):
 
     Each item is `{"video": float32 (C, T, H, W) in [-1, 1], "index": int, "path": str, "fps": float,
     "skipped": str}` (`skipped`: newline-joined paths of bad rows passed over to reach this one),
+    `"frame_indices"` (T,) (the source frames read) and `"source_size"` (2,) (height, width before resizing),
     plus `"text"` ("" where blank) when the CSV has that column. Images give T = 1. `index` is the
     row actually loaded (it differs from the requested one when a bad row was substituted) and `fps`
     is the clip's effective rate, source fps / frame_interval (0.0 for images).
@@ -177,16 +178,18 @@ class VideoTextDataset(Dataset):
         path = row["path"]
         g = _generator(self.seed, self.epoch, idx)
         if is_image_path(path):
-            frames, fps = read_image(path), 0.0
+            frames, fps, indices = read_image(path), 0.0, [0]
         else:
-            frames, fps = self._read_clip(path, row, g)
+            frames, fps, indices = self._read_clip(path, row, g)
+        source_size = list(frames.shape[-2:])
         frames = resize_crop(frames, self.image_size, crop=self.crop, generator=g)
-        item = {"video": to_model_range(frames), "index": idx, "path": path, "fps": fps}
+        item = {"video": to_model_range(frames), "index": idx, "path": path, "fps": fps,
+                "frame_indices": torch.tensor(indices), "source_size": torch.tensor(source_size)}
         if "text" in row.index:  # always present with the column, so default_collate sees the same keys
             item["text"] = row["text"] if isinstance(row["text"], str) else ""
         return item
 
-    def _read_clip(self, path: str, row: pd.Series, g: torch.Generator) -> tuple[torch.Tensor, float]:
+    def _read_clip(self, path: str, row: pd.Series, g: torch.Generator) -> tuple[torch.Tensor, float, list[int]]:
         total = _opt_float(row.get("num_frames"))
         fps = _opt_float(row.get("fps"))
         if total is None or fps is None:
@@ -198,7 +201,7 @@ class VideoTextDataset(Dataset):
             raise VideoReadError(path, f"has {total} frames, a clip needs {self.span}")
         start = int(torch.randint(0, total - self.span + 1, (1,), generator=g))
         indices = range(start, start + self.span, self.frame_interval)
-        return read_frames(path, indices), (fps or 0.0) / self.frame_interval
+        return read_frames(path, indices), (fps or 0.0) / self.frame_interval, list(indices)
 
 
 def collate_clips(items: list[dict[str, Any]]) -> dict[str, Any]:
