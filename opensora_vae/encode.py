@@ -8,7 +8,6 @@ data and settings made the latents; DIR/index.{parquet,csv} lists every stored c
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -74,18 +73,20 @@ def unit_bucket(path: str, bucket: Bucket) -> Bucket:
     return (1, bucket[1], bucket[2]) if is_image_path(path) else bucket
 
 
-def clip_dataset(base, num_frames: int, size: Tuple[int, int]):
-    """`base` reading clips of `num_frames` at `size`; the rows (and row numbers) stay `base`'s."""
-    ds = copy.copy(base)
-    ds.num_frames, ds.image_size, ds.bad_rows = int(num_frames), tuple(size), {}
+def clip_dataset(dataset_cfg, bucket: Bucket):
+    """The configured dataset reading clips of the bucket's length and size. It is built at 1 frame and given its
+    length after, so that no row is dropped up front (num_frames column): row numbers stay the CSV's, and a
+    too-short video fails when read, as a skipped row of this bucket."""
+    ds = build_from_cfg(dataset_cfg, DATASETS, num_frames=1, image_size=tuple(bucket[1:]))
+    ds.num_frames = int(bucket[0])
     return ds
 
 
 class BucketLoader:
     """(row, bucket name) -> the dataset item of that row at that bucket (picklable, for DataLoader workers)."""
 
-    def __init__(self, base, buckets: Sequence[Bucket]):
-        self.datasets = {bucket_name(b): clip_dataset(base, b[0], b[1:]) for b in buckets}
+    def __init__(self, dataset_cfg, buckets: Sequence[Bucket]):
+        self.datasets = {bucket_name(b): clip_dataset(dataset_cfg, b) for b in buckets}
 
     def __call__(self, key: Tuple[int, str]) -> Dict[str, Any]:
         row, name = key
@@ -217,14 +218,15 @@ class EncodeReport:
     bytes_written: int = 0
     shards_written: int = 0
     stored: int = 0  # clips in the index at the end
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole job, model loading included
+    loop_seconds: float = 0.0  # reading, encoding and writing (slowest rank)
     index: Optional[str] = None
 
 
-def _sum_over_ranks(values: List[float], device: torch.device) -> List[float]:
+def _reduce(values: List[float], device: torch.device, op=dist.ReduceOp.SUM) -> List[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
     return t.tolist()
 
 
@@ -274,9 +276,7 @@ def encode_dataset(cfg, ckpt_path: Optional[str], save_dir: str, num_frames: Opt
         torch.backends.cudnn.benchmark = False
     buckets = parse_buckets(cfg.get("buckets") or [(cfg.dataset.num_frames, *cfg.dataset.image_size)],
                             num_frames, image_size)
-    # Rows are read at 1 frame so no row is dropped up front: row numbers are the CSV's (after blank paths);
-    # each bucket's copy then reads its own length, and too-short videos are listed as skipped for that bucket.
-    base = build_from_cfg(cfg.dataset, DATASETS, num_frames=1)
+    base = clip_dataset(cfg.dataset, (1, *buckets[0][1:]))  # the rows, numbered as every bucket numbers them
     paths = list(base.data["path"])
     out = Path(save_dir)
     shard_dir = out / SHARD_DIR
@@ -313,10 +313,11 @@ def encode_dataset(cfg, ckpt_path: Optional[str], save_dir: str, num_frames: Opt
 
     writer = ShardWriter(shard_dir, f"run{run:03d}-rank{info.rank:03d}", float(cfg.get("shard_size_mb", 256)) * 2**20,
                          DTYPES[save_dtype_name])
-    loader = DataLoader(RowReader(BucketLoader(base, all_buckets), mine), batch_size=None,
+    loader = DataLoader(RowReader(BucketLoader(cfg.dataset, all_buckets), mine), batch_size=None,
                         num_workers=int(cfg.get("num_workers", 0)))
     skipped: Dict[str, str] = {}
     encoded = 0
+    loop_start = time.perf_counter()
     bar = tqdm(loader, total=len(mine), desc=f"encode (rank 0 of {info.world_size})", unit="clip",
                disable=not info.is_main, smoothing=0.1)
     for entry in bar:
@@ -339,20 +340,23 @@ def encode_dataset(cfg, ckpt_path: Optional[str], save_dir: str, num_frames: Opt
         encoded += 1
     writer.flush()
     bar.close()
+    loop_seconds = time.perf_counter() - loop_start
 
     report = EncodeReport(existing=existing)
     report.skipped = report_skips(skipped, info.is_main)
     report.encoded, report.bytes_written, report.shards_written = (
-        int(v) for v in _sum_over_ranks([encoded, writer.bytes_written, writer.shards], device))
+        int(v) for v in _reduce([encoded, writer.bytes_written, writer.shards], device))
+    report.loop_seconds = _reduce([loop_seconds], device, dist.ReduceOp.MAX)[0]
     barrier()  # every shard is renamed before the index is built
     if info.is_main:
         target, report.stored = write_index(out)
         report.index = str(target)
     report.seconds = time.perf_counter() - start
     if info.is_main:
-        rate = report.encoded / report.seconds if report.seconds else 0.0
-        logger.info("encoded %d clip(s) in %.1f s (%.2f clips/s), %d already stored, %d skipped; wrote %d shard(s), "
-                    "%.1f MB; %s lists %d clip(s)", report.encoded, report.seconds, rate, report.existing,
+        rate = report.encoded / report.loop_seconds if report.loop_seconds else 0.0
+        logger.info("encoded %d clip(s) in %.1f s (%.2f clips/s; %.1f s in all), %d already stored, %d skipped; "
+                    "wrote %d shard(s), %.1f MB; %s lists %d clip(s)", report.encoded, report.loop_seconds, rate,
+                    report.seconds, report.existing,
                     len(report.skipped), report.shards_written, report.bytes_written / 1e6, target, report.stored)
     barrier()
     return report
