@@ -77,8 +77,9 @@ def main() -> None:
             bare_rate = len(xs) / (time.perf_counter() - start)
     print(f"\n{args.model} model, {args.rows} rows of {args.frames}x{args.size}x{args.size}, {device}, "
           f"{str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads, num_workers={args.num_workers}")
-    print(f"job:  {job_rate:.2f} clips/s ({report.encoded} clips, {report.bytes_written / 1e6:.2f} MB written)")
-    print(f"bare: {bare_rate:.2f} clips/s (encode_posterior on preloaded clips)")
+    print(f"job:  {job_rate:.3g} clips/s, {1 / job_rate:.2f} s/clip ({report.encoded} clips, "
+          f"{report.bytes_written / 1e6:.2f} MB written)")
+    print(f"bare: {bare_rate:.3g} clips/s, {1 / bare_rate:.2f} s/clip (encode_posterior on preloaded clips)")
     print(f"job / bare: {job_rate / bare_rate:.2f}")
 
 

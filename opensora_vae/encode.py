@@ -355,7 +355,7 @@ def encode_dataset(cfg, ckpt_path: Optional[str], save_dir: str, num_frames: Opt
     if info.is_main:
         rate = report.encoded / report.loop_seconds if report.loop_seconds else 0.0
         logger.info("encoded %d clip(s) in %.1f s (%.2f clips/s; %.1f s in all), %d already stored, %d skipped; "
-                    "wrote %d shard(s), %.1f MB; %s lists %d clip(s)", report.encoded, report.loop_seconds, rate,
+                    "wrote %d shard(s), %.2f MB; %s lists %d clip(s)", report.encoded, report.loop_seconds, rate,
                     report.seconds, report.existing,
                     len(report.skipped), report.shards_written, report.bytes_written / 1e6, target, report.stored)
     barrier()
