@@ -20,7 +20,7 @@ from .data.samples import INSTALL_HINT, sample_clips
 from .inference import reconstruct_dataset
 from .metrics import evaluate, format_table
 from .train import Trainer
-from .train.distributed import close_distributed
+from .distributed import close_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "vae" / "tiny"

@@ -7,7 +7,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .data import VideoReadError, ensure_uint8_video, write_image, write_video
 from .registry import DATASETS, build_from_cfg, build_model, to_plain
 from .runtime import resolve_dtype
-from .train.distributed import init_distributed
+from .distributed import init_distributed
 
 logger = logging.getLogger("opensora_vae.inference")
 FOLDERS = ("ori", "rec", "spatial")
@@ -30,21 +30,39 @@ def output_names(paths: List[str]) -> List[str]:
     return [s if counts[s] == 1 else f"{s}-{i}" for i, s in enumerate(stems)]
 
 
-class _Rows(Dataset):
-    """Rows by index, bad ones reported instead of substituted (each row must give its own outputs)."""
+def rank_share(items: Sequence[Any], rank: int, world_size: int) -> List[Any]:
+    """This rank's part of `items`: every world_size-th one, from its rank."""
+    return list(items[rank::world_size])
 
-    def __init__(self, dataset, rows: List[int]):
-        self.dataset, self.rows = dataset, rows
+
+class RowReader(Dataset):
+    """Items `load(key)` for each key, bad ones reported instead of substituted (each row must give its own
+    outputs): {"row": key, "item": ...} or {"row": key, "error": reason}."""
+
+    def __init__(self, load: Callable[[Any], Dict[str, Any]], keys: Sequence[Any]):
+        self.load, self.keys = load, list(keys)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.keys)
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
-        row = self.rows[i]
+        key = self.keys[i]
         try:
-            return {"row": row, "item": self.dataset.load_row(row)}
+            return {"row": key, "item": self.load(key)}
         except VideoReadError as err:
-            return {"row": row, "error": err.reason or str(err)}
+            return {"row": key, "error": err.reason or str(err)}
+
+
+def report_skips(skipped: Dict[str, str], is_main: bool) -> Dict[str, str]:
+    """Every rank's skipped rows (name -> reason), listed once by rank 0."""
+    if dist.is_available() and dist.is_initialized():
+        parts: List[Dict[str, str]] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(parts, skipped)
+        skipped = {k: v for p in parts for k, v in p.items()}
+    if is_main and skipped:
+        logger.warning("skipped %d row(s):\n%s", len(skipped),
+                       "\n".join(f"  {p}: {r}" for p, r in sorted(skipped.items())))
+    return skipped
 
 
 @dataclass
@@ -138,7 +156,7 @@ def reconstruct_dataset(cfg, ckpt_path: Optional[str], save_dir: str, overwrite:
     def done(row: int) -> bool:
         return all(any((folders[k] / f"{names[row]}{ext}").exists() for ext in (".mp4", ".png")) for k in FOLDERS)
 
-    mine = list(rows[info.rank :: info.world_size])
+    mine = rank_share(rows, info.rank, info.world_size)
     kept = set() if overwrite else {r for r in mine if done(r)}
     report.existing = [paths[r] for r in mine if r in kept]
     todo = [r for r in mine if r not in kept]
@@ -150,7 +168,7 @@ def reconstruct_dataset(cfg, ckpt_path: Optional[str], save_dir: str, overwrite:
     crf = int(cfg.get("crf", 18))
     generator = torch.Generator(device=device).manual_seed(int(cfg.get("seed", 42)) + info.rank)
     stats = LatentStats()
-    loader = DataLoader(_Rows(dataset, todo), batch_size=None, num_workers=int(cfg.get("num_workers", 0)))
+    loader = DataLoader(RowReader(dataset.load_row, todo), batch_size=None, num_workers=int(cfg.get("num_workers", 0)))
     for entry in tqdm(loader, total=len(todo), desc="reconstruct", disable=not info.is_main):
         row = entry["row"]
         if "error" in entry:
@@ -176,16 +194,6 @@ def reconstruct_dataset(cfg, ckpt_path: Optional[str], save_dir: str, overwrite:
             target = Path(stats_path) if stats_path else base.parent / f"{base.name}_latent_stats.json"
             target.write_text(json.dumps(report.stats, indent=2))
             logger.info("latent statistics written to %s", target)
-    _gather_skips(report)
-    if info.is_main and report.skipped:
-        logger.warning("skipped %d row(s):\n%s", len(report.skipped),
-                       "\n".join(f"  {p}: {r}" for p, r in sorted(report.skipped.items())))
+    report.skipped = report_skips(report.skipped, info.is_main)
     return report
 
-
-def _gather_skips(report: InferenceReport) -> None:
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    parts: List[Dict[str, str]] = [{} for _ in range(dist.get_world_size())]
-    dist.all_gather_object(parts, report.skipped)
-    report.skipped = {k: v for p in parts for k, v in p.items()}

@@ -7,7 +7,7 @@ import argparse
 
 from opensora_vae.config import load_config, parse_cfg_options
 from opensora_vae.inference import reconstruct_dataset
-from opensora_vae.train.distributed import close_distributed
+from opensora_vae.distributed import close_distributed
 from opensora_vae.train.logging import setup_logging
 
 

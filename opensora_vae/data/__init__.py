@@ -1,4 +1,5 @@
-"""Data loading: video/image IO, clip transforms, the CSV dataset and a resumable sampler."""
+"""Data loading: video/image IO, clip transforms, the CSV dataset, a resumable sampler, stored latents."""
+from .latents import LatentDataset
 from .dataset import MIXED_STRATEGIES, VideoTextDataset, apply_mixed_strategy, collate_clips
 from .sampler import ResumableDistributedSampler
 from .transforms import center_crop, random_crop, resize, resize_crop, resize_short_side, to_model_range
@@ -18,6 +19,7 @@ from .video import (
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "LatentDataset",
     "MIXED_STRATEGIES",
     "ResumableDistributedSampler",
     "VideoInfo",

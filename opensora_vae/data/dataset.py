@@ -49,7 +49,8 @@ class VideoTextDataset(Dataset):
 
     Each item is `{"video": float32 (C, T, H, W) in [-1, 1], "index": int, "path": str, "fps": float,
     "skipped": str}` (`skipped`: newline-joined paths of bad rows passed over to reach this one),
-    plus `"text"` ("" where blank) when the CSV has that column. `index` is the row actually loaded (it
+    `"frame_indices"` (T,) (the source frames read; 0 for an image) and `"source_size"` (2,) (height, width before
+    resizing), plus `"text"` ("" where blank) when the CSV has that column. `index` is the row actually loaded (it
     differs from the requested one when a bad row was substituted) and `fps` is the clip's effective rate,
     source fps / frame_interval (0.0 for images).
 
@@ -197,6 +198,7 @@ class VideoTextDataset(Dataset):
         if is_image_path(path):
             fps = 0.0
             frames = read_image(path)
+            source_size = list(frames.shape[-2:])
             if self.crop == "center":
                 frames = center_crop_image(frames, self.image_size).float() / 255.0
             else:
@@ -204,16 +206,19 @@ class VideoTextDataset(Dataset):
                                      antialias=self.antialias)
             if self.image_frames == "repeat":
                 frames = frames.expand(self.num_frames, -1, -1, -1)
+            indices = [0] * frames.shape[0]
         else:
-            frames, fps = self._read_clip(path, row, g)
+            frames, fps, indices = self._read_clip(path, row, g)
+            source_size = list(frames.shape[-2:])
             frames = resize_crop(frames.float() / 255.0, self.image_size, crop=self.crop, generator=g,
                                  antialias=self.antialias)
-        item = {"video": to_model_range(frames), "index": idx, "path": path, "fps": fps}
+        item = {"video": to_model_range(frames), "index": idx, "path": path, "fps": fps,
+                "frame_indices": torch.tensor(indices), "source_size": torch.tensor(source_size)}
         if "text" in row.index:  # always present with the column, so default_collate sees the same keys
             item["text"] = row["text"] if isinstance(row["text"], str) else ""
         return item
 
-    def _read_clip(self, path: str, row: pd.Series, g: torch.Generator) -> tuple[torch.Tensor, float]:
+    def _read_clip(self, path: str, row: pd.Series, g: torch.Generator) -> tuple[torch.Tensor, float, list[int]]:
         total = _opt_float(row.get("num_frames"))
         fps = _opt_float(row.get("fps"))
         if total is None or fps is None:
@@ -223,7 +228,8 @@ class VideoTextDataset(Dataset):
         total = int(total)
         if total < self.span:
             raise VideoReadError(path, f"has {total} frames, a clip needs {self.span}")
-        return read_frames(path, self.clip_indices(total, g)), (fps or 0.0) / self.frame_interval
+        indices = self.clip_indices(total, g)
+        return read_frames(path, indices), (fps or 0.0) / self.frame_interval, indices
 
     def clip_indices(self, total: int, generator: torch.Generator) -> list[int]:
         """The reference's temporal window over a video of `total` frames (see the class docstring)."""

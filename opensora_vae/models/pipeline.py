@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -116,6 +116,12 @@ class VideoAutoencoderPipeline(nn.Module):
         """Video (B, 3, T, H, W) in [-1, 1] -> normalised latents (B, 4, T', H/8, W/8)."""
         z, _, _ = self._encode(x, sample_posterior, generator)
         return (z - self.shift) / self.scale
+
+    def encode_posterior(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of the latent posterior, normalised as `encode` normalises (the mean is
+        `encode(x, sample_posterior=False)` bit for bit; std / scale); the spatial VAE gives its mean."""
+        _, posterior, _ = self._encode(x, sample_posterior=False)
+        return (posterior.mean - self.shift) / self.scale, posterior.std / self.scale
 
     def decode(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
         """Normalised latents -> video with `num_frames` frames (the encoded clip's length)."""

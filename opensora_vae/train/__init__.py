@@ -1,4 +1,4 @@
-"""Training: torch.distributed set-up, checkpoints, logging and the trainer loop."""
+"""Training: checkpoints, logging and the trainer loop."""
 from .trainer import NonFiniteLossError, Trainer
 
 __all__ = ["Trainer", "NonFiniteLossError"]

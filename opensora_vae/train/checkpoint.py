@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.distributed as dist
 
-from .distributed import barrier
+from ..distributed import barrier
 
 RUNNING_STATES = "running_states.json"
 _NAME = re.compile(r"^epoch(\d+)-global_step(\d+)$")

@@ -18,7 +18,7 @@ from ..models.pretrained import load_state_dict_file
 from ..registry import DATASETS, build_from_cfg, build_model
 from ..runtime import resolve_dtype
 from . import checkpoint as ckpt
-from .distributed import any_rank, close_distributed, init_distributed, unwrap, wrap_model
+from ..distributed import any_rank, close_distributed, init_distributed, unwrap, wrap_model
 from .logging import RunLogger, setup_logging
 
 logger = logging.getLogger("opensora_vae.train")

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..runtime import resolve_device
+from .runtime import resolve_device
 
 
 @dataclass

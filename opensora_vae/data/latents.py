@@ -1,0 +1,122 @@
+"""Latents written by the encode job (opensora_vae.encode): the folder's format and a Dataset over it."""
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from .dataset import _generator
+
+__all__ = ["LatentDataset", "index_path", "read_index", "read_meta", "read_shard_records"]
+
+META_NAME = "meta.json"
+SHARD_DIR = "shards"
+INDEX_COLUMNS = ("row", "bucket", "key", "shard", "num_frames", "height", "width", "latent_shape", "path", "text",
+                 "fps", "frame_indices", "source_height", "source_width")
+_JSON_COLUMNS = ("frame_indices", "latent_shape")
+
+
+def read_meta(root) -> Dict[str, Any]:
+    path = Path(root) / META_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {root} is not a latent folder written by encode_latents.py")
+    return json.loads(path.read_text())
+
+
+def read_shard_records(path) -> List[Dict[str, Any]]:
+    """The clip records a shard's header lists (its tensors are not read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta.get("clips", "[]"))
+
+
+def index_path(root) -> Path:
+    """index.parquet when the job wrote one (pyarrow installed), else index.csv."""
+    parquet = Path(root) / "index.parquet"
+    return parquet if parquet.is_file() else Path(root) / "index.csv"
+
+
+def read_index(root) -> pd.DataFrame:
+    path = index_path(root)
+    if not path.is_file():
+        raise FileNotFoundError(f"no index in {root}: the encode job has not finished (rerun it to complete)")
+    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, keep_default_na=False)
+    for col in _JSON_COLUMNS:
+        df[col] = df[col].map(json.loads)
+    return df
+
+
+class LatentDataset(Dataset):
+    """The clips stored in an encode job's folder, in index order (row, bucket).
+
+    Each item: `latent` (C, T', H', W'), the posterior mean, or with `sample=True` mean + std * noise drawn
+    from a generator seeded by (seed, epoch, index), so items are identical across workers and resumes; `mean`,
+    `std`; `text`, `path`, `row`, `bucket`, `num_frames` (pixel frames: `decode(latent[None], num_frames)`),
+    `height`, `width`, `fps`, `frame_indices`, `source_size` (height, width of the source) and `index`.
+    Latents are in the normalised space that `encode` returns (meta.json's shift/scale already applied).
+
+    Buckets give different shapes: pass `buckets=["17x256x256"]` (or batch with a bucket-aware sampler) to
+    batch with the default collate. Shard files are opened lazily per process (DataLoader workers included).
+    """
+
+    def __init__(self, root, sample: bool = False, seed: int = 0, buckets: Optional[Sequence[str]] = None,
+                 max_open_shards: int = 16):
+        self.root = Path(root)
+        self.meta = read_meta(root)
+        index = read_index(root)
+        if buckets is not None:
+            index = index[index["bucket"].isin(list(buckets))].reset_index(drop=True)
+        self.index = index
+        self.sample, self.seed, self.epoch = bool(sample), int(seed), 0
+        self.max_open_shards = max(1, int(max_open_shards))
+        self._files: "OrderedDict[str, Any]" = OrderedDict()
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_files"] = OrderedDict()  # open files do not travel to worker processes
+        return state
+
+    def _shard(self, name: str):
+        from safetensors import safe_open
+
+        if self._pid != os.getpid():  # a forked worker: handles opened by the parent are not ours
+            self._files, self._pid = OrderedDict(), os.getpid()
+        if name in self._files:
+            self._files.move_to_end(name)
+            return self._files[name]
+        while len(self._files) >= self.max_open_shards:
+            self._files.popitem(last=False)
+        handle = safe_open(str(self.root / SHARD_DIR / name), framework="pt")
+        self._files[name] = handle
+        return handle
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        r = self.index.iloc[int(index)]
+        shard = self._shard(r["shard"])
+        mean, std = shard.get_tensor(f"{r['key']}/mean"), shard.get_tensor(f"{r['key']}/std")
+        latent = mean
+        if self.sample:
+            noise = torch.randn(mean.shape, generator=_generator(self.seed, self.epoch, int(index)))
+            latent = mean + std * noise.to(mean.dtype)
+        return {
+            "latent": latent, "mean": mean, "std": std, "text": str(r["text"]), "path": str(r["path"]),
+            "row": int(r["row"]), "bucket": str(r["bucket"]), "num_frames": int(r["num_frames"]),
+            "height": int(r["height"]), "width": int(r["width"]), "fps": float(r["fps"]),
+            "frame_indices": torch.tensor(list(r["frame_indices"])),
+            "source_size": torch.tensor([int(r["source_height"]), int(r["source_width"])]), "index": int(index),
+        }

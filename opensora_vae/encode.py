@@ -1,0 +1,371 @@
+"""Encode the clips of a CSV once into latent shards for diffusion training (scripts/encode_latents.py).
+
+DIR/shards/run{R}-rank{K}-{S}.safetensors hold, per (row, bucket), the posterior mean and std in the normalised
+latent space (what `encode` returns), and in their metadata the row's fields: each shard describes itself, so a
+restart finds what is stored by reading shard headers, and the index is rebuilt from them. Shards are written
+under a temporary name and renamed; a kill loses at most the shard in the making. DIR/meta.json says which model,
+data and settings made the latents; DIR/index.{parquet,csv} lists every stored clip.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from . import __version__
+from .data import is_image_path
+from .data.latents import INDEX_COLUMNS, META_NAME, SHARD_DIR, read_meta, read_shard_records
+from .distributed import barrier, init_distributed
+from .inference import RowReader, load_model, rank_share, report_skips
+from .registry import DATASETS, build_from_cfg, to_plain
+from .runtime import DTYPES, resolve_dtype
+
+logger = logging.getLogger("opensora_vae.encode")
+
+# Tests set this to kill a rank (SIGKILL) right after it has renamed its N-th shard.
+KILL_AFTER_SHARDS_ENV = "OPENSORA_VAE_ENCODE_KILL_AFTER_SHARDS"
+# What must match for a restart to add to an existing DIR.
+RESUME_KEYS = ("checkpoint", "model", "data_path", "csv_sha256", "sample_posterior", "dtype", "save_dtype",
+               "frame_interval", "crop", "seed")
+
+Bucket = Tuple[int, int, int]  # (num_frames, height, width)
+
+
+def bucket_name(bucket: Bucket) -> str:
+    return "x".join(str(int(v)) for v in bucket)
+
+
+def parse_buckets(buckets: Sequence[Sequence[int]], num_frames: Optional[int] = None,
+                  image_size: Optional[Sequence[int]] = None) -> List[Bucket]:
+    """The config's (num_frames, height, width) buckets, with --num-frames / --image-size replacing those fields
+    in each; duplicates dropped, order kept."""
+    out: List[Bucket] = []
+    for b in buckets:
+        if len(b) != 3:
+            raise ValueError(f"a bucket is (num_frames, height, width), got {tuple(b)}")
+        t, h, w = (int(v) for v in b)
+        if num_frames:
+            t = int(num_frames)
+        if image_size:
+            h, w = (int(v) for v in image_size)
+        if min(t, h, w) < 1:
+            raise ValueError(f"bucket sizes must be positive, got {(t, h, w)}")
+        if (t, h, w) not in out:
+            out.append((t, h, w))
+    if not out:
+        raise ValueError("no buckets: set buckets=[(num_frames, height, width), ...] in the config")
+    return out
+
+
+def unit_bucket(path: str, bucket: Bucket) -> Bucket:
+    """Images are 1-frame clips at the bucket's size (so buckets differing only in length share them)."""
+    return (1, bucket[1], bucket[2]) if is_image_path(path) else bucket
+
+
+def clip_dataset(dataset_cfg, bucket: Bucket):
+    """The configured dataset reading clips of the bucket's length and size. It is built at 1 frame and given its
+    length after, so that no row is dropped up front (num_frames column): row numbers stay the CSV's, and a
+    too-short video fails when read, as a skipped row of this bucket. Images stay 1-frame clips."""
+    ds = build_from_cfg(dataset_cfg, DATASETS, num_frames=1, image_size=tuple(bucket[1:]), image_frames="single")
+    ds.num_frames = int(bucket[0])
+    return ds
+
+
+class BucketLoader:
+    """(row, bucket name) -> the dataset item of that row at that bucket (picklable, for DataLoader workers)."""
+
+    def __init__(self, dataset_cfg, buckets: Sequence[Bucket]):
+        self.datasets = {bucket_name(b): clip_dataset(dataset_cfg, b) for b in buckets}
+
+    def __call__(self, key: Tuple[int, str]) -> Dict[str, Any]:
+        row, name = key
+        return self.datasets[name].load_row(int(row))
+
+
+# ---------------------------------------------------------------------------------------------------- shards
+
+
+def clip_key(row: int, name: str) -> str:
+    return f"{int(row)}/{name}"
+
+
+def stored_shards(save_dir: Path) -> List[Path]:
+    return sorted((save_dir / SHARD_DIR).glob("*.safetensors"))
+
+
+class ShardWriter:
+    """Buffers clips and writes a shard (tmp name, then rename) once the buffer holds `max_bytes`."""
+
+    def __init__(self, folder: Path, prefix: str, max_bytes: int, save_dtype: torch.dtype):
+        self.folder, self.prefix, self.max_bytes, self.save_dtype = folder, prefix, max(1, int(max_bytes)), save_dtype
+        self.tensors: Dict[str, torch.Tensor] = {}
+        self.records: List[Dict[str, Any]] = []
+        self.size = 0
+        self.shards = 0
+        self.bytes_written = 0
+        self.kill_after = int(os.environ.get(KILL_AFTER_SHARDS_ENV, 0) or 0)
+
+    def add(self, record: Dict[str, Any], mean: torch.Tensor, std: torch.Tensor) -> None:
+        key = record["key"]
+        for name, t in (("mean", mean), ("std", std)):
+            t = t.detach().to("cpu", self.save_dtype).contiguous()
+            self.tensors[f"{key}/{name}"] = t
+            self.size += t.numel() * t.element_size()
+        self.records.append(record)
+        if self.size >= self.max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.records:
+            return
+        from safetensors.torch import save_file
+
+        name = f"{self.prefix}-{self.shards:06d}.safetensors"
+        for r in self.records:
+            r["shard"] = name
+        tmp = self.folder / (name + ".tmp")
+        save_file(self.tensors, str(tmp), metadata={"clips": json.dumps(self.records)})
+        os.replace(tmp, self.folder / name)
+        self.bytes_written += (self.folder / name).stat().st_size
+        self.shards += 1
+        self.tensors, self.records, self.size = {}, [], 0
+        if self.kill_after and self.shards >= self.kill_after:
+            import signal
+
+            logger.warning("%s=%d: killing this rank", KILL_AFTER_SHARDS_ENV, self.kill_after)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------------- meta, index
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _check_meta(save_dir: Path, meta: Dict[str, Any]) -> None:
+    """meta.json from an earlier run must describe the same job, or its latents would be mixed with others."""
+    old = read_meta(save_dir)
+    diff = [k for k in RESUME_KEYS if json.dumps(old.get(k), sort_keys=True) != json.dumps(meta.get(k), sort_keys=True)]
+    if diff:
+        raise ValueError(f"{save_dir} holds latents of another job ({', '.join(diff)} differ); "
+                         f"use a new --save-dir. Stored: {({k: old.get(k) for k in diff})}")
+
+
+def _has_pyarrow() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("pyarrow") is not None
+
+
+def write_index(save_dir: Path) -> Tuple[Path, int]:
+    """One index over every shard (any run, any rank), ordered by (row, bucket); a clip stored twice (two jobs
+    writing one folder at once) is listed once, from the first shard."""
+    records, seen = [], set()
+    for shard in stored_shards(save_dir):
+        for r in read_shard_records(shard):
+            if r["key"] in seen:
+                logger.warning("%s also in %s: listed once", r["key"], shard.name)
+                continue
+            seen.add(r["key"])
+            records.append(r)
+    df = pd.DataFrame.from_records(records, columns=list(INDEX_COLUMNS))
+    df = df.sort_values(["row", "bucket"], kind="stable").reset_index(drop=True)
+    for col in ("frame_indices", "latent_shape"):
+        df[col] = df[col].map(json.dumps)
+    if _has_pyarrow():
+        target, other = save_dir / "index.parquet", save_dir / "index.csv"
+        tmp = target.with_name(target.name + ".tmp")
+        df.to_parquet(tmp, index=False)
+    else:
+        target, other = save_dir / "index.csv", save_dir / "index.parquet"
+        tmp = target.with_name(target.name + ".tmp")
+        df.to_csv(tmp, index=False)
+    os.replace(tmp, target)
+    other.unlink(missing_ok=True)  # an older index in the other format would be stale
+    return target, len(df)
+
+
+# ---------------------------------------------------------------------------------------------------- the job
+
+
+@dataclass
+class EncodeReport:
+    encoded: int = 0  # clips (row x bucket) encoded by this run, all ranks
+    existing: int = 0  # clips found stored by earlier runs
+    skipped: Dict[str, str] = field(default_factory=dict)  # "path [bucket]" -> reason
+    bytes_written: int = 0
+    shards_written: int = 0
+    stored: int = 0  # clips in the index at the end
+    seconds: float = 0.0  # the whole job, model loading included
+    loop_seconds: float = 0.0  # reading, encoding and writing (slowest rank)
+    index: Optional[str] = None
+
+
+def _reduce(values: List[float], device: torch.device, op=dist.ReduceOp.SUM) -> List[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def _job_meta(cfg, ckpt_path: Optional[str], dataset, buckets: List[Bucket], dtype: torch.dtype,
+              save_dtype_name: str, model) -> Dict[str, Any]:
+    model_cfg = to_plain(cfg.model)
+    if ckpt_path:
+        model_cfg["from_pretrained"] = str(ckpt_path)
+    return {
+        "checkpoint": model_cfg.get("from_pretrained"),
+        "model": model_cfg,  # load_model(meta["model"], None) rebuilds the encoder
+        "model_config": to_plain(getattr(model, "config", None)),
+        "shift": model.shift.flatten().tolist(),
+        "scale": model.scale.flatten().tolist(),
+        "data_path": dataset.data_path,
+        "num_rows": len(dataset),
+        "csv_sha256": _sha256(dataset.data_path),
+        "buckets": [list(b) for b in buckets],
+        "frame_interval": dataset.frame_interval,
+        "crop": dataset.crop,
+        "seed": dataset.seed,
+        "sample_posterior": False,
+        "dtype": str(dtype).replace("torch.", ""),
+        "save_dtype": save_dtype_name,
+        "latent_space": "normalised: mean = (posterior mean - shift) / scale, std = posterior std / scale",
+        "package_version": __version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def encode_dataset(cfg, ckpt_path: Optional[str], save_dir: str, num_frames: Optional[int] = None,
+                   image_size: Optional[Sequence[int]] = None) -> EncodeReport:
+    """Encode every (row, bucket) of the CSV not yet stored in `save_dir`; ranks split what is left.
+    `num_frames` / `image_size` replace those fields of every configured bucket."""
+    start = time.perf_counter()
+    info = init_distributed(cfg.get("device", "auto"))
+    device = info.device
+    dtype = resolve_dtype(cfg.get("dtype", "auto"), device)
+    save_dtype_name = str(cfg.get("save_dtype", "fp32"))
+    if save_dtype_name not in DTYPES:
+        raise ValueError(f"unknown save_dtype {save_dtype_name!r}; choose from {', '.join(sorted(DTYPES))}")
+    if cfg.get("sample_posterior", False):
+        raise ValueError("the encode job stores the posterior mean and std; sample from them when reading "
+                         "(LatentDataset(..., sample=True)), not when encoding")
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = True  # two runs must give identical latents
+        torch.backends.cudnn.benchmark = False
+    buckets = parse_buckets(cfg.get("buckets") or [(cfg.dataset.num_frames, *cfg.dataset.image_size)],
+                            num_frames, image_size)
+    base = clip_dataset(cfg.dataset, (1, *buckets[0][1:]))  # the rows, numbered as every bucket numbers them
+    paths = list(base.data["path"])
+    out = Path(save_dir)
+    shard_dir = out / SHARD_DIR
+
+    model = load_model(cfg.model, ckpt_path).to(device=device, dtype=dtype).eval()
+    meta = _job_meta(cfg, ckpt_path, base, buckets, dtype, save_dtype_name, model)
+    if info.is_main:
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        for tmp in shard_dir.glob("*.tmp"):  # shards a killed run was writing
+            tmp.unlink()
+        if not (out / META_NAME).is_file():
+            _write_atomic(out / META_NAME, json.dumps(meta, indent=2))
+    barrier()
+    _check_meta(out, meta)
+    if info.is_main:  # new buckets join the folder's list
+        stored_meta = read_meta(out)
+        if stored_meta["buckets"] != meta["buckets"]:
+            stored_meta["buckets"] += [b for b in meta["buckets"] if b not in stored_meta["buckets"]]
+            _write_atomic(out / META_NAME, json.dumps(stored_meta, indent=2))
+
+    shards = stored_shards(out)
+    stored = {r["key"] for s in shards for r in read_shard_records(s)}
+    run = 1 + max((int(s.name.split("-")[0][3:]) for s in shards), default=-1)
+    barrier()  # every rank has listed the shards before any rank writes one
+    keys = [(row, bucket_name(b)) for row, path in enumerate(paths)
+            for b in dict.fromkeys(unit_bucket(path, b) for b in buckets)]
+    units = [k for k in keys if clip_key(*k) not in stored]
+    existing = len(keys) - len(units)
+    all_buckets = sorted({unit_bucket(p, b) for p in paths for b in buckets})
+    mine = rank_share(units, info.rank, info.world_size)
+    if info.is_main:
+        logger.info("%d clip(s) to encode (%d row(s) x %d bucket(s), %d already stored) on %d rank(s)",
+                    len(units), len(paths), len(buckets), existing, info.world_size)
+
+    writer = ShardWriter(shard_dir, f"run{run:03d}-rank{info.rank:03d}", float(cfg.get("shard_size_mb", 256)) * 2**20,
+                         DTYPES[save_dtype_name])
+    loader = DataLoader(RowReader(BucketLoader(cfg.dataset, all_buckets), mine), batch_size=None,
+                        num_workers=int(cfg.get("num_workers", 0)))
+    skipped: Dict[str, str] = {}
+    encoded = 0
+    loop_start = time.perf_counter()
+    bar = tqdm(loader, total=len(mine), desc=f"encode (rank 0 of {info.world_size})", unit="clip",
+               disable=not info.is_main, smoothing=0.1)
+    for entry in bar:
+        row, name = entry["row"]
+        if "error" in entry:
+            skipped[f"{paths[row]} [{name}]"] = entry["error"]
+            logger.warning("skipping %s [%s]: %s", paths[row], name, entry["error"])
+            continue
+        item = entry["item"]
+        x = item["video"][None].to(device=device, dtype=dtype)
+        with torch.inference_mode():
+            mean, std = model.encode_posterior(x)
+        t, h, w = (int(v) for v in name.split("x"))
+        writer.add({
+            "key": clip_key(row, name), "row": int(row), "bucket": name, "num_frames": t, "height": h, "width": w,
+            "latent_shape": list(mean.shape[1:]), "path": paths[row], "text": str(item.get("text", "")),
+            "fps": float(item["fps"]), "frame_indices": [int(i) for i in item["frame_indices"]],
+            "source_height": int(item["source_size"][0]), "source_width": int(item["source_size"][1]),
+        }, mean[0], std[0])
+        encoded += 1
+    writer.flush()
+    bar.close()
+    loop_seconds = time.perf_counter() - loop_start
+
+    report = EncodeReport(existing=existing)
+    report.skipped = report_skips(skipped, info.is_main)
+    report.encoded, report.bytes_written, report.shards_written = (
+        int(v) for v in _reduce([encoded, writer.bytes_written, writer.shards], device))
+    report.loop_seconds = _reduce([loop_seconds], device, dist.ReduceOp.MAX)[0]
+    barrier()  # every shard is renamed before the index is built
+    if info.is_main:
+        target, report.stored = write_index(out)
+        report.index = str(target)
+    report.seconds = time.perf_counter() - start
+    if info.is_main:
+        rate = report.encoded / report.loop_seconds if report.loop_seconds else 0.0
+        logger.info("encoded %d clip(s) in %.1f s (%.2f clips/s; %.1f s in all), %d already stored, %d skipped; "
+                    "wrote %d shard(s), %.2f MB; %s lists %d clip(s)", report.encoded, report.loop_seconds, rate,
+                    report.seconds, report.existing,
+                    len(report.skipped), report.shards_written, report.bytes_written / 1e6, target, report.stored)
+    barrier()
+    return report
+
+
+def load_latent_model(save_dir, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
+    """The model that wrote `save_dir` (from meta.json), in eval mode: `decode(latent, num_frames)` of a stored
+    mean gives its reconstruction."""
+    meta = read_meta(save_dir)
+    model = load_model(meta["model"], None)
+    dtype = dtype or DTYPES.get(meta["dtype"], torch.float32)
+    return model.to(device=device or "cpu", dtype=dtype).eval()
