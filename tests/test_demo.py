@@ -87,10 +87,10 @@ def test_rerun_skips_finished_stages_and_force_redoes_them(finished, tmp_path, s
     out = _copy(finished, tmp_path)
     before = _records(out)
     assert cli.main(["--out", str(out), *ARGS]) == 0
-    assert capsys.readouterr().out.count("already trained") == len(STAGES)
+    assert capsys.readouterr().out.count("already done") == len(STAGES)
     assert _records(out) == before
     assert cli.main(["--out", str(out), "--force", *ARGS]) == 0
-    assert "already trained" not in capsys.readouterr().out
+    assert "already done" not in capsys.readouterr().out
     after = _records(out)
     assert all(after[s]["seconds"] != before[s]["seconds"] for s in STAGES)
 

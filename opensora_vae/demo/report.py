@@ -108,7 +108,8 @@ def _table(scores: Dict[str, dict], published: Optional[dict], notes: Dict[str, 
     """(header, rows) of the metrics table: stages as rows; per split PSNR, SSIM, LPIPS, FloLPIPS of the full
     pipeline (stage 0: the spatial VAE alone), and the spatial VAE alone's held-out PSNR."""
     metrics = [("psnr", "PSNR dB"), ("ssim", "SSIM"), ("lpips", "LPIPS"), ("flolpips", "FloLPIPS")]
-    header = ["stage"] + [f"{split} {label}" for split in SPLITS for _, label in metrics] + ["held-out PSNR, spatial VAE alone"]
+    header = (["stage"] + [f"{split} {label}" for split in SPLITS for _, label in metrics]
+              + ["held-out PSNR dB, spatial VAE alone"])
     rows = []
     entries = [(s, scores[s]) for s in STAGES if s in scores]
     if published is not None:
@@ -176,13 +177,15 @@ img{max-width:100%;height:auto;display:block;margin:.5em 0}pre{white-space:pre-w
 background:#f7f7f7;padding:.6em;font-size:13px}.na{color:#999}"""
 
 
-def _html_table(header: List[str], rows: List[List[str]], short_notes: Dict[str, str]) -> str:
+def _html_table(header: List[str], rows: List[List[str]], groups: Optional[List[tuple]] = None) -> str:
+    """groups: (title, number of columns) spanning the header's columns, as a first header row."""
     def cell(c: str) -> str:
         return f"<td class='na'>{html.escape(c)}</td>" if c == "unavailable" else f"<td>{html.escape(c)}</td>"
 
+    top = "".join(f"<th colspan='{n}'>{html.escape(t)}</th>" for t, n in groups) if groups else ""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(cell(c) for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{f'<tr>{top}</tr>' if top else ''}<tr>{head}</tr>{body}</table>"
 
 
 def _write_html(out, intro, data_text, header, rows, timing_header, timing_rows, notes, short_notes, pretrained,
@@ -192,7 +195,10 @@ def _write_html(out, intro, data_text, header, rows, timing_header, timing_rows,
              f"<p>{intro}</p><p>{data_text}</p>", "<h2>Reconstruction quality</h2>",
              "<p>Rows are the model after each stage (<code>stage0</code>: the spatial VAE alone, the part it trains;"
              " the others: the full pipeline, spatial then temporal VAE). Higher PSNR and SSIM are better.</p>",
-             _html_table(header, rows, short_notes)]
+             _html_table([h.split(" ", 1)[-1] if h.startswith(SPLITS) else h for h in header[:-1]]
+                         + ["held-out PSNR dB"], rows,
+                         [("", 1), ("train clips (full pipeline)", 4), ("held-out clip (full pipeline)", 4),
+                          ("spatial VAE alone", 1)])]
     if pretrained:
         parts.append(f"<p><code>pretrained</code>: the published weights <code>{html.escape(pretrained)}</code> on "
                      f"the original clips at {pretrained_size}x{pretrained_size}.</p>")
@@ -202,7 +208,7 @@ def _write_html(out, intro, data_text, header, rows, timing_header, timing_rows,
               f"<p>{html.escape(HELD_OUT)}, {GRID_COLUMNS} frames evenly spaced over the scored clip.</p>",
               "<img src='frames.png' alt='held-out frames: original, spatial VAE only, full pipeline'>",
               "<h2>Training losses</h2><img src='loss.png' alt='loss curves per stage'>",
-              "<h2>Time</h2>", _html_table(timing_header, timing_rows, {}),
+              "<h2>Time</h2>", _html_table(timing_header, timing_rows),
               "<p>Seconds of wall time per stage (start-up included) and the median seconds per training step.</p>"]
     if notes:
         parts += ["<h2>Enabling LPIPS and FloLPIPS</h2>", f"<pre>{html.escape(instructions(notes))}</pre>"]

@@ -119,11 +119,12 @@ class StageRunner:
         """The stage's record {checkpoint, seconds, steps, sec_per_step}, training it unless already done."""
         folder = self.folder(stage)
         record = _read_json(folder / "trained.json")
-        fresh = (record is not None and record.get("signature") == self._signature(stage)
+        signature = self._signature(stage)  # before training: the config may be edited meanwhile
+        fresh = (record is not None and record.get("signature") == signature
                  and record.get("previous") == self._relative(previous)
                  and (self.out / record["checkpoint"]).is_dir())
         if fresh and not self.redo_rest:
-            say(f"{stage}: already trained ({record['steps']} steps, {record['seconds']:.0f} s), skipped "
+            say(f"{stage}: already done ({record['steps']} steps, {record['seconds']:.0f} s), skipped "
                 f"(--force redoes it)")
             return record
         self.redo_rest = True
@@ -142,7 +143,7 @@ class StageRunner:
         record = {"stage": stage, "checkpoint": self._relative(checkpoint), "previous": self._relative(previous),
                   "seconds": seconds, "steps": len(rows),
                   "sec_per_step": statistics.median(per_step) if per_step else None,
-                  "ranks": self.settings.nproc if stage != "init" else 0, "signature": self._signature(stage)}
+                  "ranks": self.settings.nproc if stage != "init" else 0, "signature": signature}
         _write_json(folder / "trained.json", record)
         return record
 
