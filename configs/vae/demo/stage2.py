@@ -14,5 +14,5 @@ allow_missing_lpips = True
 tensorboard = False
 epochs = 100000
 ckpt_every = 0
-lr = 1e-4
+lr = 1e-5  # the published rate: a faster one lets the z-rec loss wear down the spatial encoder
 max_steps = 30
