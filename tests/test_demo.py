@@ -142,3 +142,26 @@ def test_stage_through_torchrun_with_two_ranks(finished, tmp_path, sources):
     assert record["ranks"] == 2 and record["steps"] == 1
     assert (out / "stages" / "stage0" / "command.txt").read_text().count("--nproc_per_node=2") == 1
     assert (runner.checkpoint(record) / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2", "stage3"])
+def test_demo_stages_keep_the_published_recipe(stage):
+    from opensora_vae.config import load_config
+
+    demo, published = (load_config(stages.ROOT / "configs" / "vae" / d / f"{stage}.py") for d in ("demo", "train"))
+    keys = ("use_real_rec_loss", "use_z_rec_loss", "use_image_identity_loss", "mixed_strategy", "mixed_image_ratio",
+            "kl_loss_weight", "perceptual_loss_weight", "sample_posterior", "batch_size", "grad_clip")
+    assert {k: demo.get(k) for k in keys} == {k: published.get(k) for k in keys}
+    assert demo.model.freeze_vae_2d == published.model.freeze_vae_2d
+    assert demo.model.micro_frame_size == published.model.micro_frame_size
+    assert demo.dataset.num_frames == published.dataset.num_frames
+    assert not demo.get("train_spatial_only", False)
+
+
+def test_demo_stage0_fits_the_spatial_vae_with_the_pixel_losses():
+    from opensora_vae.config import load_config
+
+    cfg = load_config(stages.CONFIGS / "stage0.py")
+    assert cfg.train_spatial_only and cfg.use_real_rec_loss and not cfg.use_z_rec_loss
+    assert cfg.dataset.num_frames == 1 and cfg.model.freeze_vae_2d is False
+    assert cfg.model.vae_2d.config.block_out_channels == [16, 32, 64]  # 4x per side
