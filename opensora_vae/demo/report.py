@@ -11,7 +11,7 @@ import torch
 
 from ..data import read_video
 from .data import HELD_OUT
-from .stages import DESCRIPTIONS, SPLITS, STAGES, TRAIN_STAGES
+from .stages import SPLITS, STAGES, TRAIN_STAGES
 
 # Loss terms plotted per stage (the ones that stage optimises; l1 is the mean absolute pixel error in [-1, 1]).
 CURVES = {"stage0": ("l1",), "stage1": ("z_rec_nll", "identity_nll"), "stage2": ("z_rec_nll",),

@@ -17,7 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -58,7 +58,6 @@ class Settings:
     nproc: int = 2
     launcher: str = "torchrun"  # "inprocess": one process, no torchrun (tests, debugging)
     seed: int = 42
-    extra_options: Dict[str, List[str]] = field(default_factory=dict)  # stage -> more --cfg-options
 
 
 def default_settings(nproc: int = 2) -> Settings:
@@ -111,7 +110,7 @@ class StageRunner:
     def _signature(self, stage: str) -> dict:
         s = self.settings
         return {"image_size": s.image_size, "num_frames": s.num_frames, "nproc": s.nproc, "seed": s.seed,
-                "steps": s.steps.get(stage), "extra_options": s.extra_options.get(stage, []),
+                "steps": s.steps.get(stage),
                 "config": (CONFIGS / f"{stage}.py").read_text() if stage in TRAIN_STAGES else None}
 
     # ----- training ---------------------------------------------------------------------------------------
@@ -165,7 +164,7 @@ class StageRunner:
             options.append(f"dataset.num_frames={2 * s.num_frames - 1 if stage == 'stage3' else s.num_frames}")
         if previous is not None:
             options.append(f"model.from_pretrained={previous}")
-        return options + list(s.extra_options.get(stage, []))
+        return options
 
     def _train(self, stage: str, folder: Path, previous: Optional[Path]):
         csv = self.data.frames_csv if stage == "stage0" else self.data.clips_csv
