@@ -186,6 +186,20 @@ def test_loss_mode_posterior_covers_every_chunk():
     assert model(x, decode_pixels=False).x_rec is None
 
 
+@torch.no_grad()
+def test_spatial_training_pass_is_the_spatial_vae_alone():
+    model = tiny_pipeline()
+    x = torch.rand(2, 3, 3, 8, 8) * 2 - 1
+    x_rec, x_z_rec, z, posterior, x_z = model.forward_spatial(x, sample_posterior=False)
+    x_z_plain = model.spatial_vae.encode(x, sample_posterior=False)
+    assert x_z_rec is None and torch.equal(z, x_z) and torch.allclose(x_z, x_z_plain, atol=1e-6)
+    assert torch.allclose(x_rec, model.spatial_vae.decode(x_z_plain), atol=1e-6)
+    assert posterior.mean.shape == (2, 4, 3, 4, 4)  # the spatial posterior, before scaling_factor
+    assert torch.allclose(posterior.mode() * model.spatial_vae.scaling_factor, x_z, atol=1e-6)
+    g = lambda: torch.Generator().manual_seed(0)
+    assert torch.equal(model.forward_spatial(x, generator=g()).x_z, model.spatial_vae.encode(x, generator=g()))
+
+
 def test_save_load_round_trip_is_bit_exact(tmp_path):
     model = tiny_pipeline(seed=3)
     model.save_pretrained(tmp_path / "ckpt")

@@ -141,6 +141,15 @@ class VideoAutoencoderPipeline(nn.Module):
         x_rec, x_z_rec = self._decode(z, num_frames=x_z.shape[2], decode_pixels=decode_pixels)
         return PipelineOutput(x_rec, x_z_rec, z, posterior, x_z)
 
+    def forward_spatial(
+        self, x: torch.Tensor, sample_posterior: bool = True, generator: Optional[torch.Generator] = None
+    ) -> PipelineOutput:
+        """The spatial VAE alone as a training pass (x_z_rec None, z = x_z, its own posterior): fits the spatial
+        VAE with the pixel losses where no pretrained one exists (the demo's stage 0)."""
+        posterior = self.spatial_vae.posterior(x)
+        x_z = (posterior.sample(generator) if sample_posterior else posterior.mode()) * self.spatial_vae.scaling_factor
+        return PipelineOutput(self.spatial_vae.decode(x_z), None, x_z, posterior, x_z)
+
     def get_latent_size(self, input_size: Sequence[Optional[int]]) -> list:
         """[T', H', W'] of the latents for an input of [T, H, W] (entries may be None)."""
         size = self.temporal_vae.get_latent_size(self.spatial_vae.get_latent_size(list(input_size)))

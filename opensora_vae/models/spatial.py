@@ -110,11 +110,15 @@ class VideoAutoencoderKL(nn.Module):
         self, x: torch.Tensor, sample_posterior: bool = True, generator: Optional[torch.Generator] = None
     ) -> torch.Tensor:
         """Scaled latents (B, 4, T, H/8, W/8) of a video in [-1, 1]; the posterior mean when not sampling."""
-        check_video(x, self.in_channels, self.patch_size[1])
         # Sample once over all frames so the result does not depend on micro_batch_size.
-        dist = DiagonalGaussianDistribution(self._frames(x, lambda f: self.module.encode(f).latent_dist.parameters))
+        dist = self.posterior(x)
         z = dist.sample(generator) if sample_posterior else dist.mode()
         return z * self.scaling_factor
+
+    def posterior(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
+        """The per-frame latent distribution (B, 4, T, H/8, W/8), before `scaling_factor`."""
+        check_video(x, self.in_channels, self.patch_size[1])
+        return DiagonalGaussianDistribution(self._frames(x, lambda f: self.module.encode(f).latent_dist.parameters))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         check_video(z, self.out_channels, name="latent")

@@ -31,14 +31,18 @@ class NonFiniteLossError(RuntimeError):
 class TrainStep(nn.Module):
     """Model + loss in one module, so DDP also averages logvar's gradient when it is learned."""
 
-    def __init__(self, model: nn.Module, loss: nn.Module, sample_posterior: bool = True):
+    def __init__(self, model: nn.Module, loss: nn.Module, sample_posterior: bool = True, spatial_only: bool = False):
         super().__init__()
         self.model, self.loss = model, loss
         self.sample_posterior = sample_posterior
+        self.spatial_only = spatial_only
 
     def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
-        out = self.model(x, sample_posterior=self.sample_posterior, generator=generator,
-                         decode_pixels=self.loss.use_real_rec_loss)
+        if self.spatial_only:
+            out = self.model.forward_spatial(x, sample_posterior=self.sample_posterior, generator=generator)
+        else:
+            out = self.model(x, sample_posterior=self.sample_posterior, generator=generator,
+                             decode_pixels=self.loss.use_real_rec_loss)
         return self.loss(x, out)
 
 
@@ -83,8 +87,15 @@ class Trainer:
             self.model.to(self.dtype)
         if cfg.get("grad_checkpoint", False):
             self.model.enable_gradient_checkpointing()
+        # train_spatial_only: fit the spatial VAE alone (pixel losses; the temporal VAE frozen and unused), where
+        # no pretrained spatial VAE exists (the demo's stage 0).
+        spatial_only = bool(cfg.get("train_spatial_only", False))
+        if spatial_only:
+            if not cfg.get("use_real_rec_loss", False):
+                raise ValueError("train_spatial_only needs the pixel losses: set use_real_rec_loss=True")
+            self.model.temporal_vae.requires_grad_(False)
         self.loss_fn = build_loss(cfg).to(self.device)
-        self.step_module = TrainStep(self.model, self.loss_fn, cfg.get("sample_posterior", True)).train()
+        self.step_module = TrainStep(self.model, self.loss_fn, cfg.get("sample_posterior", True), spatial_only).train()
         # The spatial decoder gets no gradient when only latents are reconstructed.
         unused = not self.loss_fn.use_real_rec_loss and any(p.requires_grad for p in self.model.spatial_vae.parameters())
         self.wrapped = wrap_model(self.step_module, self.dist, cfg.get("find_unused_parameters", unused))

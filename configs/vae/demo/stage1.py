@@ -1,0 +1,18 @@
+# Demo stage 1: the published stage 1 (spatial VAE frozen; z-rec + identity losses; 20% single frames), demo size.
+_base_ = ["../train/stage1.py", "common.py"]
+
+model = dict(vae_2d={{_base_.demo_vae_2d}}, vae_temporal={{_base_.demo_vae_temporal}})
+image_size = {{_base_.demo_image_size}}
+num_frames = {{_base_.demo_num_frames}}
+dataset = dict(crop="random", image_size=image_size, num_frames=num_frames)
+# Random crops: the cached frames keep their aspect ratio (64 x W). CPU, no downloads: fp32, data read in the
+# training process (the cache is small), LPIPS without VGG weights allowed.
+num_workers = 0
+dtype = "fp32"
+grad_checkpoint = False
+allow_missing_lpips = True
+tensorboard = False
+epochs = 100000
+ckpt_every = 0
+lr = 1e-3
+max_steps = 60

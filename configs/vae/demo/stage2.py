@@ -1,0 +1,18 @@
+# Demo stage 2: the published stage 2 (everything trains on the z-rec loss), demo size.
+_base_ = ["../train/stage2.py", "common.py"]
+
+model = dict(vae_2d={{_base_.demo_vae_2d}}, vae_temporal={{_base_.demo_vae_temporal}})
+image_size = {{_base_.demo_image_size}}
+num_frames = {{_base_.demo_num_frames}}
+dataset = dict(crop="random", image_size=image_size, num_frames=num_frames)
+# Random crops: the cached frames keep their aspect ratio (64 x W). CPU, no downloads: fp32, data read in the
+# training process (the cache is small), LPIPS without VGG weights allowed.
+num_workers = 0
+dtype = "fp32"
+grad_checkpoint = False
+allow_missing_lpips = True
+tensorboard = False
+epochs = 100000
+ckpt_every = 0
+lr = 1e-5  # the published rate: a faster one lets the z-rec loss wear down the spatial encoder
+max_steps = 30

@@ -1,0 +1,18 @@
+# Demo stage 3: the published stage 3 (pixel losses on clips of random length up to 33 frames, micro-chunks of 17),
+# demo size. Without VGG weights the perceptual term is off (a warning says so).
+_base_ = ["../train/stage3.py", "common.py"]
+
+model = dict(vae_2d={{_base_.demo_vae_2d}}, vae_temporal={{_base_.demo_vae_temporal}})
+image_size = {{_base_.demo_image_size}}
+dataset = dict(crop="random", image_size=image_size)  # clips of up to 33 frames, as published
+# Random crops: the cached frames keep their aspect ratio (64 x W). CPU, no downloads: fp32, data read in the
+# training process (the cache is small), LPIPS without VGG weights allowed.
+num_workers = 0
+dtype = "fp32"
+grad_checkpoint = False
+allow_missing_lpips = True
+tensorboard = False
+epochs = 100000
+ckpt_every = 0
+lr = 5e-4
+max_steps = 60
