@@ -23,6 +23,9 @@ model = dict(
     micro_frame_size=17,
     micro_batch_size=4,
 )
+# dict of VideoAutoencoderPipeline.enable_tiling kwargs (e.g. dict(tile_size=512, overlap=64)): any resolution in
+# bounded memory; None: untiled.
+tiling = None
 save_dir = "samples/vae_video"
 sample_posterior = False
 cal_stats = False
