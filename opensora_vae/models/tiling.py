@@ -10,16 +10,14 @@ with its own GroupNorm statistics and attends only within itself. Here:
   `overlap / 2` extra pixels on every side of its core; outputs are blended with linear weights over the inner
   half of the shared band (a partition of unity: constant content gives constant output), and the outer half,
   which saw the zero padding at the tile's edge, is dropped.
-- Every GroupNorm inside a tiled part normalises with per-frame statistics of the whole frame instead of the tile.
-  `stats` picks how they are obtained (measured trade-offs in bench/RESULTS.md):
-  "tile":    the tile's own statistics (what diffusers does; no extra cost, visible seams).
-  "prepass": statistics recorded in one pass over the frame area-downsampled to one tile (about one extra tile
-             of compute per frame; memory bounded by the tile).
-  "refine":  "prepass", then one tiled pass that records each GroupNorm's input over the tile cores (its earlier
-             layers already use whole-frame statistics) and the final pass with those: close to exact, about 2x
-             the compute.
-  Exact statistics would need every layer's whole-frame activation at once (memory that grows with the frame) or
-  one recomputation per GroupNorm (quadratic in depth); neither is offered.
+- Every GroupNorm inside a tiled part normalises with per-frame statistics of the whole frame instead of the
+  tile's. They come from `stats_passes` extra tiled passes that record each GroupNorm's input over the tile cores
+  (mean and M2 merged across tiles in float64): the first pass normalises per tile, each later one with the
+  previous pass's statistics, so they converge to the exact whole-frame ones; each pass costs one more tiled
+  forward. `stats_passes=0` is per-tile statistics (diffusers' behaviour: no extra cost, visible seams).
+  Measured alternatives (bench/RESULTS.md): statistics from one pass over the frame area-downsampled to a tile
+  cost little but are worse than per-tile ones (feature variance depends on scale). Exact statistics in one pass
+  would need every layer's whole-frame activation at once (memory that grows with the frame).
 When the frame fits in one tile the plain path runs unchanged, so results equal untiled exactly.
 """
 from __future__ import annotations
@@ -33,24 +31,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-STATS_MODES = ("tile", "prepass", "refine")
 
 
 @dataclass(frozen=True)
 class TilingConfig:
     """tile_size / overlap: pixels of the spatial VAE's frames (multiples of 16); neighbouring tiles share
-    `overlap` pixels. temporal_*: the same for the temporal VAE, in latent pixels (None: tile_size // 2 and
-    tile_size // 16, measured in bench/RESULTS.md)."""
+    `overlap` pixels. temporal_*: the same for the temporal VAE, in latent pixels (None: tile_size // 4 and
+    about tile_size // 16; the temporal VAE holds up to 512 channels x T per latent pixel)."""
 
     tile_size: int = 512
     overlap: int = 64
     temporal_tile_size: Optional[int] = None
     temporal_overlap: Optional[int] = None
-    stats: str = "prepass"
+    stats_passes: int = 1
 
     def __post_init__(self):
-        if self.stats not in STATS_MODES:
-            raise ValueError(f"stats must be one of {STATS_MODES}, got {self.stats!r}")
+        if self.stats_passes < 0:
+            raise ValueError(f"stats_passes must be >= 0, got {self.stats_passes}")
         if self.tile_size % 16 or self.overlap % 16 or self.overlap < 0:
             raise ValueError(f"tile_size and overlap must be non-negative multiples of 16 pixels, got "
                              f"tile_size={self.tile_size}, overlap={self.overlap}")
@@ -64,8 +61,8 @@ class TilingConfig:
 
     @property
     def temporal(self) -> Tuple[int, int]:
-        t = self.temporal_tile_size if self.temporal_tile_size is not None else self.tile_size // 2
-        o = self.temporal_overlap if self.temporal_overlap is not None else self.tile_size // 16
+        t = self.temporal_tile_size if self.temporal_tile_size is not None else self.tile_size // 4
+        o = self.temporal_overlap if self.temporal_overlap is not None else 2 * (self.tile_size // 32)
         return t, o
 
     def as_dict(self) -> dict:
@@ -164,22 +161,13 @@ class _NormTap:
         return {k: (mean.float(), (m2 / n).float()) for k, (n, mean, m2) in self.record.items()}
 
 
-def _downsampled(x: torch.Tensor, tile: int, align: int) -> torch.Tensor:
-    """The frame area-averaged to fit one tile (aspect kept, sides multiples of `align`)."""
-    h, w = x.shape[-2:]
-    f = tile / max(h, w)
-    size = [max(align, align * round(s * f / align)) for s in (h, w)]
-    if x.ndim == 5:
-        return F.interpolate(x, size=[x.shape[2], *size], mode="area")
-    return F.interpolate(x, size=size, mode="area")
-
-
 def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, x: torch.Tensor, tile: int, halo: int,
-              stats: str, align: int = 1, ratio: Tuple[int, int] = (1, 1),
+              stats_passes: int, align: int = 1, ratio: Tuple[int, int] = (1, 1),
               out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """fn maps (N, C, [T,] H, W) to (N, C', [T',] H * ratio, W * ratio); run it tile by tile over H/W.
 
-    module: holds every GroupNorm fn uses (they get whole-frame statistics, see the module docstring).
+    module: holds every GroupNorm fn uses. stats_passes: tiled passes that record whole-frame GroupNorm statistics
+    before the output pass (0: each tile normalises with its own statistics).
     tile, halo, align: in units of x's H/W. out: optional destination of the output's shape (written to).
     """
     h_spans, w_spans = spans(x.shape[-2], tile, halo, align), spans(x.shape[-1], tile, halo, align)
@@ -188,11 +176,7 @@ def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, x: 
         return y if out is None else out.copy_(y)
     tap = _NormTap(module)
     with tap.active():
-        if stats in ("prepass", "refine"):
-            tap.record = {}
-            fn(_downsampled(x, tile, align))
-            tap.use, tap.record = tap.statistics(), None
-        if stats == "refine":
+        for _ in range(stats_passes):  # each records the GroupNorm inputs over the tile cores
             tap.record = {}
             for hs in h_spans:
                 for ws in w_spans:
@@ -229,7 +213,7 @@ def autoencoderkl_encode(vae, x: torch.Tensor, cfg: TilingConfig) -> torch.Tenso
         return v
 
     factor = 2 ** (len(enc.down_blocks) - 1)
-    h = run_tiled(down, enc, x, cfg.tile_size, cfg.overlap // 2, cfg.stats, align=factor, ratio=(1, factor))
+    h = run_tiled(down, enc, x, cfg.tile_size, cfg.overlap // 2, cfg.stats_passes, align=factor, ratio=(1, factor))
     h = enc.conv_out(enc.conv_act(enc.conv_norm_out(enc.mid_block(h))))
     return vae.quant_conv(h) if vae.quant_conv is not None else h
 
@@ -247,11 +231,11 @@ def autoencoderkl_decode(vae, z: torch.Tensor, cfg: TilingConfig, out: Optional[
         return dec.conv_out(dec.conv_act(dec.conv_norm_out(v)))
 
     factor = 2 ** (len(dec.up_blocks) - 1)
-    return run_tiled(up, dec, h, cfg.tile_size // factor, cfg.overlap // 2 // factor, cfg.stats,
+    return run_tiled(up, dec, h, cfg.tile_size // factor, cfg.overlap // 2 // factor, cfg.stats_passes,
                      ratio=(factor, 1), out=out)
 
 
 def temporal_tiled(fn, module: nn.Module, x: torch.Tensor, cfg: TilingConfig) -> torch.Tensor:
     """A temporal VAE part (same H/W in and out) tiled over H/W; its GroupNorms span (C_group, T, H, W)."""
     tile, overlap = cfg.temporal
-    return run_tiled(fn, module, x, tile, overlap // 2, cfg.stats)
+    return run_tiled(fn, module, x, tile, overlap // 2, cfg.stats_passes)
