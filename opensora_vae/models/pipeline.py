@@ -145,11 +145,11 @@ class VideoAutoencoderPipeline(nn.Module):
         return size
 
     def enable_tiling(self, tile_size: int = 512, overlap: int = 64, temporal_tile_size: Optional[int] = None,
-                      temporal_overlap: Optional[int] = None, stats_passes: int = 1) -> None:
+                      temporal_overlap: Optional[int] = None, exact_norms: int = 1000) -> None:
         """Encode/decode any resolution in bounded memory: H/W tiles through both VAEs (opensora_vae.models.tiling;
         tile sizes in pixels, temporal_* in latent pixels). Frames within one tile give the untiled result."""
         kwargs = dict(tile_size=tile_size, overlap=overlap, temporal_tile_size=temporal_tile_size,
-                      temporal_overlap=temporal_overlap, stats_passes=stats_passes)
+                      temporal_overlap=temporal_overlap, exact_norms=exact_norms)
         self.spatial_vae.enable_tiling(**kwargs)
         self.temporal_vae.enable_tiling(**kwargs)
 

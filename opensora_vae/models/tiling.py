@@ -43,11 +43,11 @@ class TilingConfig:
     overlap: int = 64
     temporal_tile_size: Optional[int] = None
     temporal_overlap: Optional[int] = None
-    stats_passes: int = 1
+    exact_norms: int = 1000
 
     def __post_init__(self):
-        if self.stats_passes < 0:
-            raise ValueError(f"stats_passes must be >= 0, got {self.stats_passes}")
+        if self.exact_norms < 0:
+            raise ValueError(f"exact_norms must be >= 0, got {self.exact_norms}")
         if self.tile_size % 16 or self.overlap % 16 or self.overlap < 0:
             raise ValueError(f"tile_size and overlap must be non-negative multiples of 16 pixels, got "
                              f"tile_size={self.tile_size}, overlap={self.overlap}")
@@ -98,36 +98,41 @@ def _ramp(span: Span, first: bool, last: bool, halo: int, num: int, den: int, de
     return lo, hi, w
 
 
+class _Stop(Exception):
+    """Ends a statistics pass once the GroupNorm it measures has recorded."""
+
+
 class _NormTap:
-    """Swaps the forward of every GroupNorm in a module, while active, for one that can record the statistics
-    of its input over a region (the tile's core) and normalise with given statistics."""
+    """Swaps the forward of every GroupNorm in a module, while active, for one that normalises with given
+    whole-frame statistics (by call order in one forward) or, past those, with the tile's own, and that can record
+    one call's input over the tile's core."""
 
     def __init__(self, module: nn.Module):
         self.norms = [m for m in module.modules() if isinstance(m, nn.GroupNorm)]
-        self.use: Optional[Dict] = None
-        self.record: Optional[Dict] = None
+        self.use: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.measure: Optional[int] = None  # the call to record, then stop
+        self.record: Optional[list] = None
         self.core: Optional[Tuple[Span, Span]] = None
-        self.calls: Dict[int, int] = {}
+        self.seq = 0
 
     @contextmanager
     def active(self):
-        for i, m in enumerate(self.norms):
-            m.forward = lambda x, m=m, i=i: self._forward(m, i, x)
+        for m in self.norms:
+            m.forward = lambda x, m=m: self._forward(m, x)
         try:
             yield self
         finally:
             for m in self.norms:
                 del m.forward
 
-    def _forward(self, m: nn.GroupNorm, i: int, x: torch.Tensor) -> torch.Tensor:
-        k = self.calls.get(i, 0)
-        self.calls[i] = k + 1
-        key = (i, k)
-        if self.record is not None:
-            self._accumulate(key, m.num_groups, x)
-        if self.use is None:
+    def _forward(self, m: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        seq, self.seq = self.seq, self.seq + 1
+        if seq == self.measure:
+            self._accumulate(m.num_groups, x)
+            raise _Stop
+        if seq not in self.use:
             return F.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)
-        mean, var = self.use[key]
+        mean, var = self.use[seq]
         n, c = x.shape[:2]
         scale = (var + m.eps).rsqrt().repeat_interleave(c // m.num_groups, 1)
         mean = mean.repeat_interleave(c // m.num_groups, 1)
@@ -137,7 +142,7 @@ class _NormTap:
         view = (n, c) + (1,) * (x.ndim - 2)
         return torch.addcmul(shift.view(view).to(x.dtype), x, scale.view(view).to(x.dtype))
 
-    def _accumulate(self, key, groups: int, x: torch.Tensor) -> None:
+    def _accumulate(self, groups: int, x: torch.Tensor) -> None:
         if self.core is not None:  # the core of this tile at this layer's resolution
             idx = []
             for span, size in zip(self.core, x.shape[-2:]):
@@ -149,25 +154,39 @@ class _NormTap:
         mean = v.mean(-1)
         m2 = (v - mean[..., None]).square().sum(-1)
         mean, m2 = mean.double(), m2.double()
-        if key not in self.record:
-            self.record[key] = [cnt, mean, m2]
+        if self.record is None:
+            self.record = [cnt, mean, m2]
             return
-        n0, mean0, m20 = self.record[key]  # Chan et al.'s parallel update: stable for any tile order
+        n0, mean0, m20 = self.record  # Chan et al.'s parallel update: stable for any tile order
         n = n0 + cnt
         delta = mean - mean0
-        self.record[key] = [n, mean0 + delta * cnt / n, m20 + m2 + delta.square() * n0 * cnt / n]
+        self.record = [n, mean0 + delta * cnt / n, m20 + m2 + delta.square() * n0 * cnt / n]
 
-    def statistics(self) -> Dict:
-        return {k: (mean.float(), (m2 / n).float()) for k, (n, mean, m2) in self.record.items()}
+    def measure_call(self, seq: int, tiles) -> bool:
+        """Whole-frame statistics of GroupNorm call `seq` (earlier calls already exact); False if fn has fewer."""
+        self.measure, self.record = seq, None
+        for core, run in tiles:
+            self.seq, self.core = 0, core
+            try:
+                run()
+            except _Stop:
+                continue
+            break  # the forward ended before call `seq`
+        self.measure, self.core = None, None
+        if self.record is None:
+            return False
+        n, mean, m2 = self.record
+        self.use[seq] = (mean.float(), (m2 / n).float())
+        return True
 
 
 def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, x: torch.Tensor, tile: int, halo: int,
-              stats_passes: int, align: int = 1, ratio: Tuple[int, int] = (1, 1),
+              exact_norms: int, align: int = 1, ratio: Tuple[int, int] = (1, 1),
               out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """fn maps (N, C, [T,] H, W) to (N, C', [T',] H * ratio, W * ratio); run it tile by tile over H/W.
 
-    module: holds every GroupNorm fn uses. stats_passes: tiled passes that record whole-frame GroupNorm statistics
-    before the output pass (0: each tile normalises with its own statistics).
+    module: holds every GroupNorm fn uses. exact_norms: how many of fn's GroupNorm calls (in call order) get exact
+    whole-frame statistics, one truncated tiled pass each; later ones use the tile's own.
     tile, halo, align: in units of x's H/W. out: optional destination of the output's shape (written to).
     """
     h_spans, w_spans = spans(x.shape[-2], tile, halo, align), spans(x.shape[-1], tile, halo, align)
@@ -176,19 +195,17 @@ def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, x: 
         return y if out is None else out.copy_(y)
     tap = _NormTap(module)
     with tap.active():
-        for _ in range(stats_passes):  # each records the GroupNorm inputs over the tile cores
-            tap.record = {}
-            for hs in h_spans:
-                for ws in w_spans:
-                    tap.calls, tap.core = {}, (hs, ws)
-                    fn(x[..., hs.ext[0]:hs.ext[1], ws.ext[0]:ws.ext[1]])
-            tap.use, tap.record, tap.core = tap.statistics(), None, None
+        tiles = [((hs, ws), lambda hs=hs, ws=ws: fn(x[..., hs.ext[0]:hs.ext[1], ws.ext[0]:ws.ext[1]]))
+                 for hs in h_spans for ws in w_spans]
+        for seq in range(exact_norms):  # one pass per GroupNorm, each cut short once that norm has recorded
+            if not tap.measure_call(seq, tiles):
+                break
         num, den = ratio
         for i, hs in enumerate(h_spans):
             h0, h1, wh = _ramp(hs, i == 0, i == len(h_spans) - 1, halo, num, den, x.device)
             for j, ws in enumerate(w_spans):
                 w0, w1, ww = _ramp(ws, j == 0, j == len(w_spans) - 1, halo, num, den, x.device)
-                tap.calls = {}
+                tap.seq = 0
                 y = fn(x[..., hs.ext[0]:hs.ext[1], ws.ext[0]:ws.ext[1]])
                 if out is None:
                     out = y.new_zeros(*y.shape[:-2], x.shape[-2] * num // den, x.shape[-1] * num // den)
@@ -213,7 +230,7 @@ def autoencoderkl_encode(vae, x: torch.Tensor, cfg: TilingConfig) -> torch.Tenso
         return v
 
     factor = 2 ** (len(enc.down_blocks) - 1)
-    h = run_tiled(down, enc, x, cfg.tile_size, cfg.overlap // 2, cfg.stats_passes, align=factor, ratio=(1, factor))
+    h = run_tiled(down, enc, x, cfg.tile_size, cfg.overlap // 2, cfg.exact_norms, align=factor, ratio=(1, factor))
     h = enc.conv_out(enc.conv_act(enc.conv_norm_out(enc.mid_block(h))))
     return vae.quant_conv(h) if vae.quant_conv is not None else h
 
@@ -231,11 +248,11 @@ def autoencoderkl_decode(vae, z: torch.Tensor, cfg: TilingConfig, out: Optional[
         return dec.conv_out(dec.conv_act(dec.conv_norm_out(v)))
 
     factor = 2 ** (len(dec.up_blocks) - 1)
-    return run_tiled(up, dec, h, cfg.tile_size // factor, cfg.overlap // 2 // factor, cfg.stats_passes,
+    return run_tiled(up, dec, h, cfg.tile_size // factor, cfg.overlap // 2 // factor, cfg.exact_norms,
                      ratio=(factor, 1), out=out)
 
 
 def temporal_tiled(fn, module: nn.Module, x: torch.Tensor, cfg: TilingConfig) -> torch.Tensor:
     """A temporal VAE part (same H/W in and out) tiled over H/W; its GroupNorms span (C_group, T, H, W)."""
     tile, overlap = cfg.temporal
-    return run_tiled(fn, module, x, tile, overlap // 2, cfg.stats_passes)
+    return run_tiled(fn, module, x, tile, overlap // 2, cfg.exact_norms)
