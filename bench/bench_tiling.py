@@ -2,7 +2,7 @@
 or column band (where seams would show), and time relative to untiled, side by side in one run.
 
 Methods: diffusers' AutoencoderKL tiling (spatial VAE only, per-tile statistics), and this package's tiling
-with `stats_passes` 0, 1, 2 (0: per-tile GroupNorm statistics; n: n recording passes, see models/tiling.py).
+with `exact_norms` 0 (per-tile GroupNorm statistics) and all (whole-frame statistics, see models/tiling.py).
 
 python bench/bench_tiling.py                               # full-size SDXL spatial VAE, random weights
 python bench/bench_tiling.py --checkpoint DIR --frames 17  # a trained pipeline (both VAEs)
@@ -47,6 +47,8 @@ def timed(fn):
     start = time.perf_counter()
     with torch.inference_mode():
         out = fn()
+    if out.is_cuda:
+        torch.cuda.synchronize()
     return out, time.perf_counter() - start
 
 
@@ -61,25 +63,27 @@ def main(argv=None) -> None:
     p.add_argument("--overlap", type=int, default=32)
     p.add_argument("--temporal-tile-size", type=int)
     p.add_argument("--temporal-overlap", type=int)
-    p.add_argument("--passes", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--exact-norms", type=int, nargs="+", default=[0, 1000],
+                   help="values of enable_tiling(exact_norms=...) to compare (1000: all)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    x = clip(args.clip, args.frames, *args.size)
+    x = clip(args.clip, args.frames, *args.size).to(args.device)
 
     if args.checkpoint:
         from opensora_vae.models.pipeline import VideoAutoencoderPipeline
 
-        model = VideoAutoencoderPipeline.from_pretrained(args.checkpoint).eval()
+        model = VideoAutoencoderPipeline.from_pretrained(args.checkpoint).eval().to(args.device)
         spatial = model.spatial_vae
         encode = lambda: model.encode(x, sample_posterior=False)  # noqa: E731
         name = f"pipeline {args.checkpoint} (both VAEs)"
     else:
         from opensora_vae.models.spatial import VideoAutoencoderKL
 
-        model = spatial = VideoAutoencoderKL(config=None, micro_batch_size=1).eval()
+        model = spatial = VideoAutoencoderKL(config=None, micro_batch_size=1).eval().to(args.device)
         encode = lambda: model.encode(x, sample_posterior=False)  # noqa: E731
         name = "full-size SDXL AutoencoderKL, random weights (spatial VAE)"
     z, t_enc = timed(encode)
@@ -103,10 +107,10 @@ def main(argv=None) -> None:
     module.tile_latent_min_size = args.tile_size // spatial.patch_size[1]
     report("diffusers tiling")
     module.disable_tiling()
-    for n in args.passes:
-        model.enable_tiling(tile_size=args.tile_size, overlap=args.overlap, stats_passes=n,
+    for n in args.exact_norms:
+        model.enable_tiling(tile_size=args.tile_size, overlap=args.overlap, exact_norms=n,
                             temporal_tile_size=args.temporal_tile_size, temporal_overlap=args.temporal_overlap)
-        report(f"tiling stats_passes={n}")
+        report(f"tiling exact_norms={n}")
     model.disable_tiling()
 
 

@@ -145,7 +145,7 @@ class VideoAutoencoderPipeline(nn.Module):
         return size
 
     def enable_tiling(self, tile_size: int = 512, overlap: int = 64, temporal_tile_size: Optional[int] = None,
-                      temporal_overlap: Optional[int] = None, exact_norms: int = 1000) -> None:
+                      temporal_overlap: Optional[int] = None, exact_norms: Optional[int] = None) -> None:
         """Encode/decode any resolution in bounded memory: H/W tiles through both VAEs (opensora_vae.models.tiling;
         tile sizes in pixels, temporal_* in latent pixels). Frames within one tile give the untiled result."""
         kwargs = dict(tile_size=tile_size, overlap=overlap, temporal_tile_size=temporal_tile_size,

@@ -10,18 +10,21 @@ with its own GroupNorm statistics and attends only within itself. Here:
   `overlap / 2` extra pixels on every side of its core; outputs are blended with linear weights over the inner
   half of the shared band (a partition of unity: constant content gives constant output), and the outer half,
   which saw the zero padding at the tile's edge, is dropped.
-- Every GroupNorm inside a tiled part normalises with per-frame statistics of the whole frame instead of the
-  tile's. They come from `stats_passes` extra tiled passes that record each GroupNorm's input over the tile cores
-  (mean and M2 merged across tiles in float64): the first pass normalises per tile, each later one with the
-  previous pass's statistics, so they converge to the exact whole-frame ones; each pass costs one more tiled
-  forward. `stats_passes=0` is per-tile statistics (diffusers' behaviour: no extra cost, visible seams).
-  Measured alternatives (bench/RESULTS.md): statistics from one pass over the frame area-downsampled to a tile
-  cost little but are worse than per-tile ones (feature variance depends on scale). Exact statistics in one pass
+- Every GroupNorm inside a tiled part normalises with the whole frame's statistics (per frame for the spatial
+  VAE; per chunk over (C_group, T, H, W) for the temporal VAE) instead of the tile's. They are measured norm by
+  norm: pass k runs every tile up to GroupNorm k, with norms before k already exact, records its input over the
+  tile cores (mean and M2 merged across tiles in float64), and stops there. `exact_norms` caps how many norms
+  get this (None: all; later ones use the tile's statistics, 0 is diffusers' behaviour). Cost: pass k costs the
+  network up to norm k, so all norms cost about L/2 extra tiled passes for L norms; memory stays one tile.
+  Measured and dropped (bench/RESULTS.md): statistics from one pass over the frame area-downsampled to a tile
+  (feature variance depends on scale: worse than per-tile), and refinement passes that reuse a previous pass's
+  statistics for all norms at once (inconsistent across layers: they diverge). Exact statistics in one pass
   would need every layer's whole-frame activation at once (memory that grows with the frame).
 When the frame fits in one tile the plain path runs unchanged, so results equal untiled exactly.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -43,10 +46,10 @@ class TilingConfig:
     overlap: int = 64
     temporal_tile_size: Optional[int] = None
     temporal_overlap: Optional[int] = None
-    exact_norms: int = 1000
+    exact_norms: Optional[int] = None  # None: all
 
     def __post_init__(self):
-        if self.exact_norms < 0:
+        if self.exact_norms is not None and self.exact_norms < 0:
             raise ValueError(f"exact_norms must be >= 0, got {self.exact_norms}")
         if self.tile_size % 16 or self.overlap % 16 or self.overlap < 0:
             raise ValueError(f"tile_size and overlap must be non-negative multiples of 16 pixels, got "
@@ -181,12 +184,12 @@ class _NormTap:
 
 
 def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, x: torch.Tensor, tile: int, halo: int,
-              exact_norms: int, align: int = 1, ratio: Tuple[int, int] = (1, 1),
+              exact_norms: Optional[int], align: int = 1, ratio: Tuple[int, int] = (1, 1),
               out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """fn maps (N, C, [T,] H, W) to (N, C', [T',] H * ratio, W * ratio); run it tile by tile over H/W.
 
     module: holds every GroupNorm fn uses. exact_norms: how many of fn's GroupNorm calls (in call order) get exact
-    whole-frame statistics, one truncated tiled pass each; later ones use the tile's own.
+    whole-frame statistics, one truncated tiled pass each (None: all); later ones use the tile's own.
     tile, halo, align: in units of x's H/W. out: optional destination of the output's shape (written to).
     """
     h_spans, w_spans = spans(x.shape[-2], tile, halo, align), spans(x.shape[-1], tile, halo, align)
@@ -197,7 +200,8 @@ def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, x: 
     with tap.active():
         tiles = [((hs, ws), lambda hs=hs, ws=ws: fn(x[..., hs.ext[0]:hs.ext[1], ws.ext[0]:ws.ext[1]]))
                  for hs in h_spans for ws in w_spans]
-        for seq in range(exact_norms):  # one pass per GroupNorm, each cut short once that norm has recorded
+        # One pass per GroupNorm, each cut short once that norm has recorded.
+        for seq in itertools.count() if exact_norms is None else range(exact_norms):
             if not tap.measure_call(seq, tiles):
                 break
         num, den = ratio
