@@ -1,6 +1,7 @@
 """Peak memory beyond the input/output tensors: tiled decode vs resolution (issue 9 target 3, CPU part) and decode
 vs number of frames (target 4), each measurement in a fresh subprocess after a one-frame warm-up (peak RSS
-sampled every 2 ms with large blocks mmapped, so RSS follows the live tensors; on CUDA, max allocated). Old vs new side by side: --legacy runs the spatial VAE's former frame loop (per-chunk outputs then one
+sampled every 2 ms with large blocks mmapped, so RSS follows the live tensors; on CUDA, max allocated).
+Old vs new side by side: --legacy runs the spatial VAE's former frame loop (per-chunk outputs, then one
 concatenated copy).
 
 python bench/bench_memory.py resolution --sizes 256x256 512x512 1024x1024

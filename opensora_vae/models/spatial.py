@@ -7,7 +7,6 @@ from importlib import resources
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
-from einops import rearrange
 from torch import nn
 
 from ..registry import MODELS

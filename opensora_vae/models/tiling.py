@@ -27,13 +27,12 @@ from __future__ import annotations
 import itertools
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 
 
 @dataclass(frozen=True)
@@ -67,9 +66,6 @@ class TilingConfig:
         t = self.temporal_tile_size if self.temporal_tile_size is not None else self.tile_size // 4
         o = self.temporal_overlap if self.temporal_overlap is not None else 2 * (self.tile_size // 32)
         return t, o
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 class Span(NamedTuple):
