@@ -29,3 +29,17 @@ done
 [ -n "${SKIP_BENCH:-}" ] && exit 0
 python3 bench/bench_vae.py --device cuda --frames 17 --size 256 --repeat 3 --sections conv dtype micro --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
 python3 bench/bench_vae.py --device cuda --frames 51 --size 512 --repeat 2 --sections conv micro 2>&1 | tee -a "$OUT/bench.txt"
+# Issue 9 targets 3 and 4 (prepared, not yet run on a GPU): full-size structure, random weights, bf16.
+# Tiled 17-frame encode and decode at 1080p and 4K (each under 2 GiB?), tiled vs untiled time at 1080p
+# (no more than 15% slower?), and peak memory vs length (17 vs 257 frames within 10%?), old frame loop vs new.
+for op in encode decode; do
+  python3 bench/bench_memory.py resolution --device cuda --dtype bfloat16 --model full --op $op --frames 17 \
+    --sizes 1080x1920 --tile-size 512 --overlap 64 2>&1 | tee -a "$OUT/tiling.txt"
+  python3 bench/bench_memory.py resolution --device cuda --dtype bfloat16 --model full --op $op --frames 17 \
+    --sizes 2160x3840 --tile-size 512 --overlap 64 --tiled-only 2>&1 | tee -a "$OUT/tiling.txt"
+done
+python3 bench/bench_memory.py length --device cuda --dtype bfloat16 --model full --size 256 256 --frames 17 257 \
+  2>&1 | tee -a "$OUT/tiling.txt"
+# Tiles must not show: full-size SDXL spatial VAE (random weights, fp32), real 256x384 frame, 128-pixel tiles:
+# diffusers' tiling vs this package's (per-tile and whole-frame statistics).
+python3 bench/bench_tiling.py --device cuda --exact-norms 0 4 1000 2>&1 | tee -a "$OUT/tiling.txt"

@@ -114,11 +114,15 @@ class InferenceReport:
     stats: Optional[Dict[str, Any]] = None
 
 
-def load_model(model_cfg: Dict[str, Any], ckpt_path: Optional[str]):
+def load_model(model_cfg: Dict[str, Any], ckpt_path: Optional[str], tiling: Optional[Dict[str, Any]] = None):
+    """Build the pipeline (weights from ckpt_path when given); `tiling`: enable_tiling kwargs, or None for off."""
     cfg = to_plain(model_cfg)
     if ckpt_path:
         cfg["from_pretrained"] = str(ckpt_path)
-    return build_model(cfg)
+    model = build_model(cfg)
+    if tiling is not None:
+        model.enable_tiling(**to_plain(tiling))
+    return model
 
 
 def _write(folder: Path, name: str, video: torch.Tensor, fps: float, crf: int) -> Path:
@@ -163,7 +167,7 @@ def reconstruct_dataset(cfg, ckpt_path: Optional[str], save_dir: str, overwrite:
     if report.existing:
         logger.info("%d clip(s) already reconstructed: kept (pass --overwrite to redo them)", len(report.existing))
 
-    model = load_model(cfg.model, ckpt_path).to(device=device, dtype=dtype).eval()
+    model = load_model(cfg.model, ckpt_path, cfg.get("tiling")).to(device=device, dtype=dtype).eval()
     sample_posterior = bool(cfg.get("sample_posterior", False))
     crf = int(cfg.get("crf", 18))
     generator = torch.Generator(device=device).manual_seed(int(cfg.get("seed", 42)) + info.rank)

@@ -27,6 +27,9 @@ def main(argv=None) -> None:
     parser.add_argument("--cal-stats", action="store_true", help="also write per-channel latent mean/std JSON")
     parser.add_argument("--stats-path", help="where --cal-stats writes (default: DIR_latent_stats.json)")
     parser.add_argument("--overwrite", action="store_true", help="redo clips whose outputs already exist")
+    parser.add_argument("--tiling", action="store_true", help="tile H/W through both VAEs (bounded memory)")
+    parser.add_argument("--tile-size", type=int, help="tile side in pixels (implies --tiling; default 512)")
+    parser.add_argument("--tile-overlap", type=int, help="pixels shared by neighbouring tiles (implies --tiling)")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
@@ -46,6 +49,9 @@ def main(argv=None) -> None:
     if args.sample_posterior is not None:
         options["sample_posterior"] = args.sample_posterior
     cfg = load_config(args.config, options)
+    tiling = {k: v for k, v in (("tile_size", args.tile_size), ("overlap", args.tile_overlap)) if v is not None}
+    if args.tiling or tiling:  # flags refine the config's tiling dict
+        cfg.tiling = dict(cfg.get("tiling") or {}, **tiling)
     save_dir = args.save_dir or cfg.get("save_dir")
     if not save_dir:
         parser.error("no --save-dir and no save_dir in the config")

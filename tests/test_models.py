@@ -330,14 +330,15 @@ def test_bare_weights_file_loads_into_the_configured_structure(tmp_path):
 
 @torch.no_grad()
 def test_spatial_tiling_matches_untiled_closely():
-    """enable_tiling (diffusers' overlapping tiles) keeps shapes and stays close to the untiled result."""
+    """spatial_vae.enable_tiling (models/tiling.py, no longer diffusers' tiles) keeps shapes and stays close to
+    the untiled result; tests/test_tiling.py checks it in depth."""
     model = tiny_pipeline(seed=4)
     x = torch.rand(1, 3, 3, 64, 64) * 2 - 1
     whole = model.spatial_vae.encode(x, sample_posterior=False)
-    model.spatial_vae.enable_tiling()
+    model.spatial_vae.enable_tiling(tile_size=48, overlap=16)
     tiled = model.spatial_vae.encode(x, sample_posterior=False)
     model.spatial_vae.disable_tiling()
     assert tiled.shape == whole.shape
-    # Tiles see less context (the mid-block attention is global), so results differ a little, not in kind.
-    assert torch.nn.functional.cosine_similarity(tiled.flatten(), whole.flatten(), dim=0) > 0.95
-    assert not torch.equal(tiled, whole)  # tiles really were used (sample_size 32 < 64)
+    # Only the convolutions' context beyond the overlap differs.
+    assert torch.nn.functional.cosine_similarity(tiled.flatten(), whole.flatten(), dim=0) > 0.99
+    assert not torch.equal(tiled, whole)  # tiles really were used

@@ -159,6 +159,21 @@ class VideoAutoencoderPipeline(nn.Module):
             size[0] = (t // m) * per_chunk + (self.temporal_vae.get_latent_size([t % m])[0] if t % m else 0)
         return size
 
+    def enable_tiling(self, tile_size: int = 512, overlap: int = 64, temporal_tile_size: Optional[int] = None,
+                      temporal_overlap: Optional[int] = None, exact_norms: Optional[int] = None) -> None:
+        """Encode/decode any resolution in bounded memory: H/W tiles through both VAEs (opensora_vae.models.tiling;
+        tile sizes in pixels, temporal_* in latent pixels). Frames within one tile give the untiled result.
+        exact_norms: GroupNorms (in call order) given the whole frame's statistics, one truncated tiled pass each
+        (None: all, about L/2 extra passes for L norms; 0: per-tile statistics, no extra pass, tiles show)."""
+        kwargs = dict(tile_size=tile_size, overlap=overlap, temporal_tile_size=temporal_tile_size,
+                      temporal_overlap=temporal_overlap, exact_norms=exact_norms)
+        self.spatial_vae.enable_tiling(**kwargs)
+        self.temporal_vae.enable_tiling(**kwargs)
+
+    def disable_tiling(self) -> None:
+        self.spatial_vae.disable_tiling()
+        self.temporal_vae.disable_tiling()
+
     def enable_gradient_checkpointing(self) -> None:
         self.temporal_vae.enable_gradient_checkpointing()
         if not self.freeze_vae_2d:

@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 import logging
 from importlib import resources
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
-from einops import rearrange
 from torch import nn
 
 from ..registry import MODELS
+from . import tiling
 from .distributions import DiagonalGaussianDistribution
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class VideoAutoencoderKL(nn.Module):
             raise ValueError(f"micro_batch_size must be a positive integer or None, got {micro_batch_size}")
         self.micro_batch_size = micro_batch_size
         self.scaling_factor = scaling_factor
+        self.tiling: Optional[tiling.TilingConfig] = None
         cfg = self.module.config
         self.in_channels = cfg.in_channels
         self.out_channels = cfg.latent_channels
@@ -99,12 +100,36 @@ class VideoAutoencoderKL(nn.Module):
         """The AutoencoderKL constructor config (for saving a pipeline that rebuilds offline)."""
         return {k: v for k, v in dict(self.module.config).items() if not k.startswith("_")}
 
-    def _frames(self, x: torch.Tensor, fn) -> torch.Tensor:
-        b = x.shape[0]
-        x = rearrange(x, "b c t h w -> (b t) c h w")
-        step = self.micro_batch_size or x.shape[0]
-        out = torch.cat([fn(x[i : i + step]) for i in range(0, x.shape[0], step)], dim=0)
-        return rearrange(out, "(b t) c h w -> b c t h w", b=b)
+    def _frames(self, x: torch.Tensor, fn, channels: int, ratio: Tuple[int, int]) -> torch.Tensor:
+        """fn(frames (n, C, H, W), dest or None) over micro-batches of frames, written into one preallocated
+        (B, channels, T, H * ratio, W * ratio) output: no per-chunk outputs and no concatenated copy."""
+        b, _, t, h, w = x.shape
+        num, den = ratio
+        out = x.new_empty(b, channels, t, h * num // den, w * num // den)
+        step = self.micro_batch_size or b * t
+        for i in range(0, b * t, step):
+            j = min(i + step, b * t)
+            if i // t == (j - 1) // t:  # within one video: write straight into the output
+                v, t0 = divmod(i, t)
+                fn(x[v, :, t0:t0 + j - i].transpose(0, 1).contiguous(), out[v, :, t0:t0 + j - i].transpose(0, 1))
+            else:
+                y = fn(torch.stack([x[k // t, :, k % t] for k in range(i, j)]), None)
+                for n, k in enumerate(range(i, j)):
+                    out[k // t, :, k % t] = y[n]
+        return out
+
+    def _encode_frames(self, f: torch.Tensor, dest: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.tiling is None:
+            y = self.module.encode(f).latent_dist.parameters
+        else:
+            y = tiling.autoencoderkl_encode(self.module, f, self.tiling)
+        return y if dest is None else dest.copy_(y)
+
+    def _decode_frames(self, f: torch.Tensor, dest: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.tiling is not None:
+            return tiling.autoencoderkl_decode(self.module, f, self.tiling, out=dest)
+        y = self.module.decode(f).sample
+        return y if dest is None else dest.copy_(y)
 
     def encode(
         self, x: torch.Tensor, sample_posterior: bool = True, generator: Optional[torch.Generator] = None
@@ -118,21 +143,23 @@ class VideoAutoencoderKL(nn.Module):
     def posterior(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """The per-frame latent distribution (B, 4, T, H/8, W/8), before `scaling_factor`."""
         check_video(x, self.in_channels, self.patch_size[1])
-        return DiagonalGaussianDistribution(self._frames(x, lambda f: self.module.encode(f).latent_dist.parameters))
+        return DiagonalGaussianDistribution(
+            self._frames(x, self._encode_frames, 2 * self.out_channels, (1, self.patch_size[1])))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         check_video(z, self.out_channels, name="latent")
-        return self._frames(z / self.scaling_factor, lambda f: self.module.decode(f).sample)
+        return self._frames(z / self.scaling_factor, self._decode_frames, self.in_channels, (self.patch_size[1], 1))
 
     def get_latent_size(self, input_size: Sequence[Optional[int]]) -> list:
         return [None if n is None else n // p for n, p in zip(input_size, self.patch_size)]
 
-    def enable_tiling(self, *args, **kwargs) -> None:
-        """Tile large frames inside AutoencoderKL (diffusers' overlapping tiles; changes results slightly)."""
-        self.module.enable_tiling(*args, **kwargs)
+    def enable_tiling(self, **kwargs) -> None:
+        """Tile H/W with whole-frame GroupNorm statistics and attention (see `tiling.TilingConfig` for the
+        arguments; frames that fit one tile give the untiled result exactly)."""
+        self.tiling = tiling.TilingConfig(**kwargs)
 
     def disable_tiling(self) -> None:
-        self.module.disable_tiling()
+        self.tiling = None
 
     def enable_gradient_checkpointing(self) -> None:
         self.module.enable_gradient_checkpointing()

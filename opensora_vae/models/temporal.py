@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..registry import MODELS
+from . import tiling
 from .distributions import DiagonalGaussianDistribution
 from .spatial import check_video
 
@@ -177,6 +178,7 @@ class VAE_Temporal(nn.Module):
         self.decoder = Decoder(**widths)
         self.quant_conv = CausalConv3d(2 * latent_embed_dim, 2 * embed_dim, 1)
         self.post_quant_conv = CausalConv3d(embed_dim, latent_embed_dim, 1)
+        self.tiling: Optional[tiling.TilingConfig] = None
         if from_pretrained is not None:
             from .pretrained import load_state_dict_file
 
@@ -192,12 +194,12 @@ class VAE_Temporal(nn.Module):
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         check_video(x, self.in_out_channels, name="temporal VAE input")
         x = F.pad(x, (0, 0, 0, 0, self.time_padding(x.shape[2]), 0))
-        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+        return DiagonalGaussianDistribution(self._run(lambda v: self.quant_conv(self.encoder(v)), x))
 
     def decode(self, z: torch.Tensor, num_frames: Optional[int] = None) -> torch.Tensor:
         """Decode latents; `num_frames` (the encoded clip's length) says how much front padding to drop."""
         check_video(z, self.out_channels, name="temporal latent")
-        x = self.decoder(self.post_quant_conv(z))
+        x = self._run(lambda v: self.decoder(self.post_quant_conv(v)), z)
         if num_frames is None:
             return x
         if num_frames < 1 or self.get_latent_size([num_frames])[0] != z.shape[2]:
@@ -211,6 +213,16 @@ class VAE_Temporal(nn.Module):
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z, num_frames=x.shape[2]), posterior, z
+
+    def _run(self, fn, x: torch.Tensor) -> torch.Tensor:
+        return fn(x) if self.tiling is None else tiling.temporal_tiled(fn, self, x, self.tiling)
+
+    def enable_tiling(self, **kwargs) -> None:
+        """Tile H/W (`tiling.TilingConfig`; the temporal_* sizes apply), GroupNorm statistics of the whole chunk."""
+        self.tiling = tiling.TilingConfig(**kwargs)
+
+    def disable_tiling(self) -> None:
+        self.tiling = None
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = enabled

@@ -23,6 +23,9 @@ model = dict(
     micro_frame_size=17,
     micro_batch_size=4,
 )
+# dict of VideoAutoencoderPipeline.enable_tiling kwargs (e.g. dict(tile_size=512, overlap=64)): any resolution in
+# bounded memory; None: untiled.
+tiling = None
 save_dir = "samples/vae_video"
 # Deterministic defaults (repeatable scores): posterior means, H.264 CRF 18, every row. The published table used
 # published_eval.py instead (sampled posteriors, CRF 23, 24 fps, 100 rows).

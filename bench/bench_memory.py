@@ -1,0 +1,191 @@
+"""Peak memory beyond the input/output tensors: tiled decode vs resolution (issue 9 target 3, CPU part) and decode
+vs number of frames (target 4), each measurement in a fresh subprocess after a one-frame warm-up (peak RSS
+sampled every 2 ms with large blocks mmapped, so RSS follows the live tensors; on CUDA, max allocated).
+Old vs new side by side: --legacy runs the spatial VAE's former frame loop (per-chunk outputs, then one
+concatenated copy).
+
+python bench/bench_memory.py resolution --sizes 256x256 512x512 1024x1024
+python bench/bench_memory.py length --frames 17 257
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MiB = 2**20
+
+# A mid-size spatial VAE (the SDXL structure at a quarter of its widths) and the tiny temporal VAE: fast on CPU,
+# with activations large enough that a full-frame copy shows.
+MID_VAE_2D = dict(type="VideoAutoencoderKL", from_pretrained=None, micro_batch_size=4, config=dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[32, 64, 128, 128], layers_per_block=2,
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=32))
+TINY_TEMPORAL = dict(type="VAE_Temporal", in_out_channels=4, latent_embed_dim=4, embed_dim=4, filters=16,
+                     num_res_blocks=1, channel_multipliers=(1, 2, 2, 4), temporal_downsample=(False, True, True),
+                     num_groups=4)
+
+
+def _legacy_frames(self, x, fn, channels, ratio):
+    """The former VideoAutoencoderKL._frames: every micro-batch's output kept, then concatenated."""
+    import torch
+    from einops import rearrange
+
+    b = x.shape[0]
+    x = rearrange(x, "b c t h w -> (b t) c h w")
+    step = self.micro_batch_size or x.shape[0]
+    out = torch.cat([fn(x[i:i + step], None) for i in range(0, x.shape[0], step)], dim=0)
+    return rearrange(out, "(b t) c h w -> b c t h w", b=b)
+
+
+def _rss_now() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakRSS(threading.Thread):
+    """Samples the process's RSS every 2 ms (getrusage's peak cannot be reset after the warm-up)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self.stop = 0, False
+
+    def run(self):
+        while not self.stop:
+            self.peak = max(self.peak, _rss_now())
+            time.sleep(0.002)
+
+
+def child(args) -> None:
+    import torch
+
+    from opensora_vae import build_model
+    from opensora_vae.models.spatial import VideoAutoencoderKL
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.legacy:
+        VideoAutoencoderKL._frames = _legacy_frames
+    if args.model == "full":  # the published structure (SDXL spatial VAE + VAE_Temporal_SD), random weights
+        cfg = dict(type="OpenSoraVAE_V1_2", vae_2d=dict(from_pretrained=None, config=None, micro_batch_size=1))
+    else:
+        cfg = dict(type="VideoAutoencoderPipeline", vae_2d=MID_VAE_2D, vae_temporal=TINY_TEMPORAL, micro_frame_size=17)
+    dtype = getattr(torch, args.dtype)
+    model = build_model(cfg).eval().to(args.device, dtype)
+    if args.tiling:
+        model.enable_tiling(tile_size=args.tile_size, overlap=args.overlap, exact_norms=args.exact_norms)
+    h, w = args.size
+    if args.op == "encode":
+        z = torch.rand(1, 3, args.frames, h, w, device=args.device, dtype=dtype) * 2 - 1
+    else:
+        z = torch.randn(1, 4, *model.get_latent_size([args.frames, h, w]), device=args.device, dtype=dtype)
+    cuda = args.device.startswith("cuda")
+    with torch.inference_mode():  # warm-up on one frame of the same size (kernels, primitive caches)
+        if args.op == "encode":
+            model.encode(z[:, :, :1], sample_posterior=False)
+        else:
+            model.decode(z[:, :, :1], num_frames=1)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    sampler = _PeakRSS()
+    if cuda:
+        base = torch.cuda.memory_allocated()
+    before = _rss_now()
+    sampler.start()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        y = model.encode(z, sample_posterior=False) if args.op == "encode" else model.decode(z, num_frames=args.frames)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    sampler.stop = True
+    sampler.join()
+    # getrusage's lifetime peak catches short peaks the sampler misses (e.g. a final concatenation); the one-frame
+    # warm-up before it stays below the measured run.
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() - base if cuda else max(sampler.peak, maxrss) - before
+    io = z.numel() * z.element_size() + y.numel() * y.element_size()
+    print(json.dumps(dict(peak=peak, io=io, extra=peak - io, seconds=seconds)))
+
+
+def measure(**kw) -> dict:
+    cmd = [sys.executable, __file__, "child", "--size", *map(str, kw.pop("size")), "--frames", str(kw.pop("frames"))]
+    for k, v in kw.items():
+        if isinstance(v, bool):
+            cmd += [f"--{k.replace('_', '-')}"] if v else []
+        else:
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+    # Large blocks always mmapped: freed memory leaves RSS at once, so RSS follows the live tensors.
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def row(label: str, r: dict) -> str:
+    return (f"{label:<34} peak {r['peak'] / MiB:8.1f} MiB  in+out {r['io'] / MiB:8.1f} MiB  "
+            f"beyond {r['extra'] / MiB:8.1f} MiB  {r['seconds']:7.2f} s")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["resolution", "length", "child"])
+    p.add_argument("--sizes", nargs="+", default=["256x256", "512x512", "1024x1024"], help="HxW (resolution)")
+    p.add_argument("--size", type=int, nargs=2, default=[64, 64], help="H W (length; child)")
+    p.add_argument("--frames", type=int, nargs="+", default=[17, 257])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16")
+    p.add_argument("--model", choices=["mid", "full"], default="mid")
+    p.add_argument("--op", choices=["decode", "encode"], default="decode")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tile-size", type=int, default=256)
+    p.add_argument("--overlap", type=int, default=32)
+    p.add_argument("--exact-norms", type=int, default=1000, help="enable_tiling(exact_norms=...); 1000: all")
+    p.add_argument("--tiling", action="store_true")
+    p.add_argument("--legacy", action="store_true")
+    p.add_argument("--tiled-only", action="store_true", help="resolution: skip the untiled runs")
+    args = p.parse_args(argv)
+    if args.mode == "child":
+        args.frames = args.frames[0]
+        return child(args)
+    common = dict(device=args.device, threads=args.threads, tile_size=args.tile_size, overlap=args.overlap,
+                  exact_norms=args.exact_norms, dtype=args.dtype, model=args.model, op=args.op)
+    if args.mode == "resolution":
+        frames = args.frames[0]
+        print(f"{args.op} of {frames} frames, {args.model} model, {args.dtype}, tiles {args.tile_size}/{args.overlap}, "
+              f"exact_norms {args.exact_norms}, {args.device}")
+        tiled, plain = {}, {}
+        for s in args.sizes:
+            size = [int(v) for v in s.split("x")]
+            tiled[s] = measure(size=size, frames=frames, tiling=True, **common)
+            print(row(f"{s} tiled", tiled[s]), flush=True)
+            if not args.tiled_only:
+                plain[s] = measure(size=size, frames=frames, **common)
+                print(row(f"{s} untiled", plain[s]), flush=True)
+                print(f"{s}: tiled / untiled time {tiled[s]['seconds'] / plain[s]['seconds']:.2f}x", flush=True)
+        lo, hi = args.sizes[0], args.sizes[-1]
+        print(f"tiled: beyond in+out at {hi} / at {lo}: {tiled[hi]['extra'] / max(tiled[lo]['extra'], 1):.2f}x")
+    else:
+        print(f"{args.op} at {args.size[0]}x{args.size[1]}, {args.model} model, {args.dtype}, {args.device}")
+        res = {}
+        for legacy in (True, False):
+            for f in args.frames:
+                res[legacy, f] = r = measure(size=args.size, frames=f, legacy=legacy, tiling=args.tiling, **common)
+                print(row(f"{'old' if legacy else 'new'} {f} frames", r), flush=True)
+        a, b = args.frames[0], args.frames[-1]
+        for legacy in (True, False):
+            r0, r1 = res[legacy, a], res[legacy, b]
+            print(f"{'old' if legacy else 'new'}: beyond in+out {b} / {a} frames: {r1['extra'] / r0['extra']:.2f}x; "
+                  f"time per frame {b} / {a}: {r1['seconds'] / b / (r0['seconds'] / a):.2f}x")
+
+
+if __name__ == "__main__":
+    main()

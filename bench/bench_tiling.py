@@ -1,0 +1,118 @@
+"""Tiled vs untiled on a real clip: PSNR of the encoder latents and the decoded pixels, of the worst 8-pixel row
+or column band (where seams would show), and time relative to untiled, side by side in one run.
+
+Methods: diffusers' AutoencoderKL tiling (spatial VAE only, per-tile statistics), and this package's tiling
+with `exact_norms` 0 (per-tile GroupNorm statistics) and all (whole-frame statistics, see models/tiling.py).
+
+python bench/bench_tiling.py                               # full-size SDXL spatial VAE, random weights
+python bench/bench_tiling.py --checkpoint DIR --frames 17  # a trained pipeline (both VAEs)
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from opensora_vae.data.samples import sample_clips
+from opensora_vae.data.video import read_video
+
+
+def psnr(ref: torch.Tensor, x: torch.Tensor, peak: float) -> float:
+    return (10 * torch.log10(peak**2 / (ref - x).float().square().mean())).item()
+
+
+def worst_band(ref: torch.Tensor, x: torch.Tensor, peak: float, band: int = 8) -> float:
+    """PSNR of the worst `band`-wide run of rows or of columns."""
+    err = (ref - x).float().square()
+    worst = 0.0
+    for dim in (-2, -1):
+        other = [d for d in range(err.ndim) if d != err.ndim + dim]
+        profile = err.mean(dim=other)
+        worst = max(worst, F.avg_pool1d(profile[None, None], band, 1).max().item())
+    return 10 * torch.log10(torch.tensor(peak**2 / worst)).item()
+
+
+def clip(name: str, frames: int, h: int, w: int) -> torch.Tensor:
+    video, _ = read_video(sample_clips()[name])
+    if video.shape[0] < frames or video.shape[2] < h or video.shape[3] < w:
+        raise SystemExit(f"{name} is {tuple(video.shape)}; need {frames} frames of at least {h}x{w}")
+    top, left = (video.shape[2] - h) // 2, (video.shape[3] - w) // 2
+    x = video[:frames, :, top:top + h, left:left + w].permute(1, 0, 2, 3)[None]
+    return (x.float() / 127.5 - 1).contiguous()
+
+
+def timed(fn):
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = fn()
+    if out.is_cuda:
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="a trained pipeline (published folder or trainer checkpoint); "
+                                        "default: the full-size SDXL spatial VAE with random weights")
+    p.add_argument("--clip", default="bikes")
+    p.add_argument("--frames", type=int, default=1)
+    p.add_argument("--size", type=int, nargs=2, default=[256, 384])
+    p.add_argument("--tile-size", type=int, default=128)
+    p.add_argument("--overlap", type=int, default=32)
+    p.add_argument("--temporal-tile-size", type=int)
+    p.add_argument("--temporal-overlap", type=int)
+    p.add_argument("--exact-norms", type=int, nargs="+", default=[0, 1000],
+                   help="values of enable_tiling(exact_norms=...) to compare (1000: all)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    x = clip(args.clip, args.frames, *args.size).to(args.device)
+
+    if args.checkpoint:
+        from opensora_vae.models.pipeline import VideoAutoencoderPipeline
+
+        model = VideoAutoencoderPipeline.from_pretrained(args.checkpoint).eval().to(args.device)
+        spatial = model.spatial_vae
+        encode = lambda: model.encode(x, sample_posterior=False)  # noqa: E731
+        name = f"pipeline {args.checkpoint} (both VAEs)"
+    else:
+        from opensora_vae.models.spatial import VideoAutoencoderKL
+
+        model = spatial = VideoAutoencoderKL(config=None, micro_batch_size=1).eval().to(args.device)
+        encode = lambda: model.encode(x, sample_posterior=False)  # noqa: E731
+        name = "full-size SDXL AutoencoderKL, random weights (spatial VAE)"
+    z, t_enc = timed(encode)
+    decode = (lambda: model.decode(z, num_frames=x.shape[2])) if args.checkpoint else (lambda: model.decode(z))
+    y, t_dec = timed(decode)
+    z_peak = (z.max() - z.min()).item()
+    print(f"{name}; clip {args.clip} {tuple(x.shape)}; tiles {args.tile_size} px, overlap {args.overlap} px")
+    print(f"untiled: encode {t_enc:.1f} s, decode {t_dec:.1f} s; latent PSNR peak = latent range {z_peak:.2f}, "
+          f"pixel peak 2")
+    print(f"{'method':<28}{'enc PSNR':>9}{'enc band':>9}{'dec PSNR':>9}{'dec band':>9}{'enc time':>9}{'dec time':>9}")
+
+    def report(label):
+        zt, te = timed(encode)
+        yt, td = timed(decode)
+        print(f"{label:<28}{psnr(z, zt, z_peak):9.1f}{worst_band(z, zt, z_peak):9.1f}{psnr(y, yt, 2):9.1f}"
+              f"{worst_band(y, yt, 2):9.1f}{te / t_enc:8.2f}x{td / t_dec:8.2f}x", flush=True)
+
+    module = spatial.module  # diffusers' own tiling, same tile size, its default 25% overlap
+    module.enable_tiling()
+    module.tile_sample_min_size = args.tile_size
+    module.tile_latent_min_size = args.tile_size // spatial.patch_size[1]
+    report("diffusers tiling")
+    module.disable_tiling()
+    for n in args.exact_norms:
+        model.enable_tiling(tile_size=args.tile_size, overlap=args.overlap, exact_norms=n,
+                            temporal_tile_size=args.temporal_tile_size, temporal_overlap=args.temporal_overlap)
+        report(f"tiling exact_norms={n}")
+    model.disable_tiling()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Tiled encode/decode through both VAEs: overlapping H/W tiles, blended seams, whole-frame GroupNorm statistics.
+
+Naive tiles (diffusers' `enable_tiling`) disagree with the untiled result mostly because every tile normalises
+with its own GroupNorm statistics and attends only within itself. Here:
+
+- Parts of a network that run at latent resolution and hold the attention block (the AutoencoderKL mid-blocks)
+  run on the whole frame, so attention and their GroupNorms are exact. Their activations are latent-sized
+  (e.g. 512 x H/8 x W/8 per frame): memory that grows with resolution, but 1/16 of the full-resolution layers'.
+- Full-resolution parts (the AutoencoderKL down/up blocks) and the whole temporal VAE run per tile. Each tile sees
+  `overlap / 2` extra pixels on every side of its core; outputs are blended with linear weights over the inner
+  half of the shared band (a partition of unity: constant content gives constant output), and the outer half,
+  which saw the zero padding at the tile's edge, is dropped.
+- Every GroupNorm inside a tiled part normalises with the whole frame's statistics (per frame for the spatial
+  VAE; per chunk over (C_group, T, H, W) for the temporal VAE) instead of the tile's. They are measured norm by
+  norm: pass k runs every tile up to GroupNorm k, with norms before k already exact, records its input over the
+  tile cores (mean and M2 merged across tiles in float64), and stops there. `exact_norms` caps how many norms
+  get this (None: all; later ones use the tile's statistics, 0 is diffusers' behaviour). Cost: pass k costs the
+  network up to norm k, so all norms cost about L/2 extra tiled passes for L norms; memory stays one tile.
+  Measured and dropped (bench/RESULTS.md): statistics from one pass over the frame area-downsampled to a tile
+  (feature variance depends on scale: worse than per-tile), and refinement passes that reuse a previous pass's
+  statistics for all norms at once (inconsistent across layers: they diverge). Exact statistics in one pass
+  would need every layer's whole-frame activation at once (memory that grows with the frame).
+When the frame fits in one tile the plain path runs unchanged, so results equal untiled exactly.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """tile_size / overlap: pixels of the spatial VAE's frames (multiples of 16); neighbouring tiles share
+    `overlap` pixels. temporal_*: the same for the temporal VAE, in latent pixels (None: tile_size // 4 and
+    about tile_size // 16; the temporal VAE holds up to 512 channels x T per latent pixel)."""
+
+    tile_size: int = 512
+    overlap: int = 64
+    temporal_tile_size: Optional[int] = None
+    temporal_overlap: Optional[int] = None
+    exact_norms: Optional[int] = None  # None: all
+
+    def __post_init__(self):
+        if self.exact_norms is not None and self.exact_norms < 0:
+            raise ValueError(f"exact_norms must be >= 0, got {self.exact_norms}")
+        if self.tile_size % 16 or self.overlap % 16 or self.overlap < 0:
+            raise ValueError(f"tile_size and overlap must be non-negative multiples of 16 pixels, got "
+                             f"tile_size={self.tile_size}, overlap={self.overlap}")
+        if self.tile_size < 2 * self.overlap + 16:
+            raise ValueError(f"tile_size={self.tile_size} leaves no core for overlap={self.overlap}: "
+                             f"use tile_size >= 2 * overlap + 16")
+        t, o = self.temporal
+        if o % 2 or t < 2 * o + 2:
+            raise ValueError(f"temporal_overlap must be even and temporal_tile_size >= 2 * temporal_overlap + 2, "
+                             f"got {t} and {o}")
+
+    @property
+    def temporal(self) -> Tuple[int, int]:
+        t = self.temporal_tile_size if self.temporal_tile_size is not None else self.tile_size // 4
+        o = self.temporal_overlap if self.temporal_overlap is not None else 2 * (self.tile_size // 32)
+        return t, o
+
+
+class Span(NamedTuple):
+    core: Tuple[int, int]  # owned by this tile (before blending)
+    ext: Tuple[int, int]  # what the network sees: core plus the halo, clipped to the frame
+
+
+def spans(size: int, tile: int, halo: int, align: int = 1) -> List[Span]:
+    """Split [0, size) into cores of at most tile - 2 * halo (boundaries on multiples of `align`)."""
+    if size <= tile:
+        return [Span((0, size), (0, size))]
+    n = math.ceil(size / (tile - 2 * halo))
+    bounds = sorted({align * round(i * size / n / align) for i in range(n)} | {size})
+    return [Span((a, b), (max(0, a - halo), min(size, b + halo))) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _ramp(span: Span, first: bool, last: bool, halo: int, num: int, den: int, device) -> Tuple[int, int, torch.Tensor]:
+    """Kept output range of a tile and its blending weights (linear over the inner half of the shared band)."""
+    (c0, c1), (e0, e1) = span
+    r = halo * num / den  # ramp width in output pixels
+    lo = e0 * num // den if first else max(e0 * num // den, math.floor(c0 * num / den - r / 2))
+    hi = e1 * num // den if last else min(e1 * num // den, math.ceil(c1 * num / den + r / 2))
+    p = torch.arange(lo, hi, device=device, dtype=torch.float32) + 0.5
+    w = torch.ones_like(p)
+    if not first and r > 0:
+        w = torch.minimum(w, ((p - c0 * num / den + r / 2) / r).clamp(0, 1))
+    if not last and r > 0:
+        w = torch.minimum(w, ((c1 * num / den + r / 2 - p) / r).clamp(0, 1))
+    return lo, hi, w
+
+
+class _Stop(Exception):
+    """Ends a statistics pass once the GroupNorm it measures has recorded."""
+
+
+class _NormTap:
+    """Swaps the forward of every GroupNorm in a module, while active, for one that normalises with given
+    whole-frame statistics (by call order in one forward) or, past those, with the tile's own, and that can record
+    one call's input over the tile's core."""
+
+    def __init__(self, module: nn.Module):
+        self.norms = [m for m in module.modules() if isinstance(m, nn.GroupNorm)]
+        self.use: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.measure: Optional[int] = None  # the call to record, then stop
+        self.record: Optional[list] = None
+        self.core: Optional[Tuple[Span, Span]] = None
+        self.seq = 0
+
+    @contextmanager
+    def active(self):
+        for m in self.norms:
+            m.forward = lambda x, m=m: self._forward(m, x)
+        try:
+            yield self
+        finally:
+            for m in self.norms:
+                del m.forward
+
+    def _forward(self, m: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        seq, self.seq = self.seq, self.seq + 1
+        if seq == self.measure:
+            self._accumulate(m.num_groups, x)
+            raise _Stop
+        if seq not in self.use:
+            return F.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)
+        mean, var = self.use[seq]
+        n, c = x.shape[:2]
+        scale = (var + m.eps).rsqrt().repeat_interleave(c // m.num_groups, 1)
+        mean = mean.repeat_interleave(c // m.num_groups, 1)
+        if m.weight is not None:
+            scale = scale * m.weight.float()
+        shift = -mean * scale + (m.bias.float() if m.bias is not None else 0)
+        view = (n, c) + (1,) * (x.ndim - 2)
+        return torch.addcmul(shift.view(view).to(x.dtype), x, scale.view(view).to(x.dtype))
+
+    def _accumulate(self, groups: int, x: torch.Tensor) -> None:
+        if self.core is not None:  # the core of this tile at this layer's resolution
+            idx = []
+            for span, size in zip(self.core, x.shape[-2:]):
+                (c0, c1), (e0, e1) = span
+                idx.append(slice((c0 - e0) * size // (e1 - e0), (c1 - e0) * size // (e1 - e0)))
+            x = x[..., idx[0], idx[1]]
+        v = x.float().reshape(x.shape[0], groups, -1)
+        cnt = v.shape[-1]
+        mean = v.mean(-1)
+        m2 = (v - mean[..., None]).square().sum(-1)
+        mean, m2 = mean.double(), m2.double()
+        if self.record is None:
+            self.record = [cnt, mean, m2]
+            return
+        n0, mean0, m20 = self.record  # Chan et al.'s parallel update: stable for any tile order
+        n = n0 + cnt
+        delta = mean - mean0
+        self.record = [n, mean0 + delta * cnt / n, m20 + m2 + delta.square() * n0 * cnt / n]
+
+    def measure_call(self, seq: int, tiles) -> bool:
+        """Whole-frame statistics of GroupNorm call `seq` (earlier calls already exact); False if fn has fewer."""
+        self.measure, self.record = seq, None
+        for core, run in tiles:
+            self.seq, self.core = 0, core
+            try:
+                run()
+            except _Stop:
+                continue
+            break  # the forward ended before call `seq`
+        self.measure, self.core = None, None
+        if self.record is None:
+            return False
+        n, mean, m2 = self.record
+        self.use[seq] = (mean.float(), (m2 / n).float())
+        return True
+
+
+def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, x: torch.Tensor, tile: int, halo: int,
+              exact_norms: Optional[int], align: int = 1, ratio: Tuple[int, int] = (1, 1),
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """fn maps (N, C, [T,] H, W) to (N, C', [T',] H * ratio, W * ratio); run it tile by tile over H/W.
+
+    module: holds every GroupNorm fn uses. exact_norms: how many of fn's GroupNorm calls (in call order) get exact
+    whole-frame statistics, one truncated tiled pass each (None: all); later ones use the tile's own.
+    tile, halo, align: in units of x's H/W. out: optional destination of the output's shape (written to).
+    """
+    h_spans, w_spans = spans(x.shape[-2], tile, halo, align), spans(x.shape[-1], tile, halo, align)
+    if len(h_spans) == len(w_spans) == 1:
+        y = fn(x)
+        return y if out is None else out.copy_(y)
+    tap = _NormTap(module)
+    with tap.active():
+        tiles = [((hs, ws), lambda hs=hs, ws=ws: fn(x[..., hs.ext[0]:hs.ext[1], ws.ext[0]:ws.ext[1]]))
+                 for hs in h_spans for ws in w_spans]
+        # One pass per GroupNorm, each cut short once that norm has recorded.
+        for seq in itertools.count() if exact_norms is None else range(exact_norms):
+            if not tap.measure_call(seq, tiles):
+                break
+        num, den = ratio
+        for i, hs in enumerate(h_spans):
+            h0, h1, wh = _ramp(hs, i == 0, i == len(h_spans) - 1, halo, num, den, x.device)
+            for j, ws in enumerate(w_spans):
+                w0, w1, ww = _ramp(ws, j == 0, j == len(w_spans) - 1, halo, num, den, x.device)
+                tap.seq = 0
+                y = fn(x[..., hs.ext[0]:hs.ext[1], ws.ext[0]:ws.ext[1]])
+                if out is None:
+                    out = y.new_zeros(*y.shape[:-2], x.shape[-2] * num // den, x.shape[-1] * num // den)
+                elif i == j == 0:
+                    out.zero_()
+                y = y[..., h0 - hs.ext[0] * num // den:h1 - hs.ext[0] * num // den,
+                      w0 - ws.ext[0] * num // den:w1 - ws.ext[0] * num // den]
+                weight = (wh[:, None] * ww[None, :]).to(y.dtype)
+                out[..., h0:h1, w0:w1].addcmul_(y, weight)
+    return out
+
+
+# ----- the networks' splits ------------------------------------------------------------------------------------
+def autoencoderkl_encode(vae, x: torch.Tensor, cfg: TilingConfig) -> torch.Tensor:
+    """diffusers AutoencoderKL `_encode` (moments) with the full-resolution down blocks tiled."""
+    enc = vae.encoder
+
+    def down(v):
+        v = enc.conv_in(v)
+        for block in enc.down_blocks:
+            v = block(v)
+        return v
+
+    factor = 2 ** (len(enc.down_blocks) - 1)
+    h = run_tiled(down, enc, x, cfg.tile_size, cfg.overlap // 2, cfg.exact_norms, align=factor, ratio=(1, factor))
+    h = enc.conv_out(enc.conv_act(enc.conv_norm_out(enc.mid_block(h))))
+    return vae.quant_conv(h) if vae.quant_conv is not None else h
+
+
+def autoencoderkl_decode(vae, z: torch.Tensor, cfg: TilingConfig, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """diffusers AutoencoderKL `_decode` with the mid-block on the whole latent and the up blocks tiled."""
+    dec = vae.decoder
+    if vae.post_quant_conv is not None:
+        z = vae.post_quant_conv(z)
+    h = dec.mid_block(dec.conv_in(z), None)
+
+    def up(v):
+        for block in dec.up_blocks:
+            v = block(v, None)
+        return dec.conv_out(dec.conv_act(dec.conv_norm_out(v)))
+
+    factor = 2 ** (len(dec.up_blocks) - 1)
+    return run_tiled(up, dec, h, cfg.tile_size // factor, cfg.overlap // 2 // factor, cfg.exact_norms,
+                     ratio=(factor, 1), out=out)
+
+
+def temporal_tiled(fn, module: nn.Module, x: torch.Tensor, cfg: TilingConfig) -> torch.Tensor:
+    """A temporal VAE part (same H/W in and out) tiled over H/W; its GroupNorms span (C_group, T, H, W)."""
+    tile, overlap = cfg.temporal
+    return run_tiled(fn, module, x, tile, overlap // 2, cfg.exact_norms)

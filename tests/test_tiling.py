@@ -1,0 +1,177 @@
+"""Tiling (opensora_vae.models.tiling): one tile == untiled, tiled ~= untiled on a real clip (seams included),
+exact blending, whole-frame GroupNorm statistics, odd sizes, streamed frames == whole, the CLI flag."""
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from opensora_vae.data import read_video
+from opensora_vae.inference import load_model
+from opensora_vae.models import tiling
+
+from helpers import ROOT, tiny_model_cfg, tiny_pipeline
+
+
+def psnr(a, b, peak=2.0):
+    return (10 * torch.log10(peak**2 / (a - b).square().mean())).item()
+
+
+@pytest.fixture(scope="module")
+def clip(sample_videos):
+    """3 real frames, 64x80 (not a multiple of the test tiles), in [-1, 1]."""
+    video, _ = read_video(sample_videos["bikes"])
+    x = video[:3, :, 40:104, 200:280].permute(1, 0, 2, 3)[None].float() / 127.5 - 1
+    return x.contiguous()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_pipeline(seed=1)
+
+
+def test_one_tile_and_disabled_give_untiled_exactly(model, clip):
+    x = clip[..., :32, :48]
+    with torch.no_grad():
+        z = model.encode(x, sample_posterior=False)
+        y = model.decode(z, num_frames=x.shape[2])
+        model.enable_tiling(tile_size=64, overlap=16, temporal_tile_size=32, temporal_overlap=4)
+        try:
+            assert torch.equal(model.encode(x, sample_posterior=False), z)
+            assert torch.equal(model.decode(z, num_frames=x.shape[2]), y)
+        finally:
+            model.disable_tiling()
+        model.enable_tiling(tile_size=32, overlap=0, temporal_tile_size=8, temporal_overlap=0)
+        model.disable_tiling()
+        assert torch.equal(model.encode(x, sample_posterior=False), z)
+        assert torch.equal(model.decode(z, num_frames=x.shape[2]), y)
+
+
+def _seam_mask(size, bounds, width):
+    mask = torch.zeros(size, dtype=torch.bool)
+    for b in bounds:
+        mask[max(0, b - width):b + width] = True
+    return mask
+
+
+@pytest.mark.parametrize("part", ["spatial", "temporal"])
+def test_tiled_close_to_untiled_on_a_real_clip_with_seams(model, clip, part):
+    """Encode and decode of each VAE, tiled with whole-frame statistics vs untiled: globally and on the seams."""
+    vae = model.spatial_vae if part == "spatial" else model.temporal_vae
+    with torch.no_grad():
+        x_z = model.spatial_vae.encode(clip, sample_posterior=False)
+        if part == "spatial":
+            enc = lambda: vae.encode(clip, sample_posterior=False)  # noqa: E731
+            dec_in, dec = x_z, lambda: vae.decode(x_z)  # noqa: E731
+        else:
+            z = vae.encode(x_z).mode()
+            enc = lambda: vae.encode(x_z).mode()  # noqa: E731
+            dec = lambda: vae.decode(z, num_frames=x_z.shape[2])  # noqa: E731
+        plain = enc(), dec()
+        vae.enable_tiling(tile_size=48, overlap=16, temporal_tile_size=24, temporal_overlap=8, exact_norms=None)
+        naive = None
+        try:
+            tiled = enc(), dec()
+            vae.enable_tiling(tile_size=48, overlap=16, temporal_tile_size=24, temporal_overlap=8, exact_norms=0)
+            naive = enc(), dec()
+        finally:
+            vae.disable_tiling()
+    for name, a, b, c in zip(("encode", "decode"), plain, tiled, naive):
+        assert a.shape == b.shape
+        g = psnr(a, b)
+        assert g > 30, (name, g)
+        assert g > psnr(a, c) + 3, (name, g, psnr(a, c))  # whole-frame statistics beat per-tile ones
+        # The seams: output rows/columns within 2 pixels of the tile boundaries. Tiles are cut in the tiled
+        # part's input: pixels (spatial encode), latent pixels (spatial decode: tile 48 / 2; temporal).
+        tile, halo, align, ratio = {("spatial", "encode"): (48, 8, 2, 0.5), ("spatial", "decode"): (24, 4, 1, 2),
+                                    ("temporal", "encode"): (24, 4, 1, 1),
+                                    ("temporal", "decode"): (24, 4, 1, 1)}[part, name]
+        h, w = a.shape[-2:]
+        rows, cols = ([int(sp.core[0] * ratio) for sp in tiling.spans(int(n / ratio), tile, halo, align)[1:]]
+                      for n in (h, w))
+        assert rows or cols, "the test frame must be split"
+        seam = _seam_mask(h, rows, 2)[:, None] | _seam_mask(w, cols, 2)[None, :]
+        # What is left on the seams is the convolutions' context beyond the overlap: small, and far below the
+        # per-tile statistics' seams.
+        s, s_naive = psnr(a[..., seam], b[..., seam]), psnr(a[..., seam], c[..., seam])
+        assert s > 25 and s > s_naive + 3, (name, s, s_naive, g)
+
+
+def test_blending_is_a_partition_of_unity():
+    """Without GroupNorms, tiles of a pointwise map reproduce it: weights sum to one, crops line up."""
+    x = torch.randn(2, 3, 37, 53)
+    conv = nn.Conv2d(3, 4, 1)
+    with torch.no_grad():
+        for ratio, fn in (((1, 1), conv),
+                          ((2, 1), lambda v: nn.functional.interpolate(conv(v), scale_factor=2, mode="nearest"))):
+            want = fn(x)
+            got = tiling.run_tiled(fn, conv, x, tile=16, halo=4, exact_norms=0, ratio=ratio)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        down = nn.AvgPool2d(2)  # ratio 1/2 with aligned tiles
+        got = tiling.run_tiled(down, down, x[..., :36, :52], tile=16, halo=4, exact_norms=0, align=2, ratio=(1, 2))
+        torch.testing.assert_close(got, down(x[..., :36, :52]), rtol=1e-5, atol=1e-5)
+
+
+def test_exact_statistics_are_the_whole_frame_ones():
+    """GroupNorms between pointwise maps: statistics recorded over the tile cores, norm by norm, equal the whole
+    frame's, so tiles reproduce the untiled output."""
+    net = nn.Sequential(nn.GroupNorm(2, 4), nn.Conv2d(4, 6, 1), nn.SiLU(), nn.GroupNorm(3, 6), nn.Conv2d(6, 3, 1))
+    x = torch.randn(3, 4, 45, 61) * 3 + 1
+    with torch.no_grad():
+        got = tiling.run_tiled(net, net, x, tile=16, halo=2, exact_norms=None)
+        torch.testing.assert_close(got, net(x), rtol=1e-4, atol=1e-4)
+        naive = tiling.run_tiled(net, net, x, tile=16, halo=2, exact_norms=0)
+        one = tiling.run_tiled(net, net, x, tile=16, halo=2, exact_norms=1)
+        assert (one - net(x)).abs().max() > 1e-3
+        assert (naive - net(x)).abs().max() > 1e-3  # the test can tell
+
+
+def test_odd_sizes_and_frames_smaller_than_a_tile(model, clip):
+    model.enable_tiling(tile_size=48, overlap=16, temporal_tile_size=10, temporal_overlap=4, exact_norms=0)
+    try:
+        with torch.no_grad():
+            for h, w in ((64, 80), (16, 80), (64, 16)):
+                x = clip[:, :, :3, :h, :w]
+                z = model.encode(x, sample_posterior=False)
+                assert list(z.shape[2:]) == model.get_latent_size([3, h, w])
+                assert model.decode(z, num_frames=3).shape == x.shape
+    finally:
+        model.disable_tiling()
+
+
+def test_bad_tiling_arguments_are_refused(model):
+    with pytest.raises(ValueError, match="multiples of 16"):
+        model.enable_tiling(tile_size=100)
+    with pytest.raises(ValueError, match="no core"):
+        model.enable_tiling(tile_size=64, overlap=32)
+    with pytest.raises(ValueError, match="exact_norms"):
+        model.enable_tiling(exact_norms=-1)
+
+
+@pytest.mark.parametrize("micro", [1, 3, 4])
+def test_streamed_micro_batches_equal_the_whole_batch(micro, clip):
+    """Frames go through micro-batches into one preallocated output (also across videos of a batch)."""
+    x = torch.cat([clip, clip.flip(-1)])[..., :16, :24]
+    whole = tiny_pipeline(seed=4, micro_batch_size=None)
+    chunked = tiny_pipeline(seed=4, micro_batch_size=micro)
+    with torch.no_grad():
+        a = whole.spatial_vae.encode(x, sample_posterior=False)
+        b = chunked.spatial_vae.encode(x, sample_posterior=False)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(chunked.spatial_vae.decode(a), whole.spatial_vae.decode(a), rtol=1e-5, atol=1e-5)
+
+
+def test_tiling_flag_reaches_the_model(monkeypatch):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import inference_vae
+
+    seen = {}
+    monkeypatch.setattr(inference_vae, "reconstruct_dataset", lambda cfg, *a, **k: seen.update(cfg=cfg))
+    config = ROOT / "configs" / "vae" / "tiny" / "inference.py"
+    inference_vae.main([str(config), "--data-path", "x.csv", "--save-dir", "out"])
+    assert seen["cfg"].get("tiling") is None
+    inference_vae.main([str(config), "--data-path", "x.csv", "--save-dir", "out", "--tiling", "--tile-size", "256"])
+    assert dict(seen["cfg"].tiling) == {"tile_size": 256}
+    model = load_model(tiny_model_cfg(), None, seen["cfg"].tiling)
+    assert model.spatial_vae.tiling.tile_size == model.temporal_vae.tiling.tile_size == 256
+    assert load_model(tiny_model_cfg(), None, None).spatial_vae.tiling is None
