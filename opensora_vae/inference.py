@@ -140,6 +140,8 @@ def reconstruct_dataset(cfg, ckpt_path: Optional[str], save_dir: str, overwrite:
         logger.info("%d clip(s) already reconstructed: kept (pass --overwrite to redo them)", len(report.existing))
 
     model = load_model(cfg.model, ckpt_path).to(device=device, dtype=dtype).eval()
+    if cfg.get("compile"):
+        model.enable_compile()  # compiled once per shape; inductor's disk cache keeps it for later runs
     sample_posterior = bool(cfg.get("sample_posterior", False))
     generator = torch.Generator(device=device).manual_seed(int(cfg.get("seed", 42)) + info.rank)
     stats = LatentStats()

@@ -22,6 +22,7 @@ def main(argv=None) -> None:
     parser.add_argument("--fps", type=float, help="fps of the written videos (default: the source's)")
     parser.add_argument("--cal-stats", action="store_true", help="also write per-channel latent mean/std JSON")
     parser.add_argument("--stats-path", help="where --cal-stats writes (default: DIR_latent_stats.json)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (cached on disk per machine)")
     parser.add_argument("--overwrite", action="store_true", help="redo clips whose outputs already exist")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
@@ -35,6 +36,8 @@ def main(argv=None) -> None:
         options["dataset.image_size"] = tuple(size)
     if args.fps:
         options["fps"] = args.fps
+    if args.compile:
+        options["compile"] = True
     cfg = load_config(args.config, options)
     save_dir = args.save_dir or cfg.get("save_dir")
     if not save_dir:

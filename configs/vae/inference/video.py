@@ -23,6 +23,9 @@ model = dict(
     micro_frame_size=17,
     micro_batch_size=4,
 )
+# torch.compile the four networks (see VideoAutoencoderPipeline.enable_compile): minutes of compilation on the
+# first run per machine and clip shape, cached on disk (TORCHINDUCTOR_CACHE_DIR) for later runs.
+compile = False
 save_dir = "samples/vae_video"
 sample_posterior = False
 cal_stats = False
