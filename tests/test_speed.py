@@ -37,3 +37,24 @@ def test_compiled_pipeline_matches_eager():
         got = model.decode(z_c, num_frames=9)
     assert torch.allclose(z_c, z, atol=1e-5, rtol=1e-5)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_lpips_and_flolpips_batched_equal_one_frame_per_call():
+    from opensora_vae.metrics import flolpips, lpips
+    from opensora_vae.metrics.flolpips import flolpips_pairs, get_flow_model
+    from opensora_vae.perceptual import build_lpips, lpips_distance
+
+    torch.manual_seed(0)
+    model = build_lpips("alex", random_backbone=True)
+    flow = get_flow_model(None, "cpu", random_init=True)
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(2, 3, 3, 64, 64, generator=g)
+    b = (a + 0.2 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    x, y = a.flatten(0, 1), b.flatten(0, 1)
+    with torch.no_grad():
+        one = torch.cat([lpips_distance(model, x[i:i + 1] * 2 - 1, y[i:i + 1] * 2 - 1) for i in range(len(x))])
+        pairs = torch.cat([flolpips_pairs(a[i, t:t + 1], a[i, t + 1:t + 2], b[i, t:t + 1], b[i, t + 1:t + 2], model, flow)
+                           for i in range(2) for t in range(2)])
+    assert torch.allclose(lpips(a, b, model=model).flatten(), one, rtol=1e-5, atol=1e-7)
+    got = flolpips(a, b, lpips_model=model, flow_model=flow)[:, :-1].flatten()
+    assert torch.allclose(got, pairs, rtol=1e-4, atol=1e-7)
