@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import torch
 
-from .ssim import _CHUNK_VALUES, _check_videos
+from .ssim import _check_videos
 
 __all__ = ["psnr", "MAX_PSNR"]
 
 MAX_PSNR = 100.0
 _MSE_FLOOR = 1e-10
+# float64 values per chunk of frames: L2-sized on CPU (the float64 copies are memory-bound), large on GPU
+_CHUNK_VALUES = {"cpu": 2**17, "cuda": 2**24}
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
