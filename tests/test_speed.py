@@ -1,6 +1,8 @@
 """Fast paths give the plain path's outputs: compiled == eager (tiny model), build_model's compile option."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -23,9 +25,10 @@ def test_build_model_compile_option_compiles_the_four_networks_in_place():
         build_model(dict(tiny_model_cfg()["vae_temporal"], compile=True))
 
 
+@pytest.mark.skipif(os.environ.get("OPENSORA_VAE_TEST_COMPILE") != "1",
+                    reason="inductor compiles four C++ graphs: minutes on 2 shared cores; set OPENSORA_VAE_TEST_COMPILE=1")
 def test_compiled_pipeline_matches_eager():
-    # Inductor compiles the tiny model's four networks on CPU in about a minute on 2 cores: one shape only.
-    pytest.importorskip("torch._inductor")
+    # One clip shape and micro_batch_size=None: one graph per network.
     model = tiny_pipeline()
     x = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     model.spatial_vae.micro_batch_size = None  # one spatial shape -> one graph per network
