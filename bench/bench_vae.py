@@ -7,15 +7,22 @@ Sections (full-size model, random weights):
   micro    spatial VAE decode with micro_batch_size None (all frames at once) vs 4: peak memory.
   layout   contiguous (NCDHW) vs channels_last_3d weights and input (cuDNN's preferred layout for bf16).
   compile  eager vs torch.compile of the temporal VAE's encoder and decoder.
+  parts    plain path split into spatial encode, temporal encode, temporal decode, spatial decode: time, frames/s,
+           peak memory, FLOPs (torch.utils.flop_counter) and % of the device's peak (GPU tables in bench/common.py).
+  levers   each speed lever vs the plain path, interleaved in one run, with the max |diff| of the decoded clip:
+           spatial channels_last, temporal channels_last_3d, build_model(compile=True) (CPU: also inductor
+           freezing; GPU: also mode="max-autotune-no-cudagraphs" and "reduce-overhead" = CUDA graphs).
   load     loading a published-format checkpoint: random init + load_state_dict vs from_pretrained
            (meta device + assign): seconds and peak host memory, each in a fresh process.
 
-python bench/bench_vae.py --device cuda --frames 17 --size 256 [--sections conv dtype micro load]
+python bench/bench_vae.py --device cuda --frames 17 --size 256 [--sections conv dtype micro load parts levers]
+       [--dtype fp32|bf16] [--threads 2] [--levers channels_last compile]
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import resource
 import statistics
@@ -27,6 +34,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import compare, count_flops, header, max_diff, table  # noqa: E402
 
 from opensora_vae import build_model
 from opensora_vae.models import VideoAutoencoderPipeline
@@ -177,28 +187,108 @@ def bench_load():
     return {"name": "load", "naive": a, "meta": b}
 
 
+def bench_parts(model, x, device, dtype, repeat):
+    """Time and FLOPs of each of the four parts of the plain path (one micro-chunk of 17 frames at most)."""
+    with torch.inference_mode():
+        x_z = model.spatial_vae.encode(x, sample_posterior=False)
+        z = model.temporal_vae.encode(x_z[:, :, :17]).mode()
+        x_z_rec = model.temporal_vae.decode(z, num_frames=min(17, x_z.shape[2]))
+    parts = {
+        "spatial encode": lambda: model.spatial_vae.encode(x, sample_posterior=False),
+        "temporal encode": lambda: model.temporal_vae.encode(x_z[:, :, :17]).mode(),
+        "temporal decode": lambda: model.temporal_vae.decode(z, num_frames=min(17, x_z.shape[2])),
+        "spatial decode": lambda: model.spatial_vae.decode(x_z_rec),
+    }
+    with torch.inference_mode():
+        flops = {k: count_flops(f) for k, f in parts.items()}
+        res = compare(parts, device, repeat)
+    total = sum(r["seconds"] for r in res.values())
+    rows = [dict(name=f"{k} ({100 * r['seconds'] / total:.0f}%)", seconds=r["seconds"], peak_gib=r["peak_gib"],
+                 flops=flops[k]) for k, r in res.items()]
+    rows.append(dict(name="sum of parts", seconds=total, peak_gib=max(r["peak_gib"] for r in res.values()),
+                     flops=sum(flops.values())))
+    table(rows, device, dtype, frames_per_item=x.shape[2])
+    return rows
+
+
+def _lever_variants(model, x, device, names):
+    """name -> (model, input, compile options or None) for each lever asked for (and available on `device`)."""
+    out = {}
+    if "channels_last" in names:
+        m = copy.deepcopy(model)
+        m.spatial_vae.to(memory_format=torch.channels_last)
+        out["spatial channels_last"] = (m, x, None)
+    if "channels_last_3d" in names:
+        m = copy.deepcopy(model)
+        m.temporal_vae.to(memory_format=torch.channels_last_3d)
+        out["temporal channels_last_3d"] = (m, x, None)
+    if "compile" in names:
+        out["compile (default mode)"] = (copy.deepcopy(model), x, {})
+        if device.type == "cpu":
+            out["compile + inductor freezing"] = (copy.deepcopy(model), x, {"options": {"freezing": True}})
+        else:
+            out["compile max-autotune-no-cudagraphs"] = (copy.deepcopy(model), x, {"mode": "max-autotune-no-cudagraphs"})
+            out["compile reduce-overhead (CUDA graphs)"] = (copy.deepcopy(model), x, {"mode": "reduce-overhead"})
+    return out
+
+
+def bench_levers(model, x, device, dtype, repeat, names):
+    """Each lever against the plain path, interleaved; compile time is reported separately (first call)."""
+    fns = {"plain eager": _encode_decode_out(model, x)}
+    for name, (m, inp, opts) in _lever_variants(model, x, device, names).items():
+        if opts is not None:
+            m.enable_compile(**opts)
+            t = time.perf_counter()
+            _encode_decode_out(m, inp)()
+            sync(device)
+            print(f"{name}: first call (compilation, or a load from inductor's disk cache) {time.perf_counter() - t:.1f} s")
+        fns[name] = _encode_decode_out(m, inp)
+    with torch.inference_mode():
+        flops = count_flops(fns["plain eager"])
+    res = compare(fns, device, repeat)
+    base = res["plain eager"]
+    rows = [dict(name=k, seconds=r["seconds"], peak_gib=r["peak_gib"], flops=flops,
+                 ratio=base["seconds"] / r["seconds"], diff=max_diff(r["out"], base["out"])) for k, r in res.items()]
+    table(rows, device, dtype, frames_per_item=x.shape[2])
+    return rows
+
+
+def _encode_decode_out(model, x):
+    def run():
+        with torch.inference_mode():
+            return model.decode(model.encode(x, sample_posterior=False), num_frames=x.shape[2])
+    return run
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--frames", type=int, default=17)
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--width", type=int, help="frame width (default: --size, i.e. square)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--sections", nargs="+", default=["conv", "dtype", "micro", "layout", "compile", "load"])
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--levers", nargs="+", default=["channels_last", "channels_last_3d", "compile"])
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--load-only", nargs=2, metavar=("MODE", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load_only:
         return load_once(*args.load_only)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = True
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
-          f"torch {torch.__version__}, clip {args.frames}x{args.size}x{args.size}, median of {args.repeat}")
+    print(f"{header(device)}, clip {args.frames}x{args.size}x{args.size}, median of {args.repeat}")
     rows = []
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if any(s in args.sections for s in ("conv", "dtype", "micro", "layout", "compile")):
+    if args.dtype:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if any(s in args.sections for s in ("conv", "dtype", "micro", "layout", "compile", "parts", "levers")):
         torch.manual_seed(0)
         model = build_model(FULL).to(device=device, dtype=dtype).eval()
-        x = (torch.rand(1, 3, args.frames, args.size, args.size, device=device) * 2 - 1).to(dtype)
+        x = (torch.rand(1, 3, args.frames, args.size, args.width or args.size, device=device) * 2 - 1).to(dtype)
         if "conv" in args.sections:
             rows.append(bench_conv(model, x, device, args.repeat))
         if "dtype" in args.sections and device.type == "cuda":
@@ -209,6 +299,10 @@ def main():
             rows.append(bench_layout(model.to(dtype), x.to(dtype), device, args.repeat))
         if "compile" in args.sections:
             rows.append(bench_compile(model.to(dtype), x.to(dtype), device, args.repeat))
+        if "parts" in args.sections:
+            rows += bench_parts(model.to(dtype), x.to(dtype), device, dtype, args.repeat)
+        if "levers" in args.sections:
+            rows += bench_levers(model.to(dtype), x.to(dtype), device, dtype, args.repeat, args.levers)
         del model
     if "load" in args.sections:
         rows.append(bench_load())

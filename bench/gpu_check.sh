@@ -27,6 +27,12 @@ for stage in 1 3; do
   tail -2 /tmp/train$stage/*/metrics.jsonl | tee "$OUT/train_stage$stage.jsonl"
 done
 [ -n "${SKIP_BENCH:-}" ] && exit 0
+# Issue 9 figures: per-part times, each lever vs plain (bf16 17x256x256), 51x720x1280, metrics on the GPU.
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor_cache}
+timeout 420 python3 bench/bench_vae.py --device cuda --frames 17 --size 256 --repeat 5 --sections parts levers \
+  --json "$OUT/bench_levers.json" 2>&1 | tee "$OUT/bench.txt"
+timeout 150 python3 bench/bench_vae.py --device cuda --frames 51 --size 720 --width 1280 --repeat 2 --sections parts 2>&1 | tee -a "$OUT/bench.txt"
+timeout 120 python3 bench/bench_metrics.py --device cuda --clips 5 --repeat 3 2>&1 | tee "$OUT/bench_metrics.txt"
 python3 bench/bench_vae.py --device cuda --frames 17 --size 256 --repeat 3 --sections conv dtype micro --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
 python3 bench/bench_vae.py --device cuda --frames 51 --size 512 --repeat 2 --sections conv micro 2>&1 | tee -a "$OUT/bench.txt"
 # Issue 9 targets 3 and 4 (prepared, not yet run on a GPU): full-size structure, random weights, bf16.

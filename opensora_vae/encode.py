@@ -281,7 +281,8 @@ def encode_dataset(cfg, ckpt_path: Optional[str], save_dir: str, num_frames: Opt
     out = Path(save_dir)
     shard_dir = out / SHARD_DIR
 
-    model = load_model(cfg.model, ckpt_path, cfg.get("tiling")).to(device=device, dtype=dtype).eval()
+    model = load_model(cfg.model, ckpt_path, cfg.get("tiling"), cfg.get("compile")).to(device=device, dtype=dtype)
+    model.eval()
     meta = _job_meta(cfg, ckpt_path, base, buckets, dtype, save_dtype_name, model)
     if info.is_main:
         shard_dir.mkdir(parents=True, exist_ok=True)

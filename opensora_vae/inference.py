@@ -7,7 +7,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -114,14 +114,19 @@ class InferenceReport:
     stats: Optional[Dict[str, Any]] = None
 
 
-def load_model(model_cfg: Dict[str, Any], ckpt_path: Optional[str], tiling: Optional[Dict[str, Any]] = None):
-    """Build the pipeline (weights from ckpt_path when given); `tiling`: enable_tiling kwargs, or None for off."""
+def load_model(model_cfg: Dict[str, Any], ckpt_path: Optional[str], tiling: Optional[Dict[str, Any]] = None,
+               compile: Union[bool, Dict[str, Any], None] = None):
+    """Build the pipeline (weights from ckpt_path when given) with the runtime options of inference and encoding:
+    `tiling` (enable_tiling kwargs, or None for off) and `compile` (True or torch.compile options: enable_compile,
+    compiled once per shape, cached on disk by inductor)."""
     cfg = to_plain(model_cfg)
     if ckpt_path:
         cfg["from_pretrained"] = str(ckpt_path)
     model = build_model(cfg)
     if tiling is not None:
         model.enable_tiling(**to_plain(tiling))
+    if compile:
+        model.enable_compile(**({} if compile is True else to_plain(compile)))
     return model
 
 
@@ -167,7 +172,8 @@ def reconstruct_dataset(cfg, ckpt_path: Optional[str], save_dir: str, overwrite:
     if report.existing:
         logger.info("%d clip(s) already reconstructed: kept (pass --overwrite to redo them)", len(report.existing))
 
-    model = load_model(cfg.model, ckpt_path, cfg.get("tiling")).to(device=device, dtype=dtype).eval()
+    model = load_model(cfg.model, ckpt_path, cfg.get("tiling"), cfg.get("compile")).to(device=device, dtype=dtype)
+    model.eval()
     sample_posterior = bool(cfg.get("sample_posterior", False))
     crf = int(cfg.get("crf", 18))
     generator = torch.Generator(device=device).manual_seed(int(cfg.get("seed", 42)) + info.rank)

@@ -38,7 +38,18 @@ def build_from_cfg(cfg: Any, registry: Registry, **overrides: Any) -> Any:
 
 
 def build_model(cfg: Any, **overrides: Any):
-    """Build any registered model (VideoAutoencoderKL, VAE_Temporal, OpenSoraVAE_V1_2, ...)."""
+    """Build any registered model (VideoAutoencoderKL, VAE_Temporal, OpenSoraVAE_V1_2, ...).
+
+    `compile` (in the dict or as a keyword; not a constructor argument, never saved): True or a dict of
+    torch.compile options calls `model.enable_compile(...)` on the built model.
+    """
     from . import models  # noqa: F401  (registers the model types)
 
-    return build_from_cfg(cfg, MODELS, **overrides)
+    cfg = to_plain(cfg)
+    compile_opts = overrides.pop("compile", cfg.pop("compile", False) if isinstance(cfg, dict) else False)
+    model = build_from_cfg(cfg, MODELS, **overrides)
+    if compile_opts:
+        if not hasattr(model, "enable_compile"):
+            raise TypeError(f"{type(model).__name__} has no enable_compile(); compile=True is not supported for it")
+        model.enable_compile(**(compile_opts if isinstance(compile_opts, dict) else {}))
+    return model

@@ -26,6 +26,7 @@ def main(argv=None) -> None:
                         help="sample the posteriors (the published protocol) instead of taking their means")
     parser.add_argument("--cal-stats", action="store_true", help="also write per-channel latent mean/std JSON")
     parser.add_argument("--stats-path", help="where --cal-stats writes (default: DIR_latent_stats.json)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (cached on disk per machine)")
     parser.add_argument("--overwrite", action="store_true", help="redo clips whose outputs already exist")
     parser.add_argument("--tiling", action="store_true", help="tile H/W through both VAEs (bounded memory)")
     parser.add_argument("--tile-size", type=int, help="tile side in pixels (implies --tiling; default 512)")
@@ -48,6 +49,8 @@ def main(argv=None) -> None:
         options["num_samples"] = args.num_samples
     if args.sample_posterior is not None:
         options["sample_posterior"] = args.sample_posterior
+    if args.compile:
+        options["compile"] = True
     cfg = load_config(args.config, options)
     tiling = {k: v for k, v in (("tile_size", args.tile_size), ("overlap", args.tile_overlap)) if v is not None}
     if args.tiling or tiling:  # flags refine the config's tiling dict

@@ -174,6 +174,21 @@ class VideoAutoencoderPipeline(nn.Module):
         self.spatial_vae.disable_tiling()
         self.temporal_vae.disable_tiling()
 
+    def enable_compile(self, **options) -> None:
+        """torch.compile (in place, `nn.Module.compile`: weights and state_dict names unchanged) the four networks
+        that hold the time: the spatial VAE's encoder and decoder and the temporal VAE's encoder and decoder.
+        `options` go to torch.compile (default dynamic=False: one graph per input shape, e.g. per micro-batch
+        size). Chunking, padding and sampling stay eager. The first call per shape compiles (minutes for the full
+        model); inductor caches the result on disk (TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_$USER),
+        so later processes on the same machine reuse it. Outputs match eager to float rounding, not bitwise."""
+        options = {"dynamic": False, **options}
+        for net in self._compiled_parts():
+            net.compile(**options)
+
+    def _compiled_parts(self):
+        kl = self.spatial_vae.module
+        return kl.encoder, kl.decoder, self.temporal_vae.encoder, self.temporal_vae.decoder
+
     def enable_gradient_checkpointing(self) -> None:
         self.temporal_vae.enable_gradient_checkpointing()
         if not self.freeze_vae_2d:

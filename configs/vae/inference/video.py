@@ -26,6 +26,9 @@ model = dict(
 # dict of VideoAutoencoderPipeline.enable_tiling kwargs (e.g. dict(tile_size=512, overlap=64)): any resolution in
 # bounded memory; None: untiled.
 tiling = None
+# torch.compile the four networks (see VideoAutoencoderPipeline.enable_compile): minutes of compilation on the
+# first run per machine and clip shape, cached on disk (TORCHINDUCTOR_CACHE_DIR) for later runs.
+compile = False
 save_dir = "samples/vae_video"
 # Deterministic defaults (repeatable scores): posterior means, H.264 CRF 18, every row. The published table used
 # published_eval.py instead (sampled posteriors, CRF 23, 24 fps, 100 rows).

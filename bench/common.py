@@ -1,0 +1,115 @@
+"""Shared benchmark helpers: interleaved side-by-side timing, peak memory, FLOPs and the device's peak."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, Optional
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+# Dense peak throughput in TFLOP/s (vendor datasheets, no sparsity): (bf16 tensor core, fp32 non-tensor).
+DEVICE_PEAK_TFLOPS = {
+    "H100 PCIe": {torch.bfloat16: 756.0, torch.float32: 51.2},
+    "H100": {torch.bfloat16: 989.4, torch.float32: 66.9},  # SXM / HBM3
+    "H200": {torch.bfloat16: 989.4, torch.float32: 66.9},
+}
+
+
+def device_peak_tflops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
+    """Peak TFLOP/s of a known GPU for `dtype`; None on CPU and unknown cards (the tables then say n/a)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(DEVICE_PEAK_TFLOPS, key=len, reverse=True):  # most specific name first
+        if key in name:
+            return DEVICE_PEAK_TFLOPS[key].get(dtype)
+    return None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: writing 5 resets the process's peak RSS (VmHWM) to its current RSS
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def _peak_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB -> GiB
+    except OSError:
+        pass
+    return float("nan")
+
+
+def compare(fns: Dict[str, Callable[[], object]], device: torch.device, repeat: int = 3, warmup: int = 1):
+    """Run every variant `warmup` times, then `repeat` rounds interleaving the variants (so a loaded machine slows
+    all of them alike). Returns name -> dict(seconds=median, peak_gib=max peak, out=last output)."""
+    res = {k: {"times": [], "peak_gib": 0.0, "out": None} for k in fns}
+    for k, fn in fns.items():
+        for _ in range(warmup):
+            res[k]["out"] = fn()
+        sync(device)
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            _reset_peak(device)
+            t = time.perf_counter()
+            res[k]["out"] = fn()
+            sync(device)
+            res[k]["times"].append(time.perf_counter() - t)
+            res[k]["peak_gib"] = max(res[k]["peak_gib"], _peak_gib(device))
+    for r in res.values():
+        r["seconds"] = statistics.median(r.pop("times"))
+    return res
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call as torch.utils.flop_counter counts them (matmuls, convolutions, attention)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def max_diff(a, b) -> float:
+    """Largest absolute difference between two tensors (or equal-length tuples of tensors)."""
+    if isinstance(a, (tuple, list)):
+        return max(max_diff(x, y) for x, y in zip(a, b))
+    return (a.double() - b.double()).abs().max().item()
+
+
+def header(device: torch.device) -> str:
+    what = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    return f"device {device} ({what}), torch {torch.__version__}"
+
+
+def table(rows, device: torch.device, dtype: torch.dtype, frames_per_item: Optional[int] = None):
+    """Print rows (dicts: name, seconds, peak_gib, flops, ratio, diff) as a Markdown table."""
+    peak = device_peak_tflops(device, dtype)
+    mem = "peak CUDA alloc GiB" if device.type == "cuda" else "peak RSS GiB"
+    cols = ["variant", "ms / item"] + (["frames/s"] if frames_per_item else []) + [mem, "GFLOP", "% of peak", "ratio to plain", "max |diff|"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        flops = r.get("flops")
+        gflop = f"{flops / 1e9:.1f}" if flops else "n/a"
+        frac = f"{100 * flops / r['seconds'] / (peak * 1e12):.1f}%" if (flops and peak) else "n/a"
+        cells = [r["name"], f"{r['seconds'] * 1e3:.1f}"]
+        if frames_per_item:
+            cells.append(f"{frames_per_item / r['seconds']:.1f}")
+        diff = r.get("diff")
+        cells += [f"{r['peak_gib']:.2f}", gflop, frac, f"{r['ratio']:.2f}x" if r.get("ratio") else "-",
+                  "-" if diff is None else f"{diff:.1e}"]
+        print("| " + " | ".join(cells) + " |", flush=True)
