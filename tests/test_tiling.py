@@ -161,17 +161,20 @@ def test_streamed_micro_batches_equal_the_whole_batch(micro, clip):
         torch.testing.assert_close(chunked.spatial_vae.decode(a), whole.spatial_vae.decode(a), rtol=1e-5, atol=1e-5)
 
 
-def test_tiling_flag_reaches_the_model(monkeypatch):
+@pytest.mark.parametrize("script, entry", [("inference_vae", "reconstruct_dataset"), ("encode_latents", "encode_dataset")])
+def test_tiling_and_compile_flags_reach_the_model(monkeypatch, script, entry):
+    """Both CLIs share the runtime flags (opensora_vae.cli), applied in one place (inference.load_model)."""
     sys.path.insert(0, str(ROOT / "scripts"))
-    import inference_vae
+    module = __import__(script)
 
     seen = {}
-    monkeypatch.setattr(inference_vae, "reconstruct_dataset", lambda cfg, *a, **k: seen.update(cfg=cfg))
+    monkeypatch.setattr(module, entry, lambda cfg, *a, **k: seen.update(cfg=cfg))
     config = ROOT / "configs" / "vae" / "tiny" / "inference.py"
-    inference_vae.main([str(config), "--data-path", "x.csv", "--save-dir", "out"])
-    assert seen["cfg"].get("tiling") is None
-    inference_vae.main([str(config), "--data-path", "x.csv", "--save-dir", "out", "--tiling", "--tile-size", "256"])
-    assert dict(seen["cfg"].tiling) == {"tile_size": 256}
+    module.main([str(config), "--data-path", "x.csv", "--save-dir", "out"])
+    assert seen["cfg"].get("tiling") is None and not seen["cfg"].get("compile")
+    module.main([str(config), "--data-path", "x.csv", "--save-dir", "out", "--tiling", "--tile-size", "256",
+                 "--compile"])
+    assert dict(seen["cfg"].tiling) == {"tile_size": 256} and seen["cfg"].compile is True
     model = load_model(tiny_model_cfg(), None, seen["cfg"].tiling)
     assert model.spatial_vae.tiling.tile_size == model.temporal_vae.tiling.tile_size == 256
     assert load_model(tiny_model_cfg(), None, None).spatial_vae.tiling is None
