@@ -1,6 +1,8 @@
 # `make demo` (python -m opensora_vae.demo): what every demo stage shares (names only; each stage assigns them).
 # A tiny spatial VAE that compresses 4x per side (16-32-64 channels) and a tiny temporal VAE, on 64x64 frames;
 # the demo caches its clips at this size once.
+_base_ = ["../tiny/widths.py"]
+
 demo_image_size = (64, 64)
 demo_num_frames = 17
 demo_vae_2d = dict(
@@ -18,14 +20,5 @@ demo_vae_2d = dict(
         sample_size=64,
     ),
 )
-demo_vae_temporal = dict(
-    type="VAE_Temporal",
-    in_out_channels=4,
-    latent_embed_dim=4,
-    embed_dim=4,
-    filters=16,
-    num_res_blocks=1,
-    channel_multipliers=(1, 2, 2, 4),
-    temporal_downsample=(False, True, True),
-    num_groups=4,
-)
+# The tiny configs' temporal VAE (filters 16, one res block, 4 groups).
+demo_vae_temporal = {{_base_.tiny_vae_temporal}}
