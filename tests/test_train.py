@@ -10,6 +10,7 @@ import torch
 from opensora_vae.config import load_config
 from opensora_vae.models import VideoAutoencoderPipeline
 from opensora_vae.train import NonFiniteLossError, Trainer
+from opensora_vae.train.trainer import lr_factor
 from opensora_vae.train.checkpoint import latest_checkpoint
 
 from helpers import ROOT
@@ -69,11 +70,14 @@ def test_two_process_gloo_run_learns(tmp_path, sample_videos):
     assert (run_dir / "config.py").is_file()
 
 
-def test_stop_and_resume_equals_uninterrupted(tmp_path, clip_csv):
+def test_stop_and_resume_equals_uninterrupted(tmp_path, clip_csv, monkeypatch):
     opts = {**EXACT, "max_steps": 6, "ckpt_every": 3, "mixed_strategy": "mixed_video_image",
-            "mixed_image_ratio": 0.5, "sample_posterior": True}
+            "mixed_image_ratio": 0.5, "sample_posterior": True, "warmup_steps": 2,
+            "lr_schedule": dict(type="cosine", min_ratio=0.1)}
     full_dir, _ = run_in_process(TINY / "stage1.py", clip_csv, tmp_path / "full", **opts)
-    half_dir, _ = run_in_process(TINY / "stage1.py", clip_csv, tmp_path / "half", **{**opts, "max_steps": 3})
+    with monkeypatch.context() as m:  # stopped after step 3 of the same 6-step run (the schedule spans 6 steps)
+        m.setattr(Trainer, "_done", lambda self: self.global_step >= 3)
+        half_dir, _ = run_in_process(TINY / "stage1.py", clip_csv, tmp_path / "half", **opts)
     resumed_dir, _ = run_in_process(TINY / "stage1.py", clip_csv, tmp_path / "half",
                                     load=str(half_dir / "epoch0-global_step3"), **opts)
     assert resumed_dir == half_dir
@@ -82,10 +86,25 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, clip_csv):
     for a, b in zip(full, resumed):
         assert a["loss"] == b["loss"] and a["frames"] == b["frames"], (a, b)
     assert {m["frames"] for m in full} == {1.0, 5.0}  # both image and video steps were replayed
+    # the logged rate is the one the step after it uses: warm-up, then the cosine decay, resumed mid-way
+    lr = load_config(TINY / "stage1.py").lr
+    factor = lr_factor(2, dict(type="cosine", min_ratio=0.1), 6)
+    assert [m["lr"] for m in resumed] == pytest.approx([lr * factor(s) for s in range(1, 7)])
     end_a = VideoAutoencoderPipeline.from_pretrained(full_dir / "epoch1-global_step6")
     end_b = VideoAutoencoderPipeline.from_pretrained(half_dir / "epoch1-global_step6")
     for k, v in end_a.state_dict().items():
         assert torch.equal(v, end_b.state_dict()[k]), k
+
+
+def test_lr_schedules():
+    constant = lr_factor(4, None, None)
+    assert [constant(s) for s in (0, 3, 4, 1000)] == [0.25, 1.0, 1.0, 1.0]
+    cosine = lr_factor(2, dict(type="cosine", min_ratio=0.1), 12)
+    assert [cosine(s) for s in (0, 1, 2, 7, 12, 50)] == pytest.approx([0.5, 1.0, 1.0, 0.55, 0.1, 0.1])
+    with pytest.raises(ValueError, match="max_steps"):
+        lr_factor(0, dict(type="cosine"), None)
+    with pytest.raises(ValueError, match="'linear'"):
+        lr_factor(0, dict(type="linear"), 10)
 
 
 def test_ddp_two_ranks_equals_one_rank_with_the_same_global_batch(tmp_path, clip_csv):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -44,6 +45,28 @@ class TrainStep(nn.Module):
             out = self.model(x, sample_posterior=self.sample_posterior, generator=generator,
                              decode_pixels=self.loss.use_real_rec_loss)
         return self.loss(x, out)
+
+
+def lr_factor(warmup: int, schedule: Optional[dict], max_steps: Optional[int]):
+    """Multiplier of `lr` at step s: linear warm-up, then constant (the published recipe) or, with
+    `lr_schedule=dict(type="cosine", min_ratio=r)`, a cosine decay to r * lr at `max_steps` (short runs such as the
+    demo's end far better annealed)."""
+    kind = (schedule or {}).get("type", "constant")
+    if kind not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule type {kind!r}: expected 'constant' or 'cosine'")
+    if kind == "cosine" and not max_steps:
+        raise ValueError("lr_schedule type 'cosine' decays over max_steps: set max_steps")
+    min_ratio = float((schedule or {}).get("min_ratio", 0.0))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def _next_run_dir(outputs: Path, name: str) -> Path:
@@ -103,10 +126,8 @@ class Trainer:
         self.params = [p for p in self.step_module.parameters() if p.requires_grad]
         self.model_params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = self._build_optimizer()
-        warmup = int(cfg.get("warmup_steps", 0))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
-        )
+            self.optimizer, lr_factor(int(cfg.get("warmup_steps", 0)), cfg.get("lr_schedule"), cfg.get("max_steps")))
 
         # Mixed-strategy draws (CPU): one stream seeded alike on every rank, one draw per step, so all ranks take
         # the same choice at a step (as the reference). Posterior noise (on the model's device): per rank.

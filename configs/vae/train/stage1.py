@@ -46,6 +46,7 @@ shard_optimizer = True  # ZeRO-style: AdamW state sharded across ranks
 lr = 1e-5
 weight_decay = 0.0
 warmup_steps = 0
+lr_schedule = dict(type="constant")  # as published; dict(type="cosine", min_ratio=r) decays to r * lr at max_steps
 grad_clip = 1.0
 
 # Run
