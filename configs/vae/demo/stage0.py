@@ -19,5 +19,6 @@ ckpt_every = 0
 mixed_strategy = None
 train_spatial_only = True
 batch_size = 8
-lr = 2e-3
-max_steps = 300
+lr = 3e-3
+max_steps = 360
+lr_schedule = dict(type="cosine", min_ratio=0.05)  # minutes of training end far better annealed
