@@ -6,6 +6,7 @@ concatenated copy).
 
 python bench/bench_memory.py resolution --sizes 256x256 512x512 1024x1024
 python bench/bench_memory.py length --frames 17 65 257 --op encode --threads 1 --no-legacy
+python bench/bench_memory.py time --frames 17 65 257 --op encode --threads 1   # time linear in length?
 
 "peak" is above the RSS before the call (which already holds the input), so "beyond in+out" = peak - output.
 """
@@ -65,7 +66,7 @@ class _PeakRSS(threading.Thread):
             time.sleep(0.002)
 
 
-def child(args) -> None:
+def _model(args):
     import torch
 
     from opensora_vae import build_model
@@ -79,16 +80,50 @@ def child(args) -> None:
         cfg = dict(type="OpenSoraVAE_V1_2", vae_2d=dict(from_pretrained=None, config=None, micro_batch_size=1))
     else:
         cfg = dict(type="VideoAutoencoderPipeline", vae_2d=MID_VAE_2D, vae_temporal=TINY_TEMPORAL, micro_frame_size=17)
-    dtype = getattr(torch, args.dtype)
-    model = build_model(cfg).eval().to(args.device, dtype)
+    model = build_model(cfg).eval().to(args.device, getattr(torch, args.dtype))
     if args.tiling:
         model.enable_tiling(tile_size=args.tile_size, overlap=args.overlap, exact_norms=args.exact_norms,
                             tile_mid_block=args.tile_mid_block)
+    return model
+
+
+def _input(model, args, frames: int):
+    import torch
+
     h, w = args.size
+    dtype = getattr(torch, args.dtype)
     if args.op == "encode":
-        z = torch.rand(1, 3, args.frames, h, w, device=args.device, dtype=dtype) * 2 - 1
-    else:
-        z = torch.randn(1, 4, *model.get_latent_size([args.frames, h, w]), device=args.device, dtype=dtype)
+        return torch.rand(1, 3, frames, h, w, device=args.device, dtype=dtype) * 2 - 1
+    return torch.randn(1, 4, *model.get_latent_size([frames, h, w]), device=args.device, dtype=dtype)
+
+
+def time_lengths(args) -> None:
+    """Time per frame of each length, interleaved in one process (best of --repeats): on a loaded machine,
+    lengths measured side by side share the same conditions, which separate processes do not."""
+    import torch
+
+    model = _model(args)
+    best = {f: float("inf") for f in args.frames}
+    with torch.inference_mode():
+        for rep in range(args.repeats + 1):  # the first round warms up
+            for f in args.frames:
+                z = _input(model, args, f)
+                start = time.thread_time()
+                model.encode(z, sample_posterior=False) if args.op == "encode" else model.decode(z, num_frames=f)
+                if rep:
+                    best[f] = min(best[f], (time.thread_time() - start) / f)
+    a = args.frames[0]
+    print(f"{args.op} at {args.size[0]}x{args.size[1]}, {args.model} model, {args.dtype}, {args.threads} thread(s), "
+          f"thread CPU time per frame, best of {args.repeats} interleaved rounds")
+    for f in args.frames:
+        print(f"{f:4d} frames: {best[f] * 1000:7.1f} ms/frame  ({best[f] / best[a]:.2f}x of {a} frames)")
+
+
+def child(args) -> None:
+    import torch
+
+    model = _model(args)
+    z = _input(model, args, args.frames)
     cuda = args.device.startswith("cuda")
     with torch.inference_mode():  # warm-up on one frame of the same size (kernels, primitive caches)
         if args.op == "encode":
@@ -146,7 +181,7 @@ def row(label: str, r: dict) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["resolution", "length", "child"])
+    p.add_argument("mode", choices=["resolution", "length", "time", "child"])
     p.add_argument("--sizes", nargs="+", default=["256x256", "512x512", "1024x1024"], help="HxW (resolution)")
     p.add_argument("--size", type=int, nargs=2, default=[64, 64], help="H W (length; child)")
     p.add_argument("--frames", type=int, nargs="+", default=[17, 257])
@@ -162,11 +197,14 @@ def main(argv=None) -> None:
     p.add_argument("--tile-mid-block", action="store_true", help="enable_tiling(tile_mid_block=True)")
     p.add_argument("--legacy", action="store_true")
     p.add_argument("--no-legacy", action="store_true", help="length: skip the former frame loop's rows")
+    p.add_argument("--repeats", type=int, default=2, help="time: interleaved rounds after a warm-up round")
     p.add_argument("--tiled-only", action="store_true", help="resolution: skip the untiled runs")
     args = p.parse_args(argv)
     if args.mode == "child":
         args.frames = args.frames[0]
         return child(args)
+    if args.mode == "time":
+        return time_lengths(args)
     common = dict(device=args.device, threads=args.threads, tile_size=args.tile_size, overlap=args.overlap,
                   exact_norms=args.exact_norms, dtype=args.dtype, model=args.model, op=args.op,
                   tile_mid_block=args.tile_mid_block)

@@ -145,7 +145,7 @@ def test_tiled_mid_block_close_to_untiled_on_a_real_clip(model, clip):
                 vae.disable_tiling()
     for name, a, b, c in zip(("encode", "decode"), plain, got[None], got[0]):
         assert a.shape == b.shape
-        assert psnr(a, b) > {"encode": 40, "decode": 22}[name], (name, psnr(a, b))
+        assert psnr(a, b) > {"encode": 40, "decode": 25}[name], (name, psnr(a, b))  # measured 48.9 / 28.4
         assert psnr(a, b) > psnr(a, c) + 2, (name, psnr(a, b), psnr(a, c))
 
 
