@@ -105,7 +105,8 @@ class VideoAutoencoderPipeline(nn.Module):
         micro_z = self.temporal_vae.get_latent_size([self.micro_frame_size])[0]
         for n, (a, b) in enumerate(self._chunks(z.shape[2], micro_z)):
             first = n * self.micro_frame_size
-            yield first, self.temporal_vae.decode(z[:, :, a:b], num_frames=min(self.micro_frame_size, num_frames - first))
+            frames = min(self.micro_frame_size, num_frames - first)
+            yield first, self.temporal_vae.decode(z[:, :, a:b], num_frames=frames)
 
     def _decode(self, z, num_frames, decode_pixels=True):
         x_z = None

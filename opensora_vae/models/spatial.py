@@ -153,7 +153,8 @@ class VideoAutoencoderKL(nn.Module):
             self._frames(x, self._encode_frames, 2 * self.out_channels, (1, self.patch_size[1])))
 
     def decode(self, z: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Video (B, 3, T, H*8, W*8) of scaled latents; written into `out` (e.g. a view of a longer video) if given."""
+        """Video (B, 3, T, H * f, W * f) of scaled latents, written into `out` if given (e.g. frames of a longer
+        video)."""
         check_video(z, self.out_channels, name="latent")
         return self._frames(z / self.scaling_factor, self._decode_frames, self.in_channels, (self.patch_size[1], 1),
                             out=out)
