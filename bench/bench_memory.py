@@ -1,11 +1,14 @@
-"""Peak memory beyond the input/output tensors: tiled decode vs resolution (issue 9 target 3, CPU part) and decode
-vs number of frames (target 4), each measurement in a fresh subprocess after a one-frame warm-up (peak RSS
+"""Peak memory beyond the input/output tensors: tiled decode vs resolution (issue 9 target 3, CPU part) and encode
+or decode vs number of frames (target 4), each measurement in a fresh subprocess after a one-frame warm-up (peak RSS
 sampled every 2 ms with large blocks mmapped, so RSS follows the live tensors; on CUDA, max allocated).
 Old vs new side by side: --legacy runs the spatial VAE's former frame loop (per-chunk outputs, then one
 concatenated copy).
 
 python bench/bench_memory.py resolution --sizes 256x256 512x512 1024x1024
-python bench/bench_memory.py length --frames 17 257
+python bench/bench_memory.py length --frames 17 65 257 --op encode --threads 1 --no-legacy
+python bench/bench_memory.py time --frames 17 65 257 --op encode --threads 1   # time linear in length?
+
+"peak" is above the RSS before the call (which already holds the input), so "beyond in+out" = peak - output.
 """
 from __future__ import annotations
 
@@ -32,16 +35,18 @@ TINY_TEMPORAL = dict(type="VAE_Temporal", in_out_channels=4, latent_embed_dim=4,
                      num_groups=4)
 
 
-def _legacy_frames(self, x, fn, channels, ratio):
-    """The former VideoAutoencoderKL._frames: every micro-batch's output kept, then concatenated."""
+def _legacy_frames(self, x, fn, channels, ratio, out=None):
+    """The former VideoAutoencoderKL._frames: every micro-batch's output kept, then concatenated (and copied into
+    `out` when the streamed pipeline decode passes one)."""
     import torch
     from einops import rearrange
 
     b = x.shape[0]
     x = rearrange(x, "b c t h w -> (b t) c h w")
     step = self.micro_batch_size or x.shape[0]
-    out = torch.cat([fn(x[i:i + step], None) for i in range(0, x.shape[0], step)], dim=0)
-    return rearrange(out, "(b t) c h w -> b c t h w", b=b)
+    y = rearrange(torch.cat([fn(x[i:i + step], None) for i in range(0, x.shape[0], step)], dim=0),
+                  "(b t) c h w -> b c t h w", b=b)
+    return y if out is None else out.copy_(y)
 
 
 def _rss_now() -> int:
@@ -61,7 +66,7 @@ class _PeakRSS(threading.Thread):
             time.sleep(0.002)
 
 
-def child(args) -> None:
+def _model(args):
     import torch
 
     from opensora_vae import build_model
@@ -75,15 +80,50 @@ def child(args) -> None:
         cfg = dict(type="OpenSoraVAE_V1_2", vae_2d=dict(from_pretrained=None, config=None, micro_batch_size=1))
     else:
         cfg = dict(type="VideoAutoencoderPipeline", vae_2d=MID_VAE_2D, vae_temporal=TINY_TEMPORAL, micro_frame_size=17)
-    dtype = getattr(torch, args.dtype)
-    model = build_model(cfg).eval().to(args.device, dtype)
+    model = build_model(cfg).eval().to(args.device, getattr(torch, args.dtype))
     if args.tiling:
-        model.enable_tiling(tile_size=args.tile_size, overlap=args.overlap, exact_norms=args.exact_norms)
+        model.enable_tiling(tile_size=args.tile_size, overlap=args.overlap, exact_norms=args.exact_norms,
+                            tile_mid_block=args.tile_mid_block)
+    return model
+
+
+def _input(model, args, frames: int):
+    import torch
+
     h, w = args.size
+    dtype = getattr(torch, args.dtype)
     if args.op == "encode":
-        z = torch.rand(1, 3, args.frames, h, w, device=args.device, dtype=dtype) * 2 - 1
-    else:
-        z = torch.randn(1, 4, *model.get_latent_size([args.frames, h, w]), device=args.device, dtype=dtype)
+        return torch.rand(1, 3, frames, h, w, device=args.device, dtype=dtype) * 2 - 1
+    return torch.randn(1, 4, *model.get_latent_size([frames, h, w]), device=args.device, dtype=dtype)
+
+
+def time_lengths(args) -> None:
+    """Time per frame of each length, interleaved in one process (best of --repeats): on a loaded machine,
+    lengths measured side by side share the same conditions, which separate processes do not."""
+    import torch
+
+    model = _model(args)
+    best = {f: float("inf") for f in args.frames}
+    with torch.inference_mode():
+        for rep in range(args.repeats + 1):  # the first round warms up
+            for f in args.frames:
+                z = _input(model, args, f)
+                start = time.thread_time()
+                model.encode(z, sample_posterior=False) if args.op == "encode" else model.decode(z, num_frames=f)
+                if rep:
+                    best[f] = min(best[f], (time.thread_time() - start) / f)
+    a = args.frames[0]
+    print(f"{args.op} at {args.size[0]}x{args.size[1]}, {args.model} model, {args.dtype}, {args.threads} thread(s), "
+          f"thread CPU time per frame, best of {args.repeats} interleaved rounds")
+    for f in args.frames:
+        print(f"{f:4d} frames: {best[f] * 1000:7.1f} ms/frame  ({best[f] / best[a]:.2f}x of {a} frames)")
+
+
+def child(args) -> None:
+    import torch
+
+    model = _model(args)
+    z = _input(model, args, args.frames)
     cuda = args.device.startswith("cuda")
     with torch.inference_mode():  # warm-up on one frame of the same size (kernels, primitive caches)
         if args.op == "encode":
@@ -98,20 +138,23 @@ def child(args) -> None:
         base = torch.cuda.memory_allocated()
     before = _rss_now()
     sampler.start()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.thread_time()
     with torch.inference_mode():
         y = model.encode(z, sample_posterior=False) if args.op == "encode" else model.decode(z, num_frames=args.frames)
     if cuda:
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    # CPU time of this thread (it does the work with --threads 1): far less sensitive to a loaded machine.
+    seconds, cpu_seconds = time.perf_counter() - start, time.thread_time() - start_cpu
     sampler.stop = True
     sampler.join()
     # getrusage's lifetime peak catches short peaks the sampler misses (e.g. a final concatenation); the one-frame
     # warm-up before it stays below the measured run.
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peak = torch.cuda.max_memory_allocated() - base if cuda else max(sampler.peak, maxrss) - before
-    io = z.numel() * z.element_size() + y.numel() * y.element_size()
-    print(json.dumps(dict(peak=peak, io=io, extra=peak - io, seconds=seconds)))
+    # The input was allocated before `before`/`base`: only the output counts against the peak.
+    out = y.numel() * y.element_size()
+    print(json.dumps(dict(peak=peak, input=z.numel() * z.element_size(), output=out, extra=peak - out,
+                          seconds=seconds, cpu_seconds=cpu_seconds)))
 
 
 def measure(**kw) -> dict:
@@ -131,13 +174,14 @@ def measure(**kw) -> dict:
 
 
 def row(label: str, r: dict) -> str:
-    return (f"{label:<34} peak {r['peak'] / MiB:8.1f} MiB  in+out {r['io'] / MiB:8.1f} MiB  "
-            f"beyond {r['extra'] / MiB:8.1f} MiB  {r['seconds']:7.2f} s")
+    return (f"{label:<34} peak {r['peak'] / MiB:8.1f} MiB  in {r['input'] / MiB:7.1f} MiB  "
+            f"out {r['output'] / MiB:7.1f} MiB  beyond in+out {r['extra'] / MiB:7.1f} MiB  {r['seconds']:7.2f} s "
+            f"(thread CPU {r['cpu_seconds']:7.2f} s)")
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["resolution", "length", "child"])
+    p.add_argument("mode", choices=["resolution", "length", "time", "child"])
     p.add_argument("--sizes", nargs="+", default=["256x256", "512x512", "1024x1024"], help="HxW (resolution)")
     p.add_argument("--size", type=int, nargs=2, default=[64, 64], help="H W (length; child)")
     p.add_argument("--frames", type=int, nargs="+", default=[17, 257])
@@ -150,14 +194,20 @@ def main(argv=None) -> None:
     p.add_argument("--overlap", type=int, default=32)
     p.add_argument("--exact-norms", type=int, default=1000, help="enable_tiling(exact_norms=...); 1000: all")
     p.add_argument("--tiling", action="store_true")
+    p.add_argument("--tile-mid-block", action="store_true", help="enable_tiling(tile_mid_block=True)")
     p.add_argument("--legacy", action="store_true")
+    p.add_argument("--no-legacy", action="store_true", help="length: skip the former frame loop's rows")
+    p.add_argument("--repeats", type=int, default=2, help="time: interleaved rounds after a warm-up round")
     p.add_argument("--tiled-only", action="store_true", help="resolution: skip the untiled runs")
     args = p.parse_args(argv)
     if args.mode == "child":
         args.frames = args.frames[0]
         return child(args)
+    if args.mode == "time":
+        return time_lengths(args)
     common = dict(device=args.device, threads=args.threads, tile_size=args.tile_size, overlap=args.overlap,
-                  exact_norms=args.exact_norms, dtype=args.dtype, model=args.model, op=args.op)
+                  exact_norms=args.exact_norms, dtype=args.dtype, model=args.model, op=args.op,
+                  tile_mid_block=args.tile_mid_block)
     if args.mode == "resolution":
         frames = args.frames[0]
         print(f"{args.op} of {frames} frames, {args.model} model, {args.dtype}, tiles {args.tile_size}/{args.overlap}, "
@@ -176,16 +226,20 @@ def main(argv=None) -> None:
     else:
         print(f"{args.op} at {args.size[0]}x{args.size[1]}, {args.model} model, {args.dtype}, {args.device}")
         res = {}
-        for legacy in (True, False):
+        variants = (False,) if args.no_legacy else (True, False)
+        for legacy in variants:
             for f in args.frames:
                 res[legacy, f] = r = measure(size=args.size, frames=f, legacy=legacy, tiling=args.tiling, **common)
-                print(row(f"{'old' if legacy else 'new'} {f} frames", r), flush=True)
-        a, b = args.frames[0], args.frames[-1]
-        for legacy in (True, False):
-            r0, r1 = res[legacy, a], res[legacy, b]
-            print(f"{'old' if legacy else 'new'}: beyond in+out {b} / {a} frames: {r1['extra'] / r0['extra']:.2f}x; "
-                  f"time per frame {b} / {a}: {r1['seconds'] / b / (r0['seconds'] / a):.2f}x")
-
+                print(row(f"{'old' if legacy else 'new'} {f} frames", r) +
+                      f"  {r['seconds'] / f * 1000:6.0f} ms/frame (CPU {r['cpu_seconds'] / f * 1000:6.0f})", flush=True)
+        a = args.frames[0]
+        for legacy in variants:
+            r0 = res[legacy, a]
+            for b in args.frames[1:]:
+                r1 = res[legacy, b]
+                print(f"{'old' if legacy else 'new'}: {b} / {a} frames: beyond in+out {r1['extra'] / r0['extra']:.2f}x, "
+                      f"peak {r1['peak'] / r0['peak']:.2f}x, time per frame {r1['seconds'] / b / (r0['seconds'] / a):.2f}x "
+                      f"(CPU {r1['cpu_seconds'] / b / (r0['cpu_seconds'] / a):.2f}x)")
 
 if __name__ == "__main__":
     main()

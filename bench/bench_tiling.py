@@ -65,6 +65,9 @@ def main(argv=None) -> None:
     p.add_argument("--temporal-overlap", type=int)
     p.add_argument("--exact-norms", type=int, nargs="+", default=[0, 1000],
                    help="values of enable_tiling(exact_norms=...) to compare (1000: all)")
+    p.add_argument("--tile-mid-block", nargs="+", type=int, default=[0], choices=[0, 1],
+                   help="values of enable_tiling(tile_mid_block=...) to compare, e.g. 0 1")
+    p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' tiling")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -102,15 +105,17 @@ def main(argv=None) -> None:
               f"{worst_band(y, yt, 2):9.1f}{te / t_enc:8.2f}x{td / t_dec:8.2f}x", flush=True)
 
     module = spatial.module  # diffusers' own tiling, same tile size, its default 25% overlap
-    module.enable_tiling()
-    module.tile_sample_min_size = args.tile_size
-    module.tile_latent_min_size = args.tile_size // spatial.patch_size[1]
-    report("diffusers tiling")
-    module.disable_tiling()
-    for n in args.exact_norms:
-        model.enable_tiling(tile_size=args.tile_size, overlap=args.overlap, exact_norms=n,
-                            temporal_tile_size=args.temporal_tile_size, temporal_overlap=args.temporal_overlap)
-        report(f"tiling exact_norms={n}")
+    if not args.no_diffusers:
+        module.enable_tiling()
+        module.tile_sample_min_size = args.tile_size
+        module.tile_latent_min_size = args.tile_size // spatial.patch_size[1]
+        report("diffusers tiling")
+        module.disable_tiling()
+    for mid in args.tile_mid_block:
+        for n in args.exact_norms:
+            model.enable_tiling(tile_size=args.tile_size, overlap=args.overlap, exact_norms=n, tile_mid_block=bool(mid),
+                                temporal_tile_size=args.temporal_tile_size, temporal_overlap=args.temporal_overlap)
+            report(f"exact_norms={n}" + (" tile_mid_block" if mid else ""))
     model.disable_tiling()
 
 

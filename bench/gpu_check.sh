@@ -44,6 +44,9 @@ for op in encode decode; do
   python3 bench/bench_memory.py resolution --device cuda --dtype bfloat16 --model full --op $op --frames 17 \
     --sizes 2160x3840 --tile-size 512 --overlap 64 --tiled-only 2>&1 | tee -a "$OUT/tiling.txt"
 done
+# The mid-block per tile too (enable_tiling(tile_mid_block=True)): 4K decode memory without the whole-frame mid-block.
+python3 bench/bench_memory.py resolution --device cuda --dtype bfloat16 --model full --op decode --frames 17 \
+  --sizes 2160x3840 --tile-size 512 --overlap 64 --tiled-only --tile-mid-block 2>&1 | tee -a "$OUT/tiling.txt"
 python3 bench/bench_memory.py length --device cuda --dtype bfloat16 --model full --size 256 256 --frames 17 257 \
   2>&1 | tee -a "$OUT/tiling.txt"
 # Tiles must not show: full-size SDXL spatial VAE (random weights, fp32), real 256x384 frame, 128-pixel tiles:

@@ -122,6 +122,26 @@ def test_micro_chunks_are_independent():
     assert torch.equal(a[:, :, :5], b[:, :, :5]) and not torch.equal(a[:, :, 5:], b[:, :, 5:])
 
 
+@torch.no_grad()
+def test_streamed_decode_equals_the_whole_clip_decode():
+    """decode() streams each temporal micro-chunk through the spatial VAE into its frames of one preallocated
+    output: the same video as decoding all spatial latents at once (the training pass), for a batch of two and
+    a last chunk shorter than micro_frame_size; spatial decode into a view equals a fresh output."""
+    model = tiny_pipeline(micro_frame_size=5, micro_batch_size=3)
+    x = torch.rand(2, 3, 13, 8, 16) * 2 - 1
+    z = model.encode(x, sample_posterior=False)
+    streamed = model.decode(z, num_frames=13)
+    whole, x_z = model._decode(z * model.scale + model.shift, num_frames=13)
+    assert streamed.shape == whole.shape == x.shape
+    torch.testing.assert_close(streamed, whole, rtol=1e-5, atol=1e-5)
+    into = torch.full((2, 3, 20, 8, 16), 7.0)
+    model.spatial_vae.decode(x_z, out=into[:, :, 4:17])
+    torch.testing.assert_close(into[:, :, 4:17], whole, rtol=1e-5, atol=1e-5)
+    assert (into[:, :, :4] == 7).all() and (into[:, :, 17:] == 7).all()
+    with pytest.raises(ValueError, match="out has shape"):
+        model.spatial_vae.decode(x_z, out=into)
+
+
 def expected_latent_frames(t, m):
     return math.ceil(t / 4) if m is None else (t // m) * math.ceil(m / 4) + math.ceil((t % m) / 4)
 

@@ -94,19 +94,29 @@ class VideoAutoencoderPipeline(nn.Module):
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return z, posterior, x_z
 
-    def _decode(self, z, num_frames, decode_pixels=True):
+    def _temporal_decode_chunks(self, z, num_frames):
+        """(first frame, spatial latents of that micro-chunk) for each micro-chunk of z, in order."""
         expected = self.get_latent_size([num_frames, None, None])[0]
         if z.shape[2] != expected:
             raise ValueError(f"{z.shape[2]} latent frames cannot decode to num_frames={num_frames} (that needs {expected})")
         if self.micro_frame_size is None:
-            x_z = self.temporal_vae.decode(z, num_frames=num_frames)
-        else:
-            micro_z = self.temporal_vae.get_latent_size([self.micro_frame_size])[0]
-            outs, left = [], num_frames
-            for a, b in self._chunks(z.shape[2], micro_z):
-                outs.append(self.temporal_vae.decode(z[:, :, a:b], num_frames=min(self.micro_frame_size, left)))
-                left -= self.micro_frame_size
-            x_z = torch.cat(outs, dim=2)
+            yield 0, self.temporal_vae.decode(z, num_frames=num_frames)
+            return
+        micro_z = self.temporal_vae.get_latent_size([self.micro_frame_size])[0]
+        for n, (a, b) in enumerate(self._chunks(z.shape[2], micro_z)):
+            first = n * self.micro_frame_size
+            frames = min(self.micro_frame_size, num_frames - first)
+            yield first, self.temporal_vae.decode(z[:, :, a:b], num_frames=frames)
+
+    def _decode(self, z, num_frames, decode_pixels=True):
+        x_z = None
+        for first, part in self._temporal_decode_chunks(z, num_frames):
+            if part.shape[2] == num_frames:  # one chunk: no copy
+                x_z = part
+                break
+            if x_z is None:
+                x_z = part.new_empty(*part.shape[:2], num_frames, *part.shape[3:])
+            x_z[:, :, first:first + part.shape[2]] = part
         x = self.spatial_vae.decode(x_z) if decode_pixels else None
         return x, x_z
 
@@ -126,8 +136,15 @@ class VideoAutoencoderPipeline(nn.Module):
     def decode(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
         """Normalised latents -> video with `num_frames` frames (the encoded clip's length)."""
         check_video(z, self.out_channels, name="latent")
-        x, _ = self._decode(z * self.scale + self.shift, num_frames)
-        return x
+        # Streamed: each micro-chunk's spatial latents are decoded straight into its frames of one preallocated
+        # output, so memory beyond the output does not grow with the number of frames (bench/bench_memory.py).
+        out = None
+        for first, x_z in self._temporal_decode_chunks(z * self.scale + self.shift, num_frames):
+            if out is None:
+                h, w = (n * self.spatial_vae.patch_size[1] for n in x_z.shape[-2:])
+                out = x_z.new_empty(x_z.shape[0], self.spatial_vae.in_channels, num_frames, h, w)
+            self.spatial_vae.decode(x_z, out=out[:, :, first:first + x_z.shape[2]])
+        return out
 
     def forward(
         self,
@@ -160,13 +177,16 @@ class VideoAutoencoderPipeline(nn.Module):
         return size
 
     def enable_tiling(self, tile_size: int = 512, overlap: int = 64, temporal_tile_size: Optional[int] = None,
-                      temporal_overlap: Optional[int] = None, exact_norms: Optional[int] = None) -> None:
+                      temporal_overlap: Optional[int] = None, exact_norms: Optional[int] = None,
+                      tile_mid_block: bool = False) -> None:
         """Encode/decode any resolution in bounded memory: H/W tiles through both VAEs (opensora_vae.models.tiling;
         tile sizes in pixels, temporal_* in latent pixels). Frames within one tile give the untiled result.
         exact_norms: GroupNorms (in call order) given the whole frame's statistics, one truncated tiled pass each
-        (None: all, about L/2 extra passes for L norms; 0: per-tile statistics, no extra pass, tiles show)."""
+        (None: all, about L/2 extra passes for L norms; 0: per-tile statistics, no extra pass, tiles show).
+        tile_mid_block: run the spatial VAE's mid-blocks per tile as well (attention within the tile, GroupNorms as
+        exact_norms says): memory no longer grows with the frame, at some accuracy (default: whole latent frame)."""
         kwargs = dict(tile_size=tile_size, overlap=overlap, temporal_tile_size=temporal_tile_size,
-                      temporal_overlap=temporal_overlap, exact_norms=exact_norms)
+                      temporal_overlap=temporal_overlap, exact_norms=exact_norms, tile_mid_block=tile_mid_block)
         self.spatial_vae.enable_tiling(**kwargs)
         self.temporal_vae.enable_tiling(**kwargs)
 

@@ -100,12 +100,18 @@ class VideoAutoencoderKL(nn.Module):
         """The AutoencoderKL constructor config (for saving a pipeline that rebuilds offline)."""
         return {k: v for k, v in dict(self.module.config).items() if not k.startswith("_")}
 
-    def _frames(self, x: torch.Tensor, fn, channels: int, ratio: Tuple[int, int]) -> torch.Tensor:
+    def _frames(self, x: torch.Tensor, fn, channels: int, ratio: Tuple[int, int],
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """fn(frames (n, C, H, W), dest or None) over micro-batches of frames, written into one preallocated
-        (B, channels, T, H * ratio, W * ratio) output: no per-chunk outputs and no concatenated copy."""
+        (B, channels, T, H * ratio, W * ratio) output (or `out`, a view of that shape): no per-chunk outputs and no
+        concatenated copy."""
         b, _, t, h, w = x.shape
         num, den = ratio
-        out = x.new_empty(b, channels, t, h * num // den, w * num // den)
+        shape = (b, channels, t, h * num // den, w * num // den)
+        if out is None:
+            out = x.new_empty(shape)
+        elif tuple(out.shape) != shape:
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {shape}")
         step = self.micro_batch_size or b * t
         for i in range(0, b * t, step):
             j = min(i + step, b * t)
@@ -146,9 +152,12 @@ class VideoAutoencoderKL(nn.Module):
         return DiagonalGaussianDistribution(
             self._frames(x, self._encode_frames, 2 * self.out_channels, (1, self.patch_size[1])))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Video (B, 3, T, H * f, W * f) of scaled latents, written into `out` if given (e.g. frames of a longer
+        video)."""
         check_video(z, self.out_channels, name="latent")
-        return self._frames(z / self.scaling_factor, self._decode_frames, self.in_channels, (self.patch_size[1], 1))
+        return self._frames(z / self.scaling_factor, self._decode_frames, self.in_channels, (self.patch_size[1], 1),
+                            out=out)
 
     def get_latent_size(self, input_size: Sequence[Optional[int]]) -> list:
         return [None if n is None else n // p for n, p in zip(input_size, self.patch_size)]

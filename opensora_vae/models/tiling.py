@@ -6,6 +6,8 @@ with its own GroupNorm statistics and attends only within itself. Here:
 - Parts of a network that run at latent resolution and hold the attention block (the AutoencoderKL mid-blocks)
   run on the whole frame, so attention and their GroupNorms are exact. Their activations are latent-sized
   (e.g. 512 x H/8 x W/8 per frame): memory that grows with resolution, but 1/16 of the full-resolution layers'.
+  `tile_mid_block` runs them per tile as well: memory stays one tile's, attention sees only its tile (with the
+  halo), and their GroupNorms (the attention's too) get whole-frame statistics like the rest.
 - Full-resolution parts (the AutoencoderKL down/up blocks) and the whole temporal VAE run per tile. Each tile sees
   `overlap / 2` extra pixels on every side of its core; outputs are blended with linear weights over the inner
   half of the shared band (a partition of unity: constant content gives constant output), and the outer half,
@@ -46,6 +48,7 @@ class TilingConfig:
     temporal_tile_size: Optional[int] = None
     temporal_overlap: Optional[int] = None
     exact_norms: Optional[int] = None  # None: all
+    tile_mid_block: bool = False  # AutoencoderKL mid-blocks per tile too (attention tile-local; bounded memory)
 
     def __post_init__(self):
         if self.exact_norms is not None and self.exact_norms < 0:
@@ -143,6 +146,8 @@ class _NormTap:
 
     def _accumulate(self, groups: int, x: torch.Tensor) -> None:
         if self.core is not None:  # the core of this tile at this layer's resolution
+            if x.ndim == 3:  # (N, C, H * W): an attention block's norm over flattened pixels
+                x = x.reshape(*x.shape[:2], *self._layer_size(x.shape[-1]))
             idx = []
             for span, size in zip(self.core, x.shape[-2:]):
                 (c0, c1), (e0, e1) = span
@@ -160,6 +165,14 @@ class _NormTap:
         n = n0 + cnt
         delta = mean - mean0
         self.record = [n, mean0 + delta * cnt / n, m20 + m2 + delta.square() * n0 * cnt / n]
+
+    def _layer_size(self, pixels: int) -> Tuple[int, int]:
+        """H, W of a flattened layer of this tile: its extent at the layer's scale (s^2 * h * w = pixels)."""
+        (_, (h0, h1)), (_, (w0, w1)) = self.core
+        h = round(math.sqrt(pixels * (h1 - h0) / (w1 - w0)))
+        if h < 1 or pixels % h or (pixels // h) * (h1 - h0) != h * (w1 - w0):
+            raise ValueError(f"cannot unflatten {pixels} pixels of a {h1 - h0}x{w1 - w0} tile")
+        return h, pixels // h
 
     def measure_call(self, seq: int, tiles) -> bool:
         """Whole-frame statistics of GroupNorm call `seq` (earlier calls already exact); False if fn has fewer."""
@@ -220,7 +233,8 @@ def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, x: 
 
 # ----- the networks' splits ------------------------------------------------------------------------------------
 def autoencoderkl_encode(vae, x: torch.Tensor, cfg: TilingConfig) -> torch.Tensor:
-    """diffusers AutoencoderKL `_encode` (moments) with the full-resolution down blocks tiled."""
+    """diffusers AutoencoderKL `_encode` (moments) with the full-resolution down blocks tiled (and the rest too
+    with `cfg.tile_mid_block`)."""
     enc = vae.encoder
 
     def down(v):
@@ -229,18 +243,25 @@ def autoencoderkl_encode(vae, x: torch.Tensor, cfg: TilingConfig) -> torch.Tenso
             v = block(v)
         return v
 
+    def rest(h):
+        h = enc.conv_out(enc.conv_act(enc.conv_norm_out(enc.mid_block(h))))
+        return vae.quant_conv(h) if vae.quant_conv is not None else h
+
     factor = 2 ** (len(enc.down_blocks) - 1)
-    h = run_tiled(down, enc, x, cfg.tile_size, cfg.overlap // 2, cfg.exact_norms, align=factor, ratio=(1, factor))
-    h = enc.conv_out(enc.conv_act(enc.conv_norm_out(enc.mid_block(h))))
-    return vae.quant_conv(h) if vae.quant_conv is not None else h
+    fn = (lambda v: rest(down(v))) if cfg.tile_mid_block else down
+    h = run_tiled(fn, enc, x, cfg.tile_size, cfg.overlap // 2, cfg.exact_norms, align=factor, ratio=(1, factor))
+    return h if cfg.tile_mid_block else rest(h)
 
 
 def autoencoderkl_decode(vae, z: torch.Tensor, cfg: TilingConfig, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """diffusers AutoencoderKL `_decode` with the mid-block on the whole latent and the up blocks tiled."""
+    """diffusers AutoencoderKL `_decode` with the mid-block on the whole latent (or per tile with
+    `cfg.tile_mid_block`) and the up blocks tiled."""
     dec = vae.decoder
     if vae.post_quant_conv is not None:
         z = vae.post_quant_conv(z)
-    h = dec.mid_block(dec.conv_in(z), None)
+
+    def mid(v):
+        return dec.mid_block(dec.conv_in(v), None)
 
     def up(v):
         for block in dec.up_blocks:
@@ -248,7 +269,8 @@ def autoencoderkl_decode(vae, z: torch.Tensor, cfg: TilingConfig, out: Optional[
         return dec.conv_out(dec.conv_act(dec.conv_norm_out(v)))
 
     factor = 2 ** (len(dec.up_blocks) - 1)
-    return run_tiled(up, dec, h, cfg.tile_size // factor, cfg.overlap // 2 // factor, cfg.exact_norms,
+    fn, h = ((lambda v: up(mid(v))), z) if cfg.tile_mid_block else (up, mid(z))
+    return run_tiled(fn, dec, h, cfg.tile_size // factor, cfg.overlap // 2 // factor, cfg.exact_norms,
                      ratio=(factor, 1), out=out)
 
 
