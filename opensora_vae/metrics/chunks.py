@@ -39,10 +39,11 @@ def map_chunks(fn: Callable[[C, dict], T], chunks: Sequence[C], device: torch.de
         return list(pool.map(run, chunks))
 
 
-def scratch_buffer(scratch: dict, name: str, shape: Sequence[int], device: torch.device) -> torch.Tensor:
-    """A float64 tensor of `shape` (uninitialised) from `scratch`, grown when too small, else reused."""
+def scratch_buffer(scratch: dict, name: str, shape: Sequence[int], device: torch.device,
+                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A tensor of `shape` (uninitialised) from `scratch`, grown when too small, else reused."""
     numel = math.prod(shape)
     buf = scratch.get(name)
-    if buf is None or buf.numel() < numel or buf.device != device:
-        buf = scratch[name] = torch.empty(numel, dtype=torch.float64, device=device)
+    if buf is None or buf.numel() < numel or buf.device != device or buf.dtype != dtype:
+        buf = scratch[name] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel].view(*shape)

@@ -1,11 +1,16 @@
 """Per-frame PSNR of two videos, batched on the tensors' device.
 
 Definition (Open-Sora-Plan's `cal_psnr`): per frame, mse over C, H, W of values in [0, 1];
-PSNR = 20 log10(1 / sqrt(mse)), and exactly 100 when mse < 1e-10. Computed in float64 (the differences of
-float32 inputs are exact in float64).
+PSNR = 20 log10(1 / sqrt(mse)), and exactly 100 when mse < 1e-10.
 
-Speed: frames are cut into chunks (chunks.py): on CPU at most 2^17 values, converted into reused float64 buffers
-and reduced by a BLAS dot product in a thread pool; on GPU many frames per chunk.
+Precision: squares and sums are float64. The difference of two float32 inputs is taken in float32 (float64 inputs:
+float64): it is correctly rounded, off by at most 2^-24 relative, and its square is exact in float64, so each
+squared term and hence the mse are off by at most 2^-23 relative, and PSNR by at most 10 log10(1 + 2^-23) =
+5.2e-7 dB (reached only by contrived frames, see the tests; 1e-8 dB on real clips). This halves the memory traffic
+against converting both inputs to float64 first (PSNR on CPU is memory-bound), see bench/RESULTS.md.
+
+Speed: frames are cut into chunks (chunks.py): on CPU one frame of up to 2^18 values (larger frames in pieces),
+differenced into reused buffers and reduced by a BLAS dot product, in a thread pool; on GPU many frames per chunk.
 """
 from __future__ import annotations
 
@@ -18,18 +23,21 @@ __all__ = ["psnr", "MAX_PSNR"]
 
 MAX_PSNR = 100.0
 _MSE_FLOOR = 1e-10
-# input values per chunk: L2-sized on CPU (the float64 copies are memory-bound), large on GPU
-_CHUNK_VALUES = {"cpu": 2**17, "cuda": 2**24}
+# input values per chunk: one 3x256x256 frame on CPU (fewer, larger ops beat smaller cache-sized ones), large on GPU
+_CHUNK_VALUES = {"cpu": 2**18, "cuda": 2**24}
 
 
 def _sse(x: torch.Tensor, y: torch.Tensor, scratch: dict) -> torch.Tensor:
-    """Sum of squared differences of each row of x, y (any real dtype) in float64: (N, V) -> (N,)."""
-    d = scratch_buffer(scratch, "x", x.shape, x.device)
-    e = scratch_buffer(scratch, "y", y.shape, y.device)
-    d.copy_(x)
-    e.copy_(y)  # two same-dtype copies and a float64 sub: faster than one mixed-dtype sub
-    d.sub_(e)
-    return torch.matmul(d.unsqueeze(-2), d.unsqueeze(-1)).flatten()
+    """Sum of squared differences of each row of x, y: (N, V) -> (N,) float64 (see the module docstring)."""
+    work = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
+    d = scratch_buffer(scratch, "d", x.shape, x.device, work)
+    if x.dtype == y.dtype == work:
+        torch.sub(x, y, out=d)
+    else:  # uint8 would wrap around, half precision would round: convert first
+        d.copy_(x).sub_(scratch_buffer(scratch, "e", y.shape, y.device, work).copy_(y))
+    if work != torch.float64:
+        d = scratch_buffer(scratch, "d64", x.shape, x.device).copy_(d)
+    return torch.matmul(d.unsqueeze(-2), d.unsqueeze(-1)).flatten()  # squares summed in float64
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
