@@ -37,7 +37,9 @@ def _sse(x: torch.Tensor, y: torch.Tensor, scratch: dict) -> torch.Tensor:
         d.copy_(x).sub_(scratch_buffer(scratch, "e", y.shape, y.device, work).copy_(y))
     if work != torch.float64:
         d = scratch_buffer(scratch, "d64", x.shape, x.device).copy_(d)
-    return torch.matmul(d.unsqueeze(-2), d.unsqueeze(-1)).flatten()  # squares summed in float64
+    # squares summed in float64: one row is a BLAS dot (CPU chunks of large frames); several rows (small frames, GPU)
+    # a vecdot (a batched matmul of several rows is slow on CPU)
+    return torch.dot(d[0], d[0]).view(1) if d.shape[0] == 1 else torch.linalg.vecdot(d, d)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
