@@ -270,3 +270,32 @@ def test_ssim_psnr_accept_inference_tensors_and_non_contiguous_views():
         assert torch.allclose(ssim(ai, bi), want_s, atol=1e-9, rtol=0) and torch.allclose(psnr(ai, bi), want_p, atol=PSNR_BOUND, rtol=0)
     at, bt = a.transpose(-1, -2).contiguous().transpose(-1, -2), b.transpose(-1, -2).contiguous().transpose(-1, -2)
     assert torch.allclose(ssim(at, bt), want_s, atol=1e-9, rtol=0) and torch.allclose(psnr(at, bt), want_p, atol=PSNR_BOUND, rtol=0)
+
+
+def test_map_chunks_keeps_order_and_raises_errors_from_helper_threads():
+    from opensora_vae.metrics.chunks import map_chunks
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        seen = []
+
+        def fn(c, scratch):
+            seen.append(torch.get_num_threads())  # every chunk runs with one intra-op thread
+            scratch.setdefault("n", 0)
+            scratch["n"] += 1
+            return c * c
+
+        assert map_chunks(fn, list(range(40)), torch.device("cpu")) == [c * c for c in range(40)]
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+
+        def bad(c, scratch):
+            if c == 17:
+                raise RuntimeError("chunk 17 failed")
+            return c
+
+        with pytest.raises(RuntimeError, match="chunk 17 failed"):
+            map_chunks(bad, list(range(40)), torch.device("cpu"))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -1,16 +1,16 @@
 """Chunked float64 work over frames or planes, shared by SSIM and PSNR.
 
-On CPU the chunks are small (about one 256x256 plane) and run in a pool of `torch.get_num_threads()` Python
-threads, each with one intra-op thread and its own scratch buffers, reused from chunk to chunk: every op then
-works on cache-resident data, nothing is allocated per chunk, and no op waits on an OpenMP barrier. (Whole-batch
-float64 ops with 2 OpenMP threads were slower than per-frame NumPy loops, and collapsed on a busy machine.) Torch
-ops release the GIL, so the threads run in parallel. On other devices the chunks are large and run in order.
+On CPU the chunks are small (about one 256x256 plane or one frame) and `torch.get_num_threads()` threads (the
+caller and helpers) take them in turn, each with one intra-op thread and its own scratch buffers, reused from chunk
+to chunk: every op works on cache-resident data, nothing is allocated per chunk, and no op waits on an OpenMP
+barrier. (Whole-batch float64 ops with 2 OpenMP threads were slower than per-frame NumPy loops and collapsed on a
+busy machine; a ThreadPoolExecutor's per-task hand-offs cost more than they gave there.) Torch ops release the
+GIL, so the threads run in parallel. On other devices the chunks are large and run in order.
 """
 from __future__ import annotations
 
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, List, Sequence, TypeVar
 
 import torch
@@ -27,23 +27,53 @@ def map_chunks(fn: Callable[[C, dict], T], chunks: Sequence[C], device: torch.de
     if threads <= 1:
         scratch: dict = {}
         return [fn(c, scratch) for c in chunks]
-    local = threading.local()
+    results: list = [None] * len(chunks)
+    errors: list = []
+    lock, taken = threading.Lock(), [0]
 
-    def run(c):
-        if not hasattr(local, "scratch"):
-            local.scratch = {}
-        return fn(c, local.scratch)
+    def work():
+        scratch: dict = {}
+        try:
+            while not errors:
+                with lock:
+                    i = taken[0]
+                    taken[0] += 1
+                if i >= len(chunks):
+                    return
+                results[i] = fn(chunks[i], scratch)
+        except BaseException as e:  # re-raised in the caller
+            errors.append(e)
 
-    # torch.set_num_threads is per thread (OpenMP): the caller's setting is untouched
-    with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        return list(pool.map(run, chunks))
+    def helper():
+        torch.set_num_threads(1)
+        work()
+
+    caller_threads = torch.get_num_threads()
+    helpers = [threading.Thread(target=helper, daemon=True) for _ in range(threads - 1)]
+    torch.set_num_threads(1)  # per thread for OpenMP; restored after the helpers finish (it also sizes a global pool)
+    try:
+        for t in helpers:
+            t.start()
+        work()
+    finally:
+        for t in helpers:
+            t.join()
+        torch.set_num_threads(caller_threads)
+    if errors:
+        raise errors[0]
+    return results
 
 
 def scratch_buffer(scratch: dict, name: str, shape: Sequence[int], device: torch.device,
                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """A tensor of `shape` (uninitialised) from `scratch`, grown when too small, else reused."""
-    numel = math.prod(shape)
-    buf = scratch.get(name)
-    if buf is None or buf.numel() < numel or buf.device != device or buf.dtype != dtype:
-        buf = scratch[name] = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel].view(*shape)
+    """A tensor of `shape` (uninitialised) from `scratch`: the same one on every call with the same arguments (few
+    Python-level calls per chunk keep the threads from queueing on the GIL)."""
+    key = (name, tuple(shape), dtype, device)
+    view = scratch.get(key)
+    if view is None:
+        numel = math.prod(shape)
+        base = scratch.get(name)
+        if base is None or base.numel() < numel or base.dtype != dtype or base.device != device:
+            base = scratch[name] = torch.empty(numel, dtype=dtype, device=device)
+        view = scratch[key] = base[:numel].view(*shape)
+    return view
