@@ -3,14 +3,16 @@
 Definition (Open-Sora-Plan's `cal_psnr`): per frame, mse over C, H, W of values in [0, 1];
 PSNR = 20 log10(1 / sqrt(mse)), and exactly 100 when mse < 1e-10.
 
-Precision: squares and sums are float64. The difference of two float32 inputs is taken in float32 (float64 inputs:
-float64): it is correctly rounded, off by at most 2^-24 relative, and its square is exact in float64, so each
-squared term and hence the mse are off by at most 2^-23 relative, and PSNR by at most 10 log10(1 + 2^-23) =
-5.2e-7 dB (reached only by contrived frames, see the tests; 1e-8 dB on real clips). This halves the memory traffic
-against converting both inputs to float64 first (PSNR on CPU is memory-bound), see bench/RESULTS.md.
+Precision: squares and sums are float64. Two float32 inputs are subtracted in float32 (torch computes in the
+inputs' dtype and writes the result widened into the float64 buffer; other dtypes are converted to float64
+first). The float32 difference is correctly rounded, off by at most 2^-24 relative, and its square is exact in
+float64, so each squared term and hence the mse are off by at most 2^-23 relative, and PSNR by at most
+10 log10(1 + 2^-23) = 5.2e-7 dB (reached only by contrived frames, see the tests; 1e-8 dB on real clips). One
+pass instead of converting both inputs first: PSNR on CPU is memory-bound (bench/RESULTS.md).
 
 Speed: frames are cut into chunks (chunks.py): on CPU one frame of up to 2^18 values (larger frames in pieces),
-differenced into reused buffers and reduced by a BLAS dot product, in a thread pool; on GPU many frames per chunk.
+differenced into a reused buffer and reduced by a BLAS dot product, on all torch threads; on GPU many frames per
+chunk.
 """
 from __future__ import annotations
 
@@ -29,14 +31,11 @@ _CHUNK_VALUES = {"cpu": 2**18, "cuda": 2**24}
 
 def _sse(x: torch.Tensor, y: torch.Tensor, scratch: dict) -> torch.Tensor:
     """Sum of squared differences of each row of x, y: (N, V) -> (N,) float64 (see the module docstring)."""
-    work = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
-    d = scratch_buffer(scratch, "d", x.shape, x.device, work)
-    if x.dtype == y.dtype == work:
-        torch.sub(x, y, out=d)
-    else:  # uint8 would wrap around, half precision would round: convert first
-        d.copy_(x).sub_(scratch_buffer(scratch, "e", y.shape, y.device, work).copy_(y))
-    if work != torch.float64:
-        d = scratch_buffer(scratch, "d64", x.shape, x.device).copy_(d)
+    d = scratch_buffer(scratch, "d", x.shape, x.device)
+    if x.dtype == y.dtype and x.dtype in (torch.float32, torch.float64):
+        torch.sub(x, y, out=d)  # computed in the inputs' dtype, written widened to float64: one pass
+    else:  # uint8 would wrap around, half precision would round: both to float64 first (exact)
+        d.copy_(x).sub_(scratch_buffer(scratch, "e", y.shape, y.device).copy_(y))
     # squares summed in float64: one row is a BLAS dot (CPU chunks of large frames); several rows (small frames, GPU)
     # a vecdot (a batched matmul of several rows is slow on CPU)
     return torch.dot(d[0], d[0]).view(1) if d.shape[0] == 1 else torch.linalg.vecdot(d, d)
