@@ -64,16 +64,15 @@ def map_chunks(fn: Callable[[C, dict], T], chunks: Sequence[C], device: torch.de
     return results
 
 
-def scratch_buffer(scratch: dict, name: str, shape: Sequence[int], device: torch.device,
-                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """A tensor of `shape` (uninitialised) from `scratch`: the same one on every call with the same arguments (few
-    Python-level calls per chunk keep the threads from queueing on the GIL)."""
-    key = (name, tuple(shape), dtype, device)
+def scratch_buffer(scratch: dict, name: str, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """A float64 tensor of `shape` (uninitialised) from `scratch`: the same one on every call with the same
+    arguments (few Python-level calls per chunk keep the threads from queueing on the GIL)."""
+    key = (name, tuple(shape), device)
     view = scratch.get(key)
     if view is None:
         numel = math.prod(shape)
         base = scratch.get(name)
-        if base is None or base.numel() < numel or base.dtype != dtype or base.device != device:
-            base = scratch[name] = torch.empty(numel, dtype=dtype, device=device)
+        if base is None or base.numel() < numel or base.device != device:
+            base = scratch[name] = torch.empty(numel, dtype=torch.float64, device=device)
         view = scratch[key] = base[:numel].view(*shape)
     return view

@@ -49,7 +49,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     limit = _CHUNK_VALUES.get(a.device.type, _CHUNK_VALUES["cuda"])
     # chunks of whole frames, or of pieces of one frame when a frame is larger than the chunk
     step, piece = max(1, limit // values), min(values, limit)
-    chunks = [(slice(f, f + step), slice(v, v + piece)) for f in range(0, frames, step) for v in range(0, values, piece)]
+    chunks = [(slice(f, f + step), slice(v, v + piece))
+              for f in range(0, frames, step) for v in range(0, values, piece)]
     parts = map_chunks(lambda c, scratch: _sse(x[c], y[c], scratch), chunks, a.device)
     mse = (torch.cat(parts).view(frames, -1).sum(dim=1) / values).reshape(a.shape[:2])
     # clamp only keeps log10 finite on the masked entries; they are replaced by MAX_PSNR below
