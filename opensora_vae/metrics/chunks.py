@@ -2,7 +2,7 @@
 
 On CPU the chunks are small (about one 256x256 plane or one frame) and `torch.get_num_threads()` threads (the
 caller and helpers) take them in turn, each with one intra-op thread and its own scratch buffers, reused from chunk
-to chunk: every op works on cache-resident data, nothing is allocated per chunk, and no op waits on an OpenMP
+to chunk: every op works on cache-sized data, nothing is allocated per chunk, and no op waits on an OpenMP
 barrier. (Whole-batch float64 ops with 2 OpenMP threads were slower than per-frame NumPy loops and collapsed on a
 busy machine; a ThreadPoolExecutor's per-task hand-offs cost more than they gave there.) Torch ops release the
 GIL, so the threads run in parallel. On other devices the chunks are large and run in order.
