@@ -168,3 +168,137 @@ def test_real_pair_carphone_pinned(sample_videos):
     # the batched implementation agrees with scikit-image on real content too
     x, y = real[0, 3].double().numpy(), gen[0, 3].double().numpy()
     assert s[0, 3].item() == pytest.approx(_skimage_ssim(x, y), abs=1e-6)
+
+
+# --- the chunked, threaded float64 SSIM / PSNR against straightforward float64 definitions ---------------------
+
+def _plain_ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Textbook SSIM in float64: full 11x11 window (no separable passes), five moment maps, valid region."""
+    r = torch.arange(11, dtype=torch.float64) - 5
+    g = torch.exp(-(r**2) / (2 * 1.5**2))
+    win = (torch.outer(g, g) / torch.outer(g, g).sum()).view(1, 1, 11, 11)
+    x, y = a.double().flatten(0, 2).unsqueeze(1), b.double().flatten(0, 2).unsqueeze(1)
+    f = lambda img: torch.nn.functional.conv2d(img, win)  # noqa: E731
+    mx, my = f(x), f(y)
+    vx, vy, cov = f(x * x) - mx**2, f(y * y) - my**2, f(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    m = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return m.mean(dim=(1, 2, 3)).view(a.shape[:3]).mean(dim=-1)
+
+
+def _plain_psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    mse = (a.double() - b.double()).pow(2).mean(dim=(2, 3, 4))
+    return torch.where(mse < 1e-10, torch.full_like(mse, 100.0), 10 * torch.log10(1 / mse))
+
+
+# float32 inputs are differenced in float32 (psnr.py): each squared term is off by at most 2^-23 relative
+PSNR_BOUND = 10 * math.log10(1 + 2**-23) + 1e-12  # 5.2e-7 dB
+
+
+def _adversarial_pairs():
+    """Odd sizes, flat and bright constant regions, tiny differences, several dtypes."""
+    a, b = _pair(seed=11, shape=(2, 3, 3, 23, 37), noise=0.05, dtype=torch.float32)
+    yield "odd float32", a, b
+    a, b = _pair(seed=12, shape=(1, 2, 2, 11, 13), noise=0.3)
+    yield "one window row float64", a, b
+    bright = torch.ones(1, 2, 3, 29, 31)
+    yield "bright constant vs near", bright, bright - 2**-12
+    yield "bright constant, mse under the cap", bright, bright - 2**-20
+    flat = bright.clone() * 0.999
+    flat[..., 10:20, 5:25] = 0.25  # flat regions with a hard edge
+    yield "flat regions", flat, (flat + 1e-3 * torch.randn(flat.shape, generator=torch.Generator().manual_seed(3)))
+    g = torch.Generator().manual_seed(13)
+    u8 = torch.randint(0, 256, (1, 3, 3, 19, 27), dtype=torch.uint8, generator=g)
+    v8 = (u8.int() + torch.randint(-3, 4, u8.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    yield "uint8 values", u8, v8
+    yield "float16", u8.half() / 255, v8.half() / 255
+
+
+@pytest.mark.parametrize("name", [n for n, _, _ in _adversarial_pairs()])
+def test_ssim_psnr_equal_plain_float64_definitions(name):
+    a, b = next((x, y) for n, x, y in _adversarial_pairs() if n == name)
+    s, p = ssim(a, b), psnr(a, b)
+    assert s.dtype == p.dtype == torch.float64 and s.shape == p.shape == a.shape[:2]
+    assert (s - _plain_ssim(a, b)).abs().max().item() <= 1e-9
+    assert (p - _plain_psnr(a, b)).abs().max().item() <= PSNR_BOUND
+
+
+def test_psnr_float32_difference_worst_case_stays_within_bound():
+    # true difference 0.5 + 2.5 ulp(0.5) + a little: float32 rounds it by almost half an ulp, on every pixel
+    x = torch.full((1, 2, 3, 8, 8), 0.5 + 3 * 2**-24)
+    y = torch.full((1, 2, 3, 8, 8), 2**-25 * (1 - 2**-10))
+    err = (psnr(x, y) - _plain_psnr(x, y)).abs().max().item()
+    assert 0.9 * (PSNR_BOUND - 1e-12) < err <= PSNR_BOUND < 1e-6  # the bound is tight and inside the 1e-6 target
+    assert (psnr(x.double(), y.double()) - _plain_psnr(x, y)).abs().max().item() <= 1e-12  # float64 inputs: exact
+
+
+def test_ssim_psnr_real_clip_odd_crop_equal_plain(sample_videos):
+    real = load_clip(sample_videos["carphone_pristine"], num_frames=3)[None, :, :, 3:140, 1:174]  # 137x173
+    gen = load_clip(sample_videos["carphone_distorted"], num_frames=3)[None, :, :, 3:140, 1:174]
+    assert (ssim(real, gen) - _plain_ssim(real, gen)).abs().max().item() <= 1e-9
+    assert (psnr(real, gen) - _plain_psnr(real, gen)).abs().max().item() <= PSNR_BOUND
+
+
+def test_ssim_psnr_chunking_and_threads_do_not_change_values(monkeypatch):
+    import importlib
+
+    a, b = _pair(seed=14, shape=(2, 5, 3, 40, 44), noise=0.1, dtype=torch.float32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # one thread: chunks run in order in the caller
+        s1, p1 = ssim(a, b), psnr(a, b)
+        torch.set_num_threads(2)  # a pool of two threads: same chunks, same values bit for bit
+        s2, p2 = ssim(a, b), psnr(a, b)
+        assert torch.get_num_threads() == 2  # the pool's one-thread setting stays in its own threads
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(s1, s2) and torch.equal(p1, p2)
+    # other chunkings (several planes per chunk; frames cut into uneven pieces) agree to rounding
+    ssim_mod = importlib.import_module("opensora_vae.metrics.ssim")
+    psnr_mod = importlib.import_module("opensora_vae.metrics.psnr")
+    monkeypatch.setitem(ssim_mod._CHUNK_VALUES, "cpu", 7 * 40 * 44)
+    monkeypatch.setitem(psnr_mod._CHUNK_VALUES, "cpu", 1000)
+    assert (ssim(a, b) - s1).abs().max().item() <= 1e-12
+    assert (psnr(a, b) - p1).abs().max().item() <= 1e-12
+    assert (psnr(a, b) - _plain_psnr(a, b)).abs().max().item() <= PSNR_BOUND
+
+
+def test_ssim_psnr_accept_inference_tensors_and_non_contiguous_views():
+    a, b = _pair(seed=15, shape=(1, 4, 3, 30, 32), dtype=torch.float32)
+    want_s, want_p = _plain_ssim(a, b), _plain_psnr(a, b)
+    with torch.inference_mode():
+        ai, bi = a.clone(), b.clone()
+        assert (ssim(ai, bi) - want_s).abs().max().item() <= 1e-9
+        assert (psnr(ai, bi) - want_p).abs().max().item() <= PSNR_BOUND
+    at, bt = a.transpose(-1, -2).contiguous().transpose(-1, -2), b.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert (ssim(at, bt) - want_s).abs().max().item() <= 1e-9
+    assert (psnr(at, bt) - want_p).abs().max().item() <= PSNR_BOUND
+
+
+def test_map_chunks_keeps_order_and_raises_errors_from_helper_threads():
+    from opensora_vae.metrics.chunks import map_chunks
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        seen = []
+
+        def fn(c, scratch):
+            seen.append(torch.get_num_threads())  # every chunk runs with one intra-op thread
+            scratch.setdefault("n", 0)
+            scratch["n"] += 1
+            return c * c
+
+        assert map_chunks(fn, list(range(40)), torch.device("cpu")) == [c * c for c in range(40)]
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+
+        def bad(c, scratch):
+            if c == 17:
+                raise RuntimeError("chunk 17 failed")
+            return c
+
+        with pytest.raises(RuntimeError, match="chunk 17 failed"):
+            map_chunks(bad, list(range(40)), torch.device("cpu"))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -6,13 +6,16 @@ valid region only (no padding: an HxW frame gives an (H-10)x(W-10) map), populat
 C1 = (0.01 L)^2, C2 = (0.03 L)^2 with data range L = 1, mean of the SSIM map, then mean over channels.
 Computed in float64.
 
-Speed: the 2-D window is separable, so each of the five moment maps is filtered by two 1-D passes (22 taps
-instead of 121), each pass a sum of shifted slices (float64 convolutions have no fast CPU kernel). Planes are
-processed in chunks that stay small enough to be cache-friendly on CPU and bounded in memory on GPU.
+Speed: the 2-D window is separable, so each moment map is filtered by two 1-D passes (22 taps instead of 121),
+each pass a sum of shifted slices into a reused buffer (float64 convolutions have no fast CPU kernel). SSIM
+needs only var_x + var_y, so four maps are filtered (x, y, x^2 + y^2, xy) instead of five. Planes are processed
+in chunks (chunks.py): one plane per chunk in a thread pool on CPU, large chunks on GPU.
 """
 from __future__ import annotations
 
 import torch
+
+from .chunks import map_chunks, scratch_buffer
 
 __all__ = ["ssim", "gaussian_window"]
 
@@ -20,8 +23,8 @@ WINDOW_SIZE = 11
 SIGMA = 1.5
 C1 = 0.01**2
 C2 = 0.03**2
-# float64 values of input planes per chunk (the five moment maps take 5x this, the filtered ones ~2x more)
-_CHUNK_VALUES = {"cpu": 2**20, "cuda": 2**24}
+# input values per chunk of planes: one 256x256 plane on CPU (the float64 buffers stay cache-sized), large on GPU
+_CHUNK_VALUES = {"cpu": 2**16, "cuda": 2**24}
 
 
 def gaussian_window(size: int = WINDOW_SIZE, sigma: float = SIGMA, dtype=torch.float64, device=None) -> torch.Tensor:
@@ -38,24 +41,37 @@ def _check_videos(a: torch.Tensor, b: torch.Tensor) -> None:
         raise ValueError(f"expected (B, T, C, H, W) videos, got shape {tuple(a.shape)}")
 
 
-def _valid_filter(s: torch.Tensor, taps, dim: int) -> torch.Tensor:
-    """Valid-region correlation of `s` with 1-D `taps` along `dim` (-1 or -2), as a sum of shifted slices."""
-    n = s.shape[dim] - len(taps) + 1
-    out = s.narrow(dim, 0, n) * taps[0]
+def _valid_filter(s: torch.Tensor, taps, dim: int, out: torch.Tensor) -> torch.Tensor:
+    """Valid-region correlation of `s` with 1-D `taps` along `dim`, written into `out`, as a sum of shifted slices."""
+    n = out.shape[dim]
+    torch.mul(s.narrow(dim, 0, n), taps[0], out=out)
     for k in range(1, len(taps)):
         out.add_(s.narrow(dim, k, n), alpha=taps[k])
     return out
 
 
-def _ssim_planes(x: torch.Tensor, y: torch.Tensor, taps) -> torch.Tensor:
-    """Mean SSIM of each (H, W) plane of float64 x, y: (N, H, W) -> (N,)."""
-    stats = torch.stack([x, y, x * x, y * y, x * y])
-    stats = _valid_filter(_valid_filter(stats, taps, -1), taps, -2)
-    mu_x, mu_y, xx, yy, xy = stats.unbind(0)
-    mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
-    var_x, var_y, cov = xx - mu_xx, yy - mu_yy, xy - mu_xy
-    ssim_map = ((2 * mu_xy + C1) * (2 * cov + C2)) / ((mu_xx + mu_yy + C1) * (var_x + var_y + C2))
-    return ssim_map.mean(dim=(-2, -1))
+def _ssim_planes(x: torch.Tensor, y: torch.Tensor, taps, scratch: dict) -> torch.Tensor:
+    """Mean SSIM map of each (H, W) plane of x, y (any real dtype, computed in float64): (N, H, W) -> (N,)."""
+    n, h, w = x.shape
+    k = len(taps) - 1
+    dev = x.device
+    s = scratch_buffer(scratch, "moments", (4, n, h, w), dev)
+    hs = scratch_buffer(scratch, "rows", (4, n, h, w - k), dev)
+    v = scratch_buffer(scratch, "window", (4, n, h - k, w - k), dev)
+    num = scratch_buffer(scratch, "num", (n, h - k, w - k), dev)
+    s[0].copy_(x)
+    s[1].copy_(y)
+    torch.mul(s[0], s[0], out=s[2]).addcmul_(s[1], s[1])
+    torch.mul(s[0], s[1], out=s[3])
+    _valid_filter(_valid_filter(s, taps, -1, hs), taps, -2, v)
+    mu_x, mu_y, sq, xy = v.unbind(0)  # window means of x, y, x^2 + y^2, xy
+    torch.mul(mu_x, mu_y, out=num)
+    xy.sub_(num).mul_(2).add_(C2)  # 2 cov + C2
+    num.mul_(2).add_(C1).mul_(xy)  # (2 mu_x mu_y + C1)(2 cov + C2)
+    mu_x.square_().addcmul_(mu_y, mu_y)  # mu_x^2 + mu_y^2
+    sq.sub_(mu_x).add_(C2)  # var_x + var_y + C2
+    mu_x.add_(C1).mul_(sq)
+    return num.div_(mu_x).mean(dim=(-2, -1))
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -67,8 +83,6 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     taps = gaussian_window().tolist()  # Python floats are float64: exact scalar multipliers
     x, y = a.detach().reshape(-1, h, w), b.detach().reshape(-1, h, w)
     step = max(1, _CHUNK_VALUES.get(a.device.type, _CHUNK_VALUES["cuda"]) // (h * w))
-    means = [
-        _ssim_planes(x[i : i + step].to(torch.float64), y[i : i + step].to(torch.float64), taps)
-        for i in range(0, x.shape[0], step)
-    ]
+    chunks = [slice(i, i + step) for i in range(0, x.shape[0], step)]
+    means = map_chunks(lambda sl, scratch: _ssim_planes(x[sl], y[sl], taps, scratch), chunks, a.device)
     return torch.cat(means).reshape(bsz, t, c).mean(dim=-1)
