@@ -72,6 +72,25 @@ def test_temporal_window_and_determinism(tmp_path, make_csv):
     assert len(starts) > 1  # the epoch reseeds the window
 
 
+def test_permute_channels_shuffles_whole_samples_deterministically(sample_videos, small_ds):
+    rows = [{"path": sample_videos["bikes"]}]
+    plain = small_ds(rows, crop="random", seed=3)
+    aug = small_ds(rows, crop="random", seed=3, permute_channels=1.0)
+    permutations = set()
+    for epoch in range(8):
+        plain.set_epoch(epoch)
+        aug.set_epoch(epoch)
+        a, b = plain[0]["video"], aug[0]["video"]
+        # the same clip and crop (the draw comes after them), its channels in some order, the same for every frame
+        matches = [[int(torch.equal(b[i], a[j])) for j in range(3)] for i in range(3)]
+        assert all(sum(r) == 1 for r in matches), matches
+        permutations.add(tuple(r.index(1) for r in matches))
+        assert torch.equal(aug[0]["video"], b)  # deterministic per (seed, epoch, row)
+    assert len(permutations) > 1
+    with pytest.raises(ValueError, match="probability"):
+        small_ds(rows, permute_channels=1.5)
+
+
 def test_image_row_is_a_static_clip_and_mixes_with_videos(tmp_path, sample_videos, make_csv):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "noise.png")

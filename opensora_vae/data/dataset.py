@@ -62,6 +62,10 @@ class VideoTextDataset(Dataset):
     bilinear in float, no antialias unless `antialias=True`, centre crop; images: the ADM centre crop);
     `crop="random"` scales the same way and crops a random window.
 
+    `permute_channels=p` shuffles a sample's colour channels with probability p (not in the published recipe: a
+    colour augmentation that keeps a model trained on a few scenes from learning their colour casts; the demo's
+    stage 0 uses it).
+
     Images: `image_frames="repeat"` (the reference) repeats the image to `num_frames` frames, a static clip,
     so images and videos mix in one batch; `"single"` gives a 1-frame clip (e.g. to encode images alone).
 
@@ -85,6 +89,7 @@ class VideoTextDataset(Dataset):
         seed: int = 0,
         image_frames: str = "repeat",
         antialias: bool = False,
+        permute_channels: float = 0.0,
     ):
         if num_frames < 1 or frame_interval < 1:
             raise ValueError(f"num_frames and frame_interval must be >= 1, got {num_frames}, {frame_interval}")
@@ -101,6 +106,9 @@ class VideoTextDataset(Dataset):
         self.seed = int(seed)
         self.image_frames = image_frames
         self.antialias = bool(antialias)
+        if not 0.0 <= permute_channels <= 1.0:
+            raise ValueError(f"permute_channels is a probability, got {permute_channels}")
+        self.permute_channels = float(permute_channels)
         self.epoch = 0
         self.bad_rows: dict[str, str] = {}
         self.num_skipped = 0
@@ -212,6 +220,8 @@ class VideoTextDataset(Dataset):
             source_size = list(frames.shape[-2:])
             frames = resize_crop(frames.float() / 255.0, self.image_size, crop=self.crop, generator=g,
                                  antialias=self.antialias)
+        if self.permute_channels and float(torch.rand((), generator=g)) < self.permute_channels:
+            frames = frames[:, torch.randperm(frames.shape[1], generator=g)]
         item = {"video": to_model_range(frames), "index": idx, "path": path, "fps": fps,
                 "frame_indices": torch.tensor(indices), "source_size": torch.tensor(source_size)}
         if "text" in row.index:  # always present with the column, so default_collate sees the same keys
