@@ -15,5 +15,5 @@ tensorboard = False
 epochs = 100000
 ckpt_every = 0
 lr = 1e-3
-max_steps = 80
-lr_schedule = dict(type="cosine", min_ratio=0.05)  # minutes of training end far better annealed
+max_steps = 100
+warmup_steps = 10

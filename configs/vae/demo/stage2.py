@@ -16,4 +16,3 @@ epochs = 100000
 ckpt_every = 0
 lr = 1e-5  # the published rate: a faster one lets the z-rec loss wear down the spatial encoder
 max_steps = 30
-lr_schedule = dict(type="cosine", min_ratio=0.05)  # minutes of training end far better annealed
