@@ -306,5 +306,11 @@ def test_bad_training_speed_options_are_clear(tmp_path, clip_csv):
 def test_compiled_training_step_gives_the_plain_step(tmp_path, clip_csv, parts):
     want = _one_step(TINY / "stage3.py", clip_csv, tmp_path, "plain")
     compile_opts = True if parts is None else {"parts": parts}
-    _assert_same_step(_one_step(TINY / "stage3.py", clip_csv, tmp_path, "compiled", **{"model.compile": compile_opts}),
-                      want)
+    got = _one_step(TINY / "stage3.py", clip_csv, tmp_path, "compiled", **{"model.compile": compile_opts})
+    # Loss and gradients to float rounding (inductor reorders reductions); the updated weights are not compared:
+    # AdamW's first step is about lr * sign(grad), so rounding flips it where a gradient is near zero.
+    assert abs(got[0] - want[0]) <= 1e-5 * abs(want[0])
+    for k, g in want[1].items():
+        if g is not None:
+            err = (got[1][k] - g).abs().max().item()
+            assert err <= 1e-4 * g.abs().max().item() + 1e-8, (k, err, g.abs().max().item())
