@@ -19,7 +19,7 @@ model = dict(
     micro_batch_size=4,
     freeze_vae_2d=True,
     cal_loss=True,
-    compile=False,  # torch.compile: True (both VAEs' encoders/decoders) or dict(parts="temporal", **torch.compile options)
+    # compile=True: torch.compile both VAEs' encoders/decoders; dict(parts="temporal", **torch.compile options): one
 )
 
 # Loss
