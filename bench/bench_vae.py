@@ -10,8 +10,9 @@ Sections (full-size model, random weights):
   parts    plain path split into spatial encode, temporal encode, temporal decode, spatial decode: time, frames/s,
            peak memory, FLOPs (torch.utils.flop_counter) and % of the device's peak (GPU tables in bench/common.py).
   levers   each speed lever vs the plain path, interleaved in one run, with the max |diff| of the decoded clip:
-           spatial channels_last, temporal channels_last_3d, build_model(compile=True) (CPU: also inductor
-           freezing; GPU: also mode="max-autotune-no-cudagraphs" and "reduce-overhead" = CUDA graphs).
+           spatial channels_last, temporal channels_last_3d, spatial micro_batch_size None (`micro_batch`),
+           build_model(compile=True) (CPU: also inductor freezing, alone as `compile_freezing`; GPU: also
+           mode="max-autotune-no-cudagraphs" and "reduce-overhead" = CUDA graphs).
   load     loading a published-format checkpoint: random init + load_state_dict vs from_pretrained
            (meta device + assign): seconds and peak host memory, each in a fresh process.
 
@@ -222,6 +223,12 @@ def _lever_variants(model, x, device, names):
         m = copy.deepcopy(model)
         m.temporal_vae.to(memory_format=torch.channels_last_3d)
         out["temporal channels_last_3d"] = (m, x, None)
+    if "micro_batch" in names:
+        m = copy.deepcopy(model)
+        m.spatial_vae.micro_batch_size = None  # all frames in one AutoencoderKL call
+        out["spatial micro_batch_size None"] = (m, x, None)
+    if "compile_freezing" in names:  # the CPU variant alone (one compilation instead of two)
+        out["compile + inductor freezing"] = (copy.deepcopy(model), x, {"options": {"freezing": True}})
     if "compile" in names:
         out["compile (default mode)"] = (copy.deepcopy(model), x, {})
         if device.type == "cpu":

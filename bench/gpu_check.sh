@@ -33,7 +33,11 @@ timeout 420 python3 bench/bench_vae.py --device cuda --frames 17 --size 256 --re
   --json "$OUT/bench_levers.json" 2>&1 | tee "$OUT/bench.txt"
 timeout 150 python3 bench/bench_vae.py --device cuda --frames 51 --size 720 --width 1280 --repeat 2 --sections parts 2>&1 | tee -a "$OUT/bench.txt"
 timeout 120 python3 bench/bench_metrics.py --device cuda --clips 5 --repeat 3 2>&1 | tee "$OUT/bench_metrics.txt"
-python3 bench/bench_vae.py --device cuda --frames 17 --size 256 --repeat 3 --sections conv dtype micro --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+# Issue 9 target 5: stage 3 training step (full size, bf16 autocast, 33x256x256), each lever vs the published config.
+timeout 570 python3 bench/bench_train.py --device cuda --frames 33 --size 256 --warmup 2 --steps 3 \
+  --levers fused compile_temporal compile ckpt_temporal no_ckpt fused+compile_temporal+ckpt_temporal \
+  --json "$OUT/bench_train.json" 2>&1 | grep -v "train:" | tee "$OUT/bench_train.txt"
+python3 bench/bench_vae.py --device cuda --frames 17 --size 256 --repeat 3 --sections conv dtype micro --json "$OUT/bench.json" 2>&1 | tee -a "$OUT/bench.txt"
 python3 bench/bench_vae.py --device cuda --frames 51 --size 512 --repeat 2 --sections conv micro 2>&1 | tee -a "$OUT/bench.txt"
 # Issue 9 targets 3 and 4 (prepared, not yet run on a GPU): full-size structure, random weights, bf16.
 # Tiled 17-frame encode and decode at 1080p and 4K (each under 2 GiB?), tiled vs untiled time at 1080p

@@ -23,6 +23,11 @@ def test_build_model_compile_option_compiles_the_four_networks_in_place():
     assert all(net._compiled_call_impl is None for net in plain._compiled_parts())
     with pytest.raises(TypeError, match="enable_compile"):
         build_model(dict(tiny_model_cfg()["vae_temporal"], compile=True))
+    one = build_model(dict(tiny_model_cfg(), compile=dict(parts="temporal")))
+    assert all(net._compiled_call_impl is not None for net in one._compiled_parts("temporal"))
+    assert all(net._compiled_call_impl is None for net in one._compiled_parts("spatial"))
+    with pytest.raises(ValueError, match="spatial"):
+        build_model(dict(tiny_model_cfg(), compile=dict(parts="everything")))
 
 
 @pytest.mark.skipif(os.environ.get("OPENSORA_VAE_TEST_COMPILE") != "1",

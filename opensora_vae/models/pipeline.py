@@ -34,6 +34,13 @@ def _channel_buffer(values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32).reshape(1, -1, 1, 1, 1)
 
 
+def _check_parts(parts: Union[str, Sequence[str]]) -> Tuple[str, ...]:
+    parts = (parts,) if isinstance(parts, str) else tuple(parts)
+    if not parts or set(parts) - {"spatial", "temporal"}:
+        raise ValueError(f"parts must name 'spatial' and/or 'temporal', got {list(parts)}")
+    return parts
+
+
 @MODELS.register_module()
 class VideoAutoencoderPipeline(nn.Module):
     """Constructor arguments are the saved config (config.json); see `from_pretrained` / `save_pretrained`.
@@ -194,24 +201,30 @@ class VideoAutoencoderPipeline(nn.Module):
         self.spatial_vae.disable_tiling()
         self.temporal_vae.disable_tiling()
 
-    def enable_compile(self, **options) -> None:
-        """torch.compile (in place, `nn.Module.compile`: weights and state_dict names unchanged) the four networks
-        that hold the time: the spatial VAE's encoder and decoder and the temporal VAE's encoder and decoder.
-        `options` go to torch.compile (default dynamic=False: one graph per input shape, e.g. per micro-batch
-        size). Chunking, padding and sampling stay eager. The first call per shape compiles (minutes for the full
-        model); inductor caches the result on disk (TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_$USER),
-        so later processes on the same machine reuse it. Outputs match eager to float rounding, not bitwise."""
+    def enable_compile(self, parts: Union[str, Sequence[str]] = ("spatial", "temporal"), **options) -> None:
+        """torch.compile (in place, `nn.Module.compile`: weights and state_dict names unchanged) the networks that
+        hold the time: the encoder and decoder of the spatial VAE and/or the temporal VAE (`parts`: "spatial",
+        "temporal" or both). `options` go to torch.compile (default dynamic=False: one graph per input shape,
+        e.g. per micro-batch size). Chunking, padding and sampling stay eager. Works for training too (backward
+        through AOTAutograd). The first call per shape compiles (minutes for the full model); inductor caches the
+        result on disk (TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_$USER), so later processes on the
+        same machine reuse it. Outputs match eager to float rounding, not bitwise."""
         options = {"dynamic": False, **options}
-        for net in self._compiled_parts():
+        for net in self._compiled_parts(parts):
             net.compile(**options)
 
-    def _compiled_parts(self):
+    def _compiled_parts(self, parts: Union[str, Sequence[str]] = ("spatial", "temporal")):
+        parts = _check_parts(parts)
         kl = self.spatial_vae.module
-        return kl.encoder, kl.decoder, self.temporal_vae.encoder, self.temporal_vae.decoder
+        return (((kl.encoder, kl.decoder) if "spatial" in parts else ())
+                + ((self.temporal_vae.encoder, self.temporal_vae.decoder) if "temporal" in parts else ()))
 
-    def enable_gradient_checkpointing(self) -> None:
-        self.temporal_vae.enable_gradient_checkpointing()
-        if not self.freeze_vae_2d:
+    def enable_gradient_checkpointing(self, parts: Union[str, Sequence[str]] = ("spatial", "temporal")) -> None:
+        """Recompute activations in backward, per res block, in the temporal VAE and/or the (trained) spatial VAE."""
+        parts = _check_parts(parts)
+        if "temporal" in parts:
+            self.temporal_vae.enable_gradient_checkpointing()
+        if "spatial" in parts and not self.freeze_vae_2d:
             self.spatial_vae.enable_gradient_checkpointing()
 
     @property

@@ -108,8 +108,10 @@ class Trainer:
         self.model = build_model(cfg.model).to(self.device)
         if self.precision == "params":
             self.model.to(self.dtype)
-        if cfg.get("grad_checkpoint", False):
-            self.model.enable_gradient_checkpointing()
+        # grad_checkpoint: True (both VAEs), "temporal" or "spatial" (one of them), False (none).
+        grad_checkpoint = cfg.get("grad_checkpoint", False)
+        if grad_checkpoint:
+            self.model.enable_gradient_checkpointing(**({} if grad_checkpoint is True else {"parts": grad_checkpoint}))
         # train_spatial_only: fit the spatial VAE alone (pixel losses; the temporal VAE frozen and unused), where
         # no pretrained spatial VAE exists (the demo's stage 0).
         spatial_only = bool(cfg.get("train_spatial_only", False))
@@ -157,6 +159,12 @@ class Trainer:
         cfg = self.cfg
         kwargs = dict(lr=float(cfg.get("lr", 1e-5)), weight_decay=float(cfg.get("weight_decay", 0.0)),
                       betas=tuple(cfg.get("adam_betas", (0.9, 0.999))), eps=float(cfg.get("adam_eps", 1e-8)))
+        # optimizer = dict(fused=True) or dict(foreach=True): AdamW's implementation (same update to rounding).
+        impl = dict(cfg.get("optimizer") or {})
+        unknown = set(impl) - {"fused", "foreach"}
+        if unknown:
+            raise ValueError(f"optimizer accepts 'fused' and 'foreach' (AdamW implementation), got {sorted(unknown)}")
+        kwargs.update(impl)
         if cfg.get("shard_optimizer", False) and self.dist.world_size > 1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 

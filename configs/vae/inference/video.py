@@ -27,7 +27,8 @@ model = dict(
 # bounded memory; None: untiled.
 tiling = None
 # torch.compile the four networks (see VideoAutoencoderPipeline.enable_compile): minutes of compilation on the
-# first run per machine and clip shape, cached on disk (TORCHINDUCTOR_CACHE_DIR) for later runs.
+# first run per machine and clip shape, cached on disk (TORCHINDUCTOR_CACHE_DIR) for later runs. True, or a dict of
+# enable_compile kwargs: dict(options=dict(freezing=True)) on CPU (weights folded in; see README "Speed options").
 compile = False
 save_dir = "samples/vae_video"
 # Deterministic defaults (repeatable scores): posterior means, H.264 CRF 18, every row. The published table used

@@ -19,6 +19,7 @@ model = dict(
     micro_batch_size=4,
     freeze_vae_2d=True,
     cal_loss=True,
+    # compile=True: torch.compile both VAEs' encoders/decoders; dict(parts="temporal", **torch.compile options): one
 )
 
 # Loss
@@ -41,7 +42,8 @@ seed = 42
 sampler_seed = 0  # the reference's data order: its sampler is seeded with 0 whatever `seed` is
 dtype = "bf16"
 precision = "autocast"  # fp32 parameters and AdamW state; "params" stores them in bf16 too (half the memory)
-grad_checkpoint = True
+grad_checkpoint = True  # True (both VAEs), "temporal" / "spatial" (one), False; per res block
+optimizer = dict(fused=None, foreach=None)  # AdamW implementation (None: torch's default)
 shard_optimizer = True  # ZeRO-style: AdamW state sharded across ranks
 lr = 1e-5
 weight_decay = 0.0

@@ -1,0 +1,190 @@
+"""Training step time and peak memory of the published stage 3 config, levers side by side, with ratios.
+
+Every variant is a real `Trainer` built from configs/vae/train/stage3.py (random weights: no SDXL download; LPIPS
+with a random VGG so its cost is in the step; `--model tiny` swaps in the tiny widths) and steps through
+`Trainer.train_step` (forward, loss, backward, clipping, AdamW) on the same random clips. Variants alternate step
+by step, so a loaded machine slows them alike; all start from the same weights (the trainer's seed).
+
+Levers (config options; `plain` is the published config as is):
+  foreach           optimizer = dict(foreach=True)   (torch's default on CUDA already)
+  fused             optimizer = dict(fused=True)     (one fused AdamW kernel)
+  compile_temporal  model.compile = dict(parts="temporal")  (torch.compile of the temporal VAE's encoder/decoder)
+  compile           model.compile = True              (also the spatial VAE's)
+  ckpt_temporal     grad_checkpoint = "temporal"      (recompute only the temporal VAE's res blocks)
+  ckpt_spatial      grad_checkpoint = "spatial"
+  no_ckpt           grad_checkpoint = False           (keep all activations)
+  fused+compile_temporal, ...: "+" joins levers.
+
+Memory per variant: its parameters and AdamW state plus the rise of the device's allocation during its step over
+the allocation just before it (CUDA max allocated; process peak RSS on CPU, where the allocator's reuse makes the
+rise a lower bound), so variants held side by side in one process are still told apart.
+The published strategy draws a random clip length every step (`mixed_video_random`); here the length is fixed at
+--frames unless --mixed (a fixed length keeps compile at one graph per network and steps comparable).
+
+python bench/bench_train.py --device cuda --frames 33 --size 256 --steps 4 --levers fused compile_temporal no_ckpt
+python bench/bench_train.py --device cpu --model tiny --dtype fp32 --frames 17 --size 64 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import _peak_gib, _reset_peak, header, sync  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE3 = ROOT / "configs" / "vae" / "train" / "stage3.py"
+TINY_WIDTHS = ROOT / "configs" / "vae" / "tiny" / "widths.py"
+
+LEVERS = {
+    "plain": {},
+    "foreach": {"optimizer": dict(foreach=True)},
+    "fused": {"optimizer": dict(fused=True)},
+    "compile_temporal": {"model.compile": dict(parts="temporal")},
+    "compile": {"model.compile": True},
+    "ckpt_temporal": {"grad_checkpoint": "temporal"},
+    "ckpt_spatial": {"grad_checkpoint": "spatial"},
+    "no_ckpt": {"grad_checkpoint": False},
+}
+
+
+def lever_options(name: str) -> dict:
+    out = {}
+    for part in name.split("+"):
+        if part not in LEVERS:
+            raise SystemExit(f"unknown lever {part!r}; choose from {', '.join(LEVERS)} (join with '+')")
+        out.update(LEVERS[part])
+    return out
+
+
+def _current_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**30
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def _static_gib(trainer) -> float:
+    """Parameters (model + loss) and the optimizer's state tensors."""
+    tensors = list(trainer.step_module.parameters())
+    tensors += [v for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**30
+
+
+def build_trainer(name: str, args, data_csv: Path, outputs: Path):
+    from mmengine.config import Config
+
+    from opensora_vae.config import load_config
+    from opensora_vae.train import Trainer
+
+    options = {"dataset.data_path": str(data_csv), "outputs": str(outputs), "run_name": name.replace("+", "_"),
+               "model.vae_2d.from_pretrained": None, "lpips_random_backbone": True, "device": args.device,
+               "dtype": args.dtype, "dataset.num_frames": args.frames, "dataset.image_size": (args.size, args.size),
+               "num_workers": 0, "tensorboard": False, "ckpt_every": 0, "shard_optimizer": False}
+    if not args.mixed:
+        options["mixed_strategy"] = None
+    if args.model == "tiny":
+        widths = Config.fromfile(str(TINY_WIDTHS))
+        options["model.vae_2d"] = widths.tiny_vae_2d.to_dict()
+        options["model.vae_temporal"] = widths.tiny_vae_temporal.to_dict()
+    options.update(lever_options(name))
+    return Trainer(load_config(STAGE3, options), config_name="bench")
+
+
+def write_clip(folder: Path, frames: int, size: int) -> Path:
+    """One synthetic clip (moving noise) long and large enough for the dataset (its rows are never timed)."""
+    from opensora_vae.data import write_video
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(3, size, size, generator=g) * 255
+    video = torch.stack([torch.roll(base, shifts=(t, 2 * t), dims=(1, 2)) for t in range(frames)]).to(torch.uint8)
+    write_video(folder / "clip.mp4", video, 24)
+    (folder / "data.csv").write_text(f"path\n{folder / 'clip.mp4'}\n")
+    return folder / "data.csv"
+
+
+def run(args):
+    device = torch.device(args.device)
+    names = ["plain"] + [n for n in args.levers if n != "plain"]
+    clips = [torch.rand(args.batch, 3, args.frames, args.size, args.size, generator=torch.Generator().manual_seed(i))
+             * 2 - 1 for i in range(args.warmup + args.steps)]
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        csv = write_clip(Path(tmp), args.frames, args.size)
+        trainers = {n: build_trainer(n, args, csv, Path(tmp) / "runs") for n in names}
+        params = sum(p.numel() for p in trainers["plain"].model.parameters())
+        print(f"{header(device)}, stage 3 ({args.model} model, {params / 1e6:.1f}M parameters), dtype {args.dtype}, "
+              f"clip {args.batch}x{args.frames}x{args.size}x{args.size}, {args.warmup} warm-up + {args.steps} timed steps",
+              flush=True)
+        res = {n: {"times": [], "peak": 0.0, "loss": []} for n in names}
+        for step in range(args.warmup + args.steps):
+            for n, trainer in trainers.items():
+                before = _current_gib(device)
+                _reset_peak(device)
+                t = time.perf_counter()
+                out = trainer.train_step({"video": clips[step]})
+                sync(device)
+                seconds = time.perf_counter() - t
+                rise = _peak_gib(device) - before
+                res[n]["loss"].append(float(out["loss"]))
+                if step < args.warmup:
+                    if step == 0:
+                        print(f"{n}: first step {seconds:.1f} s (compilation included where compiled)", flush=True)
+                    continue
+                res[n]["times"].append(seconds)
+                res[n]["peak"] = max(res[n]["peak"], _static_gib(trainer) + rise)
+        for trainer in trainers.values():
+            trainer.close()
+    base = statistics.median(res["plain"]["times"])
+    mem = "peak CUDA alloc GiB" if device.type == "cuda" else "peak RSS GiB (lower bound)"
+    print(f"| variant | s / step | {mem} | ratio to plain (time) | memory ratio | max loss diff |")
+    print("|---|---|---|---|---|---|")
+    for n, r in res.items():
+        sec = statistics.median(r["times"])
+        diff = max(abs(a - b) for a, b in zip(r["loss"], res["plain"]["loss"]))
+        rows[n] = dict(seconds=sec, peak_gib=r["peak"], ratio=base / sec, mem_ratio=r["peak"] / res["plain"]["peak"],
+                       loss_diff=diff)
+        print(f"| {n} | {sec:.3f} | {r['peak']:.2f} | {base / sec:.2f}x | {rows[n]['mem_ratio']:.2f}x | {diff:.1e} |",
+              flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], help="default: the config's bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--model", choices=["full", "tiny"], default="full")
+    parser.add_argument("--frames", type=int, default=33, help="clip length (stage 3: 33)")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation, allocator)")
+    parser.add_argument("--mixed", action="store_true", help="keep the config's random clip length per step")
+    parser.add_argument("--levers", nargs="+", default=["fused", "compile_temporal", "ckpt_temporal", "no_ckpt"],
+                        help=f"from {', '.join(LEVERS)}; '+' combines")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    logging.basicConfig(level=logging.WARNING)
+    for name in args.levers:
+        lever_options(name)
+    rows = run(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
