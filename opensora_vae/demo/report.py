@@ -129,7 +129,10 @@ def write_report(out: Path, data, settings, records: Dict[str, dict], scores: Di
                  cache_seconds: float) -> None:
     _curves_png(out, records, out / "loss.png")
     recon = out / "recon"
-    grid_rows = [("original", recon / "stage3" / "heldout_ori"), ("spatial VAE only\n(after stage 3)",
+    # Stage 0's spatial VAE too: the demo's stand-in for the pretrained SDXL VAE, before stage 3 retunes it.
+    grid_rows = [("original", recon / "stage3" / "heldout_ori"),
+                 ("spatial VAE only\n(after stage 0)", recon / "stage0" / "heldout_spatial"),
+                 ("spatial VAE only\n(after stage 3)",
                  recon / "stage3" / "heldout_spatial"), ("full pipeline\n(after stage 3)", recon / "stage3" / "heldout_rec"),
                  ("full pipeline\n(random start)", recon / "init" / "heldout_rec")]
     _frame_grid([(label, folder / f"{HELD_OUT}.mp4") for label, folder in grid_rows], out / "frames.png")
