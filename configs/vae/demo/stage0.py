@@ -7,7 +7,7 @@ model = dict(vae_2d={{_base_.demo_vae_2d}}, vae_temporal={{_base_.demo_vae_tempo
 image_size = {{_base_.demo_image_size}}
 num_frames = 1
 dataset = dict(crop="random", image_size=image_size, num_frames=num_frames,
-               permute_channels=0.5)  # colour augmentation: two clips and eight photos otherwise teach colour casts
+               permute_channels={{_base_.demo_permute_channels}})
 # Random crops: the cached frames keep their aspect ratio (64 x W). CPU, no downloads: fp32, data read in the
 # training process (the cache is small), LPIPS without VGG weights allowed.
 num_workers = 0

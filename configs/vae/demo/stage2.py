@@ -4,7 +4,8 @@ _base_ = ["../train/stage2.py", "common.py"]
 model = dict(vae_2d={{_base_.demo_vae_2d}}, vae_temporal={{_base_.demo_vae_temporal}})
 image_size = {{_base_.demo_image_size}}
 num_frames = {{_base_.demo_num_frames}}
-dataset = dict(crop="random", image_size=image_size, num_frames=num_frames)
+dataset = dict(crop="random", image_size=image_size, num_frames=num_frames,
+               permute_channels={{_base_.demo_permute_channels}})
 # Random crops: the cached frames keep their aspect ratio (64 x W). CPU, no downloads: fp32, data read in the
 # training process (the cache is small), LPIPS without VGG weights allowed.
 num_workers = 0
@@ -15,4 +16,4 @@ tensorboard = False
 epochs = 100000
 ckpt_every = 0
 lr = 1e-5  # the published rate: a faster one lets the z-rec loss wear down the spatial encoder
-max_steps = 30
+max_steps = 10  # at the published lr (1e-5) it changes little; it runs to show the stage works
