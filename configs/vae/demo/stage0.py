@@ -21,6 +21,6 @@ mixed_strategy = None
 train_spatial_only = True
 batch_size = 8
 lr = 2e-3
-max_steps = 300
+max_steps = 320
 lr_schedule = dict(type="cosine", min_ratio=0.05)  # minutes of training end far better annealed
 warmup_steps = 15  # Adam at these rates wrecks the random start without it
