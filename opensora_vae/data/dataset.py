@@ -63,8 +63,8 @@ class VideoTextDataset(Dataset):
     `crop="random"` scales the same way and crops a random window.
 
     `permute_channels=p` shuffles a sample's colour channels with probability p (not in the published recipe: a
-    colour augmentation that keeps a model trained on a few scenes from learning their colour casts; the demo's
-    stage 0 uses it).
+    colour augmentation that keeps a model trained on a few scenes from learning their colour casts; every demo
+    stage uses it).
 
     Images: `image_frames="repeat"` (the reference) repeats the image to `num_frames` frames, a static clip,
     so images and videos mix in one batch; `"single"` gives a 1-frame clip (e.g. to encode images alone).

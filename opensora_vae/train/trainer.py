@@ -51,12 +51,13 @@ def lr_factor(warmup: int, schedule: Optional[dict], max_steps: Optional[int]):
     """Multiplier of `lr` at step s: linear warm-up, then constant (the published recipe) or, with
     `lr_schedule=dict(type="cosine", min_ratio=r)`, a cosine decay to r * lr at `max_steps` (short runs such as the
     demo's end far better annealed)."""
-    kind = (schedule or {}).get("type", "constant")
+    schedule = schedule or {}
+    kind = schedule.get("type", "constant")
     if kind not in ("constant", "cosine"):
         raise ValueError(f"lr_schedule type {kind!r}: expected 'constant' or 'cosine'")
     if kind == "cosine" and not max_steps:
         raise ValueError("lr_schedule type 'cosine' decays over max_steps: set max_steps")
-    min_ratio = float((schedule or {}).get("min_ratio", 0.0))
+    min_ratio = float(schedule.get("min_ratio", 0.0))
 
     def factor(step: int) -> float:
         if step < warmup:
