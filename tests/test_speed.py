@@ -69,11 +69,13 @@ def test_lpips_and_flolpips_batched_equal_one_frame_per_call():
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
-def test_temporal_vae_onednn_path_equals_pytorchs_conv3d():
-    # Batch-1 latents of a 64x64 clip: PyTorch's own heuristic would take its native conv3d here.
+@pytest.mark.parametrize("batch", [1, 2])
+def test_temporal_vae_onednn_path_equals_pytorchs_conv3d(batch):
+    # Latents of a 64x64 clip: PyTorch's own heuristic would take its native conv3d here. Batch 2: the weight
+    # gradient sums over the batch (it runs as a convolution with batch and channels swapped).
     torch.manual_seed(0)
     vae = build_model(tiny_model_cfg()["vae_temporal"])
-    x = torch.randn(1, 4, 9, 8, 8)
+    x = torch.randn(batch, 4, 9, 8, 8)
 
     def run():
         vae.zero_grad(set_to_none=True)
@@ -87,3 +89,23 @@ def test_temporal_vae_onednn_path_equals_pytorchs_conv3d():
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
     for a, b in zip(fast_grads, plain_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
+@pytest.mark.parametrize("stride", [(1, 1, 1), (2, 1, 1), (2, 2, 2), (3, 1, 2)])
+@pytest.mark.parametrize("shape", [(2, 5, 9, 7, 6), (1, 4, 10, 5, 5)])
+@pytest.mark.parametrize("padding", [(0, 1, 1), (1, 1, 1)])
+def test_onednn_conv3d_gradients_equal_pytorchs(stride, shape, padding):
+    """Input, weight and bias gradients of the oneDNN path (strides that leave input rows unused included)."""
+    from opensora_vae.models import onednn
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(shape[1], 6, 3, stride=stride, padding=padding)
+    x = torch.randn(shape, requires_grad=True)
+    y = onednn.conv3d(conv, x)
+    g = torch.randn_like(y)
+    fast = torch.autograd.grad(y, [x, conv.weight, conv.bias], g)
+    with torch.backends.mkldnn.flags(enabled=False):
+        plain = torch.autograd.grad(conv(x), [x, conv.weight, conv.bias], g)
+    for a, b in zip(fast, plain):  # sums of hundreds of products: rounding relative to their scale
+        torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-5)

@@ -3,7 +3,8 @@
 PyTorch's backend heuristic sends batch-1 clips with N*C*T*H <= 20480 (the temporal VAE on the latents of a 64x64
 video: the demo, small benchmarks) to its native conv3d, and its backward to the native kernels even when the forward
 ran in oneDNN. Measured on one core (32 channels, 19x16x16): native forward 56 ms / input gradient 104 ms; oneDNN
-17 / 19 ms. Outputs agree to float rounding. `torch.backends.mkldnn.flags(enabled=False)` restores PyTorch's choice.
+17 / 19 ms. The weight gradient runs as a oneDNN convolution too (input and output gradient with batch and channels
+swapped): 5-10x faster than ATen's for the demo's shapes. Outputs agree to float rounding. `torch.backends.mkldnn.flags(enabled=False)` restores PyTorch's choice.
 """
 from __future__ import annotations
 
@@ -32,21 +33,35 @@ class _Conv3d(torch.autograd.Function):
         padding, stride, dilation, groups, has_bias = ctx.conf
         grad = grad.contiguous()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = None
-        plain_x = need_x and not (all(s == 1 for s in stride) and all(d == 1 for d in dilation) and groups == 1)
-        if need_x and not plain_x:
-            # Input gradient of a stride-1 convolution: the full correlation with the flipped, transposed kernel.
-            flipped = weight.flip(2, 3, 4).transpose(0, 1).contiguous()
-            pad = [k - 1 - p for k, p in zip(weight.shape[2:], padding)]
-            grad_x = torch.ops.aten.mkldnn_convolution(grad, flipped, None, pad, [1, 1, 1], [1, 1, 1], 1)
-        mask = [plain_x, need_w, need_b and has_bias]
-        if any(mask):
-            gx, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad, x, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation, False,
-                [0, 0, 0], groups, mask)
-            grad_x = gx if plain_x else grad_x
+        grad_x = grad_w = grad_b = None
+        if all(d == 1 for d in dilation) and groups == 1:
+            ones, kernel = [1, 1, 1], weight.shape[2:]
+            if need_x:
+                # The input gradient: the output gradient, spread out by the stride (zeros between) to the padded
+                # input's extent less the kernel's, correlated with the flipped, transposed kernel.
+                spread = grad
+                if any(s > 1 for s in stride) or any(
+                        (i + 2 * p - k) % s for i, p, k, s in zip(x.shape[2:], padding, kernel, stride)):
+                    spread = grad.new_zeros(*grad.shape[:2], *(i + 2 * p - k + 1 for i, p, k in
+                                                               zip(x.shape[2:], padding, kernel)))
+                    spread[(..., *(slice(None, s * (n - 1) + 1, s) for s, n in zip(stride, grad.shape[2:])))] = grad
+                flipped = weight.flip(2, 3, 4).transpose(0, 1).contiguous()
+                pad = [k - 1 - p for k, p in zip(kernel, padding)]
+                grad_x = torch.ops.aten.mkldnn_convolution(spread, flipped, None, pad, ones, ones, 1)
+            if need_w:
+                # The weight gradient: the input correlated with the output gradient (dilated by the stride), batch
+                # and channels swapped so the batch is summed; 5-10x faster than ATen's path for these shapes.
+                grad_w = torch.ops.aten.mkldnn_convolution(
+                    x.transpose(0, 1), grad.transpose(0, 1), None, padding, ones, list(stride), 1)
+                grad_w = grad_w[..., :kernel[0], :kernel[1], :kernel[2]].transpose(0, 1)
+            if need_b and has_bias:
+                grad_b = grad.sum((0, 2, 3, 4))
         else:
-            grad_w = grad_b = None
+            mask = [need_x, need_w, need_b and has_bias]
+            if any(mask):
+                grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                    grad, x, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation, False,
+                    [0, 0, 0], groups, mask)
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
