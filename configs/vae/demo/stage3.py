@@ -16,6 +16,6 @@ tensorboard = False
 epochs = 100000
 ckpt_every = 0
 lr = 1e-3
-max_steps = 80
+max_steps = 120
 warmup_steps = 8
 lr_schedule = dict(type="cosine", min_ratio=0.05)  # minutes of training end far better annealed
