@@ -1,9 +1,13 @@
 """Winograd F(4x4, 3x3) convolution for fp32 CPU inference.
 
 A 3x3 stride-1 convolution over 4x4 output tiles needs 36 multiplies per tile and channel pair instead of 144
-(Lavin & Gray, 2015). Each transform is one matmul with a Kronecker matrix over gathered 6x6 tiles, and the
-channel mixing is one batched GEMM per tile element, so the work runs in a few large BLAS calls. A Conv3d with
-kernel (kt, 3, 3) is the same over H/W with its kt time taps accumulated into the GEMM.
+(Lavin & Gray, 2015). The tiles are processed in chunks of about 256 (cache-sized: one whole-tensor transform
+ran MKL's small-matmul path 3x slower); per chunk, each transform is one batched matmul with a Kronecker matrix
+over the gathered 6x6 tiles and the channel mixing is one batched GEMM over the 36 tile elements. A Conv3d with
+kernel (kt, 3, 3) is the same over H/W with its kt time taps accumulated into the GEMM. `use_winograd(module)`
+opts a module's convolutions in where it measured faster (`wins`), for fp32 CPU inference only (`applies`).
+Not wired into the package: the whole pipeline did not reach 1.2x (`bench/RESULTS.md`);
+`bench/bench_winograd.py` times each conv shape of the model, `bench/bench_vae.py --levers winograd` the pipeline.
 """
 from __future__ import annotations
 
