@@ -10,7 +10,8 @@ Sections (full-size model, random weights):
   parts    plain path split into spatial encode, temporal encode, temporal decode, spatial decode: time, frames/s,
            peak memory, FLOPs (torch.utils.flop_counter) and % of the device's peak (GPU tables in bench/common.py).
   levers   each speed lever vs the plain path, interleaved in one run, with the max |diff| of the decoded clip:
-           spatial channels_last, temporal channels_last_3d, spatial micro_batch_size None (`micro_batch`),
+           Winograd F(4x4, 3x3) for the spatial VAE's 3x3 convolutions where it wins per shape (`winograd`, fp32
+           CPU; not wired into the package), spatial channels_last, temporal channels_last_3d, spatial micro_batch_size None (`micro_batch`),
            build_model(compile=True) (CPU: also inductor freezing, alone as `compile_freezing`; GPU: also
            mode="max-autotune-no-cudagraphs" and "reduce-overhead" = CUDA graphs).
   load     loading a published-format checkpoint: random init + load_state_dict vs from_pretrained
@@ -42,6 +43,7 @@ from common import compare, count_flops, header, max_diff, table  # noqa: E402
 from opensora_vae import build_model
 from opensora_vae.models import VideoAutoencoderPipeline
 from opensora_vae.models.pretrained import load_strict, read_state_dict
+from opensora_vae.models import winograd
 from opensora_vae.models.temporal import CausalConv3d
 
 FULL = dict(type="OpenSoraVAE_V1_2", vae_2d=dict(from_pretrained=None))
@@ -215,6 +217,10 @@ def bench_parts(model, x, device, dtype, repeat):
 def _lever_variants(model, x, device, names):
     """name -> (model, input, compile options or None) for each lever asked for (and available on `device`)."""
     out = {}
+    if "winograd" in names:  # the spatial VAE's 3x3 convolutions where bench_winograd.py found it faster
+        m = copy.deepcopy(model)
+        winograd.use_winograd(m.spatial_vae.module)
+        out["spatial winograd F(4x4,3x3)"] = (m, x, None)
     if "channels_last" in names:
         m = copy.deepcopy(model)
         m.spatial_vae.to(memory_format=torch.channels_last)
@@ -243,6 +249,9 @@ def bench_levers(model, x, device, dtype, repeat, names):
     """Each lever against the plain path, interleaved; compile time is reported separately (first call)."""
     fns = {"plain eager": _encode_decode_out(model, x)}
     for name, (m, inp, opts) in _lever_variants(model, x, device, names).items():
+        if "winograd" in name:
+            fns[name] = _encode_decode_out(m, inp, use_winograd=True)
+            continue
         if opts is not None:
             m.enable_compile(**opts)
             t = time.perf_counter()
@@ -260,9 +269,9 @@ def bench_levers(model, x, device, dtype, repeat, names):
     return rows
 
 
-def _encode_decode_out(model, x):
+def _encode_decode_out(model, x, use_winograd=False):
     def run():
-        with torch.inference_mode():
+        with torch.inference_mode(), winograd.flags(enabled=use_winograd):
             return model.decode(model.encode(x, sample_posterior=False), num_frames=x.shape[2])
     return run
 
