@@ -3,11 +3,13 @@
 Naive tiles (diffusers' `enable_tiling`) disagree with the untiled result mostly because every tile normalises
 with its own GroupNorm statistics and attends only within itself. Here:
 
-- Parts of a network that run at latent resolution and hold the attention block (the AutoencoderKL mid-blocks)
-  run on the whole frame, so attention and their GroupNorms are exact. Their activations are latent-sized
-  (e.g. 512 x H/8 x W/8 per frame): memory that grows with resolution, but 1/16 of the full-resolution layers'.
-  `tile_mid_block` runs them per tile as well: memory stays one tile's, attention sees only its tile (with the
-  halo), and their GroupNorms (the attention's too) get whole-frame statistics like the rest.
+- The AutoencoderKL encoder's mid-block (latent resolution, with the attention block) runs on the whole frame:
+  exact, with latent-sized activations (e.g. 512 x H/8 x W/8 per frame), 1/16 of the full-resolution layers'.
+  The decoder's mid-block does too by default; `tile_mid_block` runs it per tile (memory stays one tile's) with
+  exact attention: the tile's queries attend to the whole frame's keys/values, recomputed key tile by key tile
+  from the latent (conv_in + first resnet on the key tile plus a halo, whole-frame GroupNorm statistics) and
+  streamed through an online softmax (`frame_attention`). Cost: every statistics pass after the attention
+  recomputes conv_in + first resnet of the whole frame once per tile.
 - Full-resolution parts (the AutoencoderKL down/up blocks) and the whole temporal VAE run per tile. Each tile sees
   `overlap / 2` extra pixels on every side of its core; outputs are blended with linear weights over the inner
   half of the shared band (a partition of unity: constant content gives constant output), and the outer half,
@@ -36,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .frame_attention import frame_attention
+
 
 @dataclass(frozen=True)
 class TilingConfig:
@@ -48,7 +52,7 @@ class TilingConfig:
     temporal_tile_size: Optional[int] = None
     temporal_overlap: Optional[int] = None
     exact_norms: Optional[int] = None  # None: all
-    tile_mid_block: bool = False  # AutoencoderKL mid-blocks per tile too (attention tile-local; bounded memory)
+    tile_mid_block: bool = False  # AutoencoderKL decoder mid-block per tile too (exact attention; bounded memory)
 
     def __post_init__(self):
         if self.exact_norms is not None and self.exact_norms < 0:
@@ -116,6 +120,17 @@ class _NormTap:
         self.record: Optional[list] = None
         self.core: Optional[Tuple[Span, Span]] = None
         self.seq = 0
+
+    @contextmanager
+    def nested(self, seq: int):
+        """A recomputation inside the forward that replays GroupNorm calls from `seq` on (same statistics, nothing
+        recorded); the outer forward's count resumes afterwards."""
+        saved = self.seq, self.measure
+        self.seq, self.measure = seq, None
+        try:
+            yield
+        finally:
+            self.seq, self.measure = saved
 
     @contextmanager
     def active(self):
@@ -194,18 +209,19 @@ class _NormTap:
 
 def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, x: torch.Tensor, tile: int, halo: int,
               exact_norms: Optional[int], align: int = 1, ratio: Tuple[int, int] = (1, 1),
-              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+              out: Optional[torch.Tensor] = None, tap: Optional[_NormTap] = None) -> torch.Tensor:
     """fn maps (N, C, [T,] H, W) to (N, C', [T',] H * ratio, W * ratio); run it tile by tile over H/W.
 
     module: holds every GroupNorm fn uses. exact_norms: how many of fn's GroupNorm calls (in call order) get exact
     whole-frame statistics, one truncated tiled pass each (None: all); later ones use the tile's own.
     tile, halo, align: in units of x's H/W. out: optional destination of the output's shape (written to).
+    tap: the `_NormTap` of module, if fn needs it (None: a new one).
     """
     h_spans, w_spans = spans(x.shape[-2], tile, halo, align), spans(x.shape[-1], tile, halo, align)
     if len(h_spans) == len(w_spans) == 1:
         y = fn(x)
         return y if out is None else out.copy_(y)
-    tap = _NormTap(module)
+    tap = _NormTap(module) if tap is None else tap
     with tap.active():
         tiles = [((hs, ws), lambda hs=hs, ws=ws: fn(x[..., hs.ext[0]:hs.ext[1], ws.ext[0]:ws.ext[1]]))
                  for hs in h_spans for ws in w_spans]
@@ -233,8 +249,8 @@ def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, x: 
 
 # ----- the networks' splits ------------------------------------------------------------------------------------
 def autoencoderkl_encode(vae, x: torch.Tensor, cfg: TilingConfig) -> torch.Tensor:
-    """diffusers AutoencoderKL `_encode` (moments) with the full-resolution down blocks tiled (and the rest too
-    with `cfg.tile_mid_block`)."""
+    """diffusers AutoencoderKL `_encode` (moments) with the full-resolution down blocks tiled and the rest (the
+    mid-block with its attention) on the whole latent frame."""
     enc = vae.encoder
 
     def down(v):
@@ -248,30 +264,59 @@ def autoencoderkl_encode(vae, x: torch.Tensor, cfg: TilingConfig) -> torch.Tenso
         return vae.quant_conv(h) if vae.quant_conv is not None else h
 
     factor = 2 ** (len(enc.down_blocks) - 1)
-    fn = (lambda v: rest(down(v))) if cfg.tile_mid_block else down
-    h = run_tiled(fn, enc, x, cfg.tile_size, cfg.overlap // 2, cfg.exact_norms, align=factor, ratio=(1, factor))
-    return h if cfg.tile_mid_block else rest(h)
+    return rest(run_tiled(down, enc, x, cfg.tile_size, cfg.overlap // 2, cfg.exact_norms, align=factor,
+                          ratio=(1, factor)))
 
 
 def autoencoderkl_decode(vae, z: torch.Tensor, cfg: TilingConfig, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """diffusers AutoencoderKL `_decode` with the mid-block on the whole latent (or per tile with
-    `cfg.tile_mid_block`) and the up blocks tiled."""
-    dec = vae.decoder
+    """diffusers AutoencoderKL `_decode` with the up blocks tiled and the mid-block on the whole latent (or per
+    tile with `cfg.tile_mid_block`, attention still over the whole frame)."""
+    dec, mid = vae.decoder, vae.decoder.mid_block
     if vae.post_quant_conv is not None:
         z = vae.post_quant_conv(z)
-
-    def mid(v):
-        return dec.mid_block(dec.conv_in(v), None)
+    factor = 2 ** (len(dec.up_blocks) - 1)
+    tile, halo = cfg.tile_size // factor, cfg.overlap // 2 // factor
 
     def up(v):
         for block in dec.up_blocks:
             v = block(v, None)
         return dec.conv_out(dec.conv_act(dec.conv_norm_out(v)))
 
-    factor = 2 ** (len(dec.up_blocks) - 1)
-    fn, h = ((lambda v: up(mid(v))), z) if cfg.tile_mid_block else (up, mid(z))
-    return run_tiled(fn, dec, h, cfg.tile_size // factor, cfg.overlap // 2 // factor, cfg.exact_norms,
-                     ratio=(factor, 1), out=out)
+    if not cfg.tile_mid_block:
+        return run_tiled(up, dec, mid(dec.conv_in(z), None), tile, halo, cfg.exact_norms, ratio=(factor, 1), out=out)
+    if len(mid.attentions) > 1:
+        raise NotImplementedError("tile_mid_block: a mid-block with more than one attention layer")
+    tap = _NormTap(dec)
+
+    def before_attention(v):
+        return mid.resnets[0](dec.conv_in(v), None)
+
+    # Key tiles: conv_in + resnet0 on the core plus their 3x3 convolutions' reach, cropped to the core. Twice the
+    # query tile's side: fewer halo pixels to recompute, scores chunked by frame_attention.
+    kv_halo = sum(m.dilation[0] * (m.kernel_size[0] // 2) for part in (dec.conv_in, mid.resnets[0])
+                  for m in part.modules() if isinstance(m, nn.Conv2d))
+    kv_tile = max(2 * tile, 4 * kv_halo)
+
+    def key_inputs(seq):
+        for hs in spans(z.shape[-2], kv_tile, kv_halo):
+            for ws in spans(z.shape[-1], kv_tile, kv_halo):
+                with tap.nested(seq):  # held across the yield: frame_attention's group_norm call replays too
+                    v = before_attention(z[..., hs.ext[0]:hs.ext[1], ws.ext[0]:ws.ext[1]])
+                    yield v[..., hs.core[0] - hs.ext[0]:hs.core[1] - hs.ext[0],
+                            ws.core[0] - ws.ext[0]:ws.core[1] - ws.ext[0]]
+
+    def tiled_mid(v):
+        if v.shape[-2:] == z.shape[-2:]:  # one tile: the plain path
+            return mid(dec.conv_in(v), None)
+        seq = tap.seq
+        v = before_attention(v)
+        for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
+            # A pass measuring a norm up to the attention's stops at its query-side call, before any key work.
+            v = resnet(v if attn is None else frame_attention(attn, v, key_inputs(seq)), None)
+        return v
+
+    return run_tiled(lambda v: up(tiled_mid(v)), dec, z, tile, halo, cfg.exact_norms, ratio=(factor, 1), out=out,
+                     tap=tap)
 
 
 def temporal_tiled(fn, module: nn.Module, x: torch.Tensor, cfg: TilingConfig) -> torch.Tensor:
