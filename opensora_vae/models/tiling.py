@@ -77,21 +77,24 @@ class TilingConfig:
 
 class Span(NamedTuple):
     core: Tuple[int, int]  # owned by this tile (before blending)
-    ext: Tuple[int, int]  # what the network sees: core plus the halo, clipped to the frame
+    ext: Tuple[int, int]  # what the output covers: core plus the halo, clipped to the frame
+    win: Tuple[int, int]  # what the network sees: ext plus any context its first layers need (`_NormTap.trim`)
 
 
-def spans(size: int, tile: int, halo: int, align: int = 1) -> List[Span]:
-    """Split [0, size) into cores of at most tile - 2 * halo (boundaries on multiples of `align`)."""
+def spans(size: int, tile: int, halo: int, align: int = 1, context: int = 0) -> List[Span]:
+    """Split [0, size) into cores of at most tile - 2 * halo (boundaries on multiples of `align`), each seen with
+    halo + context more on both sides."""
     if size <= tile:
-        return [Span((0, size), (0, size))]
+        return [Span((0, size), (0, size), (0, size))]
     n = math.ceil(size / (tile - 2 * halo))
     bounds = sorted({align * round(i * size / n / align) for i in range(n)} | {size})
-    return [Span((a, b), (max(0, a - halo), min(size, b + halo))) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [Span((a, b), (max(0, a - halo), min(size, b + halo)), (max(0, a - halo - context), min(size, b + halo + context)))
+            for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _ramp(span: Span, first: bool, last: bool, halo: int, num: int, den: int, device) -> Tuple[int, int, torch.Tensor]:
     """Kept output range of a tile and its blending weights (linear over the inner half of the shared band)."""
-    (c0, c1), (e0, e1) = span
+    (c0, c1), (e0, e1) = span.core, span.ext
     r = halo * num / den  # ramp width in output pixels
     lo = e0 * num // den if first else max(e0 * num // den, math.floor(c0 * num / den - r / 2))
     hi = e1 * num // den if last else min(e1 * num // den, math.ceil(c1 * num / den + r / 2))
@@ -118,8 +121,24 @@ class _NormTap:
         self.use: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.measure: Optional[int] = None  # the call to record, then stop
         self.record: Optional[list] = None
-        self.core: Optional[Tuple[Span, Span]] = None
+        self.tile: Optional[Tuple[Span, Span]] = None  # the tile being run (H, W)
+        self.extent: Optional[Tuple[Tuple[int, int], ...]] = None  # what its layers cover now: win, then ext
         self.seq = 0
+
+    def start(self, tile: Tuple[Span, Span]) -> None:
+        self.seq, self.tile, self.extent = 0, tile, (tile[0].win, tile[1].win)
+
+    def trim(self, x: torch.Tensor) -> torch.Tensor:
+        """Crop x, which covers the tile's window, to its ext (dropping the context) for the layers after."""
+        if self.tile is None or self.extent == (self.tile[0].ext, self.tile[1].ext):
+            return x
+        idx = []
+        for span, size in zip(self.tile, x.shape[-2:]):
+            (e0, e1), (w0, w1) = span.ext, span.win
+            scale = size // (w1 - w0)
+            idx.append(slice((e0 - w0) * scale, (e1 - w0) * scale))
+        self.extent = (self.tile[0].ext, self.tile[1].ext)
+        return x[..., idx[0], idx[1]]
 
     @contextmanager
     def nested(self, seq: int):
@@ -160,12 +179,12 @@ class _NormTap:
         return torch.addcmul(shift.view(view).to(x.dtype), x, scale.view(view).to(x.dtype))
 
     def _accumulate(self, groups: int, x: torch.Tensor) -> None:
-        if self.core is not None:  # the core of this tile at this layer's resolution
+        if self.tile is not None:  # the core of this tile at this layer's resolution
             if x.ndim == 3:  # (N, C, H * W): an attention block's norm over flattened pixels
                 x = x.reshape(*x.shape[:2], *self._layer_size(x.shape[-1]))
             idx = []
-            for span, size in zip(self.core, x.shape[-2:]):
-                (c0, c1), (e0, e1) = span
+            for span, (e0, e1), size in zip(self.tile, self.extent, x.shape[-2:]):
+                c0, c1 = span.core
                 idx.append(slice((c0 - e0) * size // (e1 - e0), (c1 - e0) * size // (e1 - e0)))
             x = x[..., idx[0], idx[1]]
         v = x.float().reshape(x.shape[0], groups, -1)
@@ -183,7 +202,7 @@ class _NormTap:
 
     def _layer_size(self, pixels: int) -> Tuple[int, int]:
         """H, W of a flattened layer of this tile: its extent at the layer's scale (s^2 * h * w = pixels)."""
-        (_, (h0, h1)), (_, (w0, w1)) = self.core
+        (h0, h1), (w0, w1) = self.extent
         h = round(math.sqrt(pixels * (h1 - h0) / (w1 - w0)))
         if h < 1 or pixels % h or (pixels // h) * (h1 - h0) != h * (w1 - w0):
             raise ValueError(f"cannot unflatten {pixels} pixels of a {h1 - h0}x{w1 - w0} tile")
@@ -192,14 +211,14 @@ class _NormTap:
     def measure_call(self, seq: int, tiles) -> bool:
         """Whole-frame statistics of GroupNorm call `seq` (earlier calls already exact); False if fn has fewer."""
         self.measure, self.record = seq, None
-        for core, run in tiles:
-            self.seq, self.core = 0, core
+        for tile, run in tiles:
+            self.start(tile)
             try:
                 run()
             except _Stop:
                 continue
             break  # the forward ended before call `seq`
-        self.measure, self.core = None, None
+        self.measure, self.tile = None, None
         if self.record is None:
             return False
         n, mean, m2 = self.record
@@ -209,21 +228,22 @@ class _NormTap:
 
 def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, x: torch.Tensor, tile: int, halo: int,
               exact_norms: Optional[int], align: int = 1, ratio: Tuple[int, int] = (1, 1),
-              out: Optional[torch.Tensor] = None, tap: Optional[_NormTap] = None) -> torch.Tensor:
+              out: Optional[torch.Tensor] = None, tap: Optional[_NormTap] = None, context: int = 0) -> torch.Tensor:
     """fn maps (N, C, [T,] H, W) to (N, C', [T',] H * ratio, W * ratio); run it tile by tile over H/W.
 
     module: holds every GroupNorm fn uses. exact_norms: how many of fn's GroupNorm calls (in call order) get exact
     whole-frame statistics, one truncated tiled pass each (None: all); later ones use the tile's own.
     tile, halo, align: in units of x's H/W. out: optional destination of the output's shape (written to).
-    tap: the `_NormTap` of module, if fn needs it (None: a new one).
+    tap: the `_NormTap` of module, if fn needs it (None: a new one). context: more input each tile sees beyond
+    its halo, for fn's first layers whose reach the halo does not cover; fn drops it with `tap.trim`.
     """
-    h_spans, w_spans = spans(x.shape[-2], tile, halo, align), spans(x.shape[-1], tile, halo, align)
+    h_spans, w_spans = (spans(n, tile, halo, align, context) for n in x.shape[-2:])
     if len(h_spans) == len(w_spans) == 1:
         y = fn(x)
         return y if out is None else out.copy_(y)
     tap = _NormTap(module) if tap is None else tap
     with tap.active():
-        tiles = [((hs, ws), lambda hs=hs, ws=ws: fn(x[..., hs.ext[0]:hs.ext[1], ws.ext[0]:ws.ext[1]]))
+        tiles = [((hs, ws), lambda hs=hs, ws=ws: fn(x[..., hs.win[0]:hs.win[1], ws.win[0]:ws.win[1]]))
                  for hs in h_spans for ws in w_spans]
         # One pass per GroupNorm, each cut short once that norm has recorded.
         for seq in itertools.count() if exact_norms is None else range(exact_norms):
@@ -234,8 +254,8 @@ def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, x: 
             h0, h1, wh = _ramp(hs, i == 0, i == len(h_spans) - 1, halo, num, den, x.device)
             for j, ws in enumerate(w_spans):
                 w0, w1, ww = _ramp(ws, j == 0, j == len(w_spans) - 1, halo, num, den, x.device)
-                tap.seq = 0
-                y = fn(x[..., hs.ext[0]:hs.ext[1], ws.ext[0]:ws.ext[1]])
+                tap.start((hs, ws))
+                y = fn(x[..., hs.win[0]:hs.win[1], ws.win[0]:ws.win[1]])
                 if out is None:
                     out = y.new_zeros(*y.shape[:-2], x.shape[-2] * num // den, x.shape[-1] * num // den)
                 elif i == j == 0:
@@ -305,18 +325,23 @@ def autoencoderkl_decode(vae, z: torch.Tensor, cfg: TilingConfig, out: Optional[
                     yield v[..., hs.core[0] - hs.ext[0]:hs.core[1] - hs.ext[0],
                             ws.core[0] - ws.ext[0]:ws.core[1] - ws.ext[0]]
 
+    # The mid-block's convolutions reach this far beyond each tile: that much context (trimmed after the mid-block)
+    # keeps its output as exact as the whole-frame mid-block's, and the halo still covers only the up blocks.
+    reach = sum(m.dilation[0] * (m.kernel_size[0] // 2) for part in (dec.conv_in, mid)
+                for m in part.modules() if isinstance(m, nn.Conv2d))
+
     def tiled_mid(v):
         if v.shape[-2:] == z.shape[-2:]:  # one tile: the plain path
-            return mid(dec.conv_in(v), None)
+            return tap.trim(mid(dec.conv_in(v), None))
         seq = tap.seq
         v = before_attention(v)
         for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
             # A pass measuring a norm up to the attention's stops at its query-side call, before any key work.
             v = resnet(v if attn is None else frame_attention(attn, v, key_inputs(seq)), None)
-        return v
+        return tap.trim(v)
 
     return run_tiled(lambda v: up(tiled_mid(v)), dec, z, tile, halo, cfg.exact_norms, ratio=(factor, 1), out=out,
-                     tap=tap)
+                     tap=tap, context=reach)
 
 
 def temporal_tiled(fn, module: nn.Module, x: torch.Tensor, cfg: TilingConfig) -> torch.Tensor:
