@@ -133,8 +133,7 @@ def test_exact_statistics_are_the_whole_frame_ones():
 
 def test_tiled_mid_block_close_to_untiled_on_a_real_clip(model, clip):
     """tile_mid_block: the spatial decoder's mid-block per tile too, its attention over the whole frame (keys and
-    values recomputed key tile by key tile), extra context for its convolutions: as close to untiled as the
-    whole-frame mid-block, and far closer than with tile-local attention (28.4 dB before)."""
+    values recomputed key tile by key tile), context for its convolutions: the whole-frame mid-block's result."""
     vae = model.spatial_vae
     with torch.no_grad():
         x_z = vae.encode(clip, sample_posterior=False)
@@ -151,9 +150,8 @@ def test_tiled_mid_block_close_to_untiled_on_a_real_clip(model, clip):
             finally:
                 vae.disable_tiling()
     assert got[True].shape == plain.shape
-    # measured 66.5 dB (whole-frame mid-block: 48.0): the extra context also helps the up blocks
-    assert psnr(plain, got[True]) > 60, psnr(plain, got[True])
-    assert psnr(plain, got[True]) > psnr(plain, got[False]), (psnr(plain, got[True]), psnr(plain, got[False]))
+    assert psnr(plain, got[True]) > 45, psnr(plain, got[True])  # measured 48.0 (tile-local attention: 28.4)
+    torch.testing.assert_close(got[True], got[False], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("heads", [1, 2])
