@@ -8,8 +8,9 @@ with its own GroupNorm statistics and attends only within itself. Here:
   The decoder's mid-block does too by default; `tile_mid_block` runs it per tile (memory stays one tile's) with
   exact attention: the tile's queries attend to the whole frame's keys/values, recomputed key tile by key tile
   from the latent (conv_in + first resnet on the key tile plus a halo, whole-frame GroupNorm statistics) and
-  streamed through an online softmax (`frame_attention`). Cost: every statistics pass after the attention
-  recomputes conv_in + first resnet of the whole frame once per tile.
+  streamed through an online softmax (`frame_attention`); the mid-block also sees its convolutions' reach as
+  context, trimmed before the up blocks, so the result equals the whole-frame mid-block's. Cost: every pass
+  after the attention recomputes conv_in + first resnet of the whole frame once per tile (bench/RESULTS.md).
 - Full-resolution parts (the AutoencoderKL down/up blocks) and the whole temporal VAE run per tile. Each tile sees
   `overlap / 2` extra pixels on every side of its core; outputs are blended with linear weights over the inner
   half of the shared band (a partition of unity: constant content gives constant output), and the outer half,
@@ -88,7 +89,8 @@ def spans(size: int, tile: int, halo: int, align: int = 1, context: int = 0) -> 
         return [Span((0, size), (0, size), (0, size))]
     n = math.ceil(size / (tile - 2 * halo))
     bounds = sorted({align * round(i * size / n / align) for i in range(n)} | {size})
-    return [Span((a, b), (max(0, a - halo), min(size, b + halo)), (max(0, a - halo - context), min(size, b + halo + context)))
+    m = halo + context
+    return [Span((a, b), (max(0, a - halo), min(size, b + halo)), (max(0, a - m), min(size, b + m)))
             for a, b in zip(bounds[:-1], bounds[1:])]
 
 
@@ -288,6 +290,11 @@ def autoencoderkl_encode(vae, x: torch.Tensor, cfg: TilingConfig) -> torch.Tenso
                           ratio=(1, factor)))
 
 
+def _reach(*parts: nn.Module) -> int:
+    """Pixels beyond its output that a chain of these parts' convolutions reads (an upper bound)."""
+    return sum(m.dilation[0] * (m.kernel_size[0] // 2) for p in parts for m in p.modules() if isinstance(m, nn.Conv2d))
+
+
 def autoencoderkl_decode(vae, z: torch.Tensor, cfg: TilingConfig, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """diffusers AutoencoderKL `_decode` with the up blocks tiled and the mid-block on the whole latent (or per
     tile with `cfg.tile_mid_block`, attention still over the whole frame)."""
@@ -313,8 +320,7 @@ def autoencoderkl_decode(vae, z: torch.Tensor, cfg: TilingConfig, out: Optional[
 
     # Key tiles: conv_in + resnet0 on the core plus their 3x3 convolutions' reach, cropped to the core. Twice the
     # query tile's side: fewer halo pixels to recompute, scores chunked by frame_attention.
-    kv_halo = sum(m.dilation[0] * (m.kernel_size[0] // 2) for part in (dec.conv_in, mid.resnets[0])
-                  for m in part.modules() if isinstance(m, nn.Conv2d))
+    kv_halo = _reach(dec.conv_in, mid.resnets[0])
     kv_tile = max(2 * tile, 4 * kv_halo)
 
     def key_inputs(seq):
@@ -327,11 +333,10 @@ def autoencoderkl_decode(vae, z: torch.Tensor, cfg: TilingConfig, out: Optional[
 
     # The mid-block's convolutions reach this far beyond each tile: that much context (trimmed after the mid-block)
     # keeps its output as exact as the whole-frame mid-block's, and the halo still covers only the up blocks.
-    reach = sum(m.dilation[0] * (m.kernel_size[0] // 2) for part in (dec.conv_in, mid)
-                for m in part.modules() if isinstance(m, nn.Conv2d))
+    reach = _reach(dec.conv_in, mid)
 
     def tiled_mid(v):
-        if v.shape[-2:] == z.shape[-2:]:  # one tile: the plain path
+        if v.shape[-2:] == z.shape[-2:]:  # the window is the whole frame (e.g. one tile): the plain path
             return tap.trim(mid(dec.conv_in(v), None))
         seq = tap.seq
         v = before_attention(v)
