@@ -257,4 +257,8 @@ def test_tiling_and_compile_flags_reach_the_model(monkeypatch, script, entry):
     assert dict(seen["cfg"].tiling) == {"tile_size": 256} and seen["cfg"].compile is True
     model = load_model(tiny_model_cfg(), None, seen["cfg"].tiling)
     assert model.spatial_vae.tiling.tile_size == model.temporal_vae.tiling.tile_size == 256
+    assert not model.spatial_vae.tiling.tile_mid_block
+    module.main([str(config), "--data-path", "x.csv", "--save-dir", "out", "--tile-mid-block"])
+    assert dict(seen["cfg"].tiling) == {"tile_mid_block": True}
+    assert load_model(tiny_model_cfg(), None, seen["cfg"].tiling).spatial_vae.tiling.tile_mid_block
     assert load_model(tiny_model_cfg(), None, None).spatial_vae.tiling is None
