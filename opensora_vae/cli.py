@@ -19,6 +19,8 @@ def add_model_run_arguments(parser: argparse.ArgumentParser, save_help: str) -> 
     parser.add_argument("--tiling", action="store_true", help="tile H/W through both VAEs (bounded memory)")
     parser.add_argument("--tile-size", type=int, help="tile side in pixels (implies --tiling; default 512)")
     parser.add_argument("--tile-overlap", type=int, help="pixels shared by neighbouring tiles (implies --tiling)")
+    parser.add_argument("--tile-mid-block", action="store_true", default=None,
+                        help="decoder mid-block per tile too, exact attention (implies --tiling; slower)")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
 
 
@@ -38,7 +40,8 @@ def load_run_config(args: argparse.Namespace, options: Optional[dict] = None):
     if args.compile:
         merged["compile"] = True
     cfg = load_config(args.config, merged)
-    tiling = {k: v for k, v in (("tile_size", args.tile_size), ("overlap", args.tile_overlap)) if v is not None}
+    tiling = {k: v for k, v in (("tile_size", args.tile_size), ("overlap", args.tile_overlap),
+                                ("tile_mid_block", args.tile_mid_block)) if v is not None}
     if args.tiling or tiling:
         cfg.tiling = dict(cfg.get("tiling") or {}, **tiling)
     return cfg

@@ -190,8 +190,10 @@ class VideoAutoencoderPipeline(nn.Module):
         tile sizes in pixels, temporal_* in latent pixels). Frames within one tile give the untiled result.
         exact_norms: GroupNorms (in call order) given the whole frame's statistics, one truncated tiled pass each
         (None: all, about L/2 extra passes for L norms; 0: per-tile statistics, no extra pass, tiles show).
-        tile_mid_block: run the spatial VAE's mid-blocks per tile as well (attention within the tile, GroupNorms as
-        exact_norms says): memory no longer grows with the frame, at some accuracy (default: whole latent frame)."""
+        tile_mid_block: run the spatial decoder's mid-block per tile as well (its attention still over the whole
+        frame, keys/values recomputed per key tile): decode memory no longer grows with the frame, same result, but
+        every statistics pass recomputes the frame's first mid-block resnet per tile (slower; default: the
+        mid-block on the whole latent frame). The encoder's mid-block always runs on the whole frame."""
         kwargs = dict(tile_size=tile_size, overlap=overlap, temporal_tile_size=temporal_tile_size,
                       temporal_overlap=temporal_overlap, exact_norms=exact_norms, tile_mid_block=tile_mid_block)
         self.spatial_vae.enable_tiling(**kwargs)

@@ -3,11 +3,14 @@
 Naive tiles (diffusers' `enable_tiling`) disagree with the untiled result mostly because every tile normalises
 with its own GroupNorm statistics and attends only within itself. Here:
 
-- Parts of a network that run at latent resolution and hold the attention block (the AutoencoderKL mid-blocks)
-  run on the whole frame, so attention and their GroupNorms are exact. Their activations are latent-sized
-  (e.g. 512 x H/8 x W/8 per frame): memory that grows with resolution, but 1/16 of the full-resolution layers'.
-  `tile_mid_block` runs them per tile as well: memory stays one tile's, attention sees only its tile (with the
-  halo), and their GroupNorms (the attention's too) get whole-frame statistics like the rest.
+- The AutoencoderKL encoder's mid-block (latent resolution, with the attention block) runs on the whole frame:
+  exact, with latent-sized activations (e.g. 512 x H/8 x W/8 per frame), 1/16 of the full-resolution layers'.
+  The decoder's mid-block does too by default; `tile_mid_block` runs it per tile (memory stays one tile's) with
+  exact attention: the tile's queries attend to the whole frame's keys/values, recomputed key tile by key tile
+  from the latent (conv_in + first resnet on the key tile plus a halo, whole-frame GroupNorm statistics) and
+  streamed through an online softmax (`frame_attention`); the mid-block also sees its convolutions' reach as
+  context, trimmed before the up blocks, so the result equals the whole-frame mid-block's. Cost: every pass
+  after the attention recomputes conv_in + first resnet of the whole frame once per tile (bench/RESULTS.md).
 - Full-resolution parts (the AutoencoderKL down/up blocks) and the whole temporal VAE run per tile. Each tile sees
   `overlap / 2` extra pixels on every side of its core; outputs are blended with linear weights over the inner
   half of the shared band (a partition of unity: constant content gives constant output), and the outer half,
@@ -36,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .frame_attention import frame_attention
+
 
 @dataclass(frozen=True)
 class TilingConfig:
@@ -48,7 +53,7 @@ class TilingConfig:
     temporal_tile_size: Optional[int] = None
     temporal_overlap: Optional[int] = None
     exact_norms: Optional[int] = None  # None: all
-    tile_mid_block: bool = False  # AutoencoderKL mid-blocks per tile too (attention tile-local; bounded memory)
+    tile_mid_block: bool = False  # AutoencoderKL decoder mid-block per tile too (exact attention; bounded memory)
 
     def __post_init__(self):
         if self.exact_norms is not None and self.exact_norms < 0:
@@ -73,21 +78,25 @@ class TilingConfig:
 
 class Span(NamedTuple):
     core: Tuple[int, int]  # owned by this tile (before blending)
-    ext: Tuple[int, int]  # what the network sees: core plus the halo, clipped to the frame
+    ext: Tuple[int, int]  # what the output covers: core plus the halo, clipped to the frame
+    win: Tuple[int, int]  # what the network sees: ext plus any context its first layers need (`_NormTap.trim`)
 
 
-def spans(size: int, tile: int, halo: int, align: int = 1) -> List[Span]:
-    """Split [0, size) into cores of at most tile - 2 * halo (boundaries on multiples of `align`)."""
+def spans(size: int, tile: int, halo: int, align: int = 1, context: int = 0) -> List[Span]:
+    """Split [0, size) into cores of at most tile - 2 * halo (boundaries on multiples of `align`), each seen with
+    halo + context more on both sides."""
     if size <= tile:
-        return [Span((0, size), (0, size))]
+        return [Span((0, size), (0, size), (0, size))]
     n = math.ceil(size / (tile - 2 * halo))
     bounds = sorted({align * round(i * size / n / align) for i in range(n)} | {size})
-    return [Span((a, b), (max(0, a - halo), min(size, b + halo))) for a, b in zip(bounds[:-1], bounds[1:])]
+    m = halo + context
+    return [Span((a, b), (max(0, a - halo), min(size, b + halo)), (max(0, a - m), min(size, b + m)))
+            for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _ramp(span: Span, first: bool, last: bool, halo: int, num: int, den: int, device) -> Tuple[int, int, torch.Tensor]:
     """Kept output range of a tile and its blending weights (linear over the inner half of the shared band)."""
-    (c0, c1), (e0, e1) = span
+    (c0, c1), (e0, e1) = span.core, span.ext
     r = halo * num / den  # ramp width in output pixels
     lo = e0 * num // den if first else max(e0 * num // den, math.floor(c0 * num / den - r / 2))
     hi = e1 * num // den if last else min(e1 * num // den, math.ceil(c1 * num / den + r / 2))
@@ -114,8 +123,35 @@ class _NormTap:
         self.use: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.measure: Optional[int] = None  # the call to record, then stop
         self.record: Optional[list] = None
-        self.core: Optional[Tuple[Span, Span]] = None
+        self.tile: Optional[Tuple[Span, Span]] = None  # the tile being run (H, W)
+        self.extent: Optional[Tuple[Tuple[int, int], ...]] = None  # what its layers cover now: win, then ext
         self.seq = 0
+
+    def start(self, tile: Tuple[Span, Span]) -> None:
+        self.seq, self.tile, self.extent = 0, tile, (tile[0].win, tile[1].win)
+
+    def trim(self, x: torch.Tensor) -> torch.Tensor:
+        """Crop x, which covers the tile's window, to its ext (dropping the context) for the layers after."""
+        if self.tile is None or self.extent == (self.tile[0].ext, self.tile[1].ext):
+            return x
+        idx = []
+        for span, size in zip(self.tile, x.shape[-2:]):
+            (e0, e1), (w0, w1) = span.ext, span.win
+            scale = size // (w1 - w0)
+            idx.append(slice((e0 - w0) * scale, (e1 - w0) * scale))
+        self.extent = (self.tile[0].ext, self.tile[1].ext)
+        return x[..., idx[0], idx[1]]
+
+    @contextmanager
+    def nested(self, seq: int):
+        """A recomputation inside the forward that replays GroupNorm calls from `seq` on (same statistics, nothing
+        recorded); the outer forward's count resumes afterwards."""
+        saved = self.seq, self.measure
+        self.seq, self.measure = seq, None
+        try:
+            yield
+        finally:
+            self.seq, self.measure = saved
 
     @contextmanager
     def active(self):
@@ -145,12 +181,12 @@ class _NormTap:
         return torch.addcmul(shift.view(view).to(x.dtype), x, scale.view(view).to(x.dtype))
 
     def _accumulate(self, groups: int, x: torch.Tensor) -> None:
-        if self.core is not None:  # the core of this tile at this layer's resolution
+        if self.tile is not None:  # the core of this tile at this layer's resolution
             if x.ndim == 3:  # (N, C, H * W): an attention block's norm over flattened pixels
                 x = x.reshape(*x.shape[:2], *self._layer_size(x.shape[-1]))
             idx = []
-            for span, size in zip(self.core, x.shape[-2:]):
-                (c0, c1), (e0, e1) = span
+            for span, (e0, e1), size in zip(self.tile, self.extent, x.shape[-2:]):
+                c0, c1 = span.core
                 idx.append(slice((c0 - e0) * size // (e1 - e0), (c1 - e0) * size // (e1 - e0)))
             x = x[..., idx[0], idx[1]]
         v = x.float().reshape(x.shape[0], groups, -1)
@@ -168,7 +204,7 @@ class _NormTap:
 
     def _layer_size(self, pixels: int) -> Tuple[int, int]:
         """H, W of a flattened layer of this tile: its extent at the layer's scale (s^2 * h * w = pixels)."""
-        (_, (h0, h1)), (_, (w0, w1)) = self.core
+        (h0, h1), (w0, w1) = self.extent
         h = round(math.sqrt(pixels * (h1 - h0) / (w1 - w0)))
         if h < 1 or pixels % h or (pixels // h) * (h1 - h0) != h * (w1 - w0):
             raise ValueError(f"cannot unflatten {pixels} pixels of a {h1 - h0}x{w1 - w0} tile")
@@ -177,14 +213,14 @@ class _NormTap:
     def measure_call(self, seq: int, tiles) -> bool:
         """Whole-frame statistics of GroupNorm call `seq` (earlier calls already exact); False if fn has fewer."""
         self.measure, self.record = seq, None
-        for core, run in tiles:
-            self.seq, self.core = 0, core
+        for tile, run in tiles:
+            self.start(tile)
             try:
                 run()
             except _Stop:
                 continue
             break  # the forward ended before call `seq`
-        self.measure, self.core = None, None
+        self.measure, self.tile = None, None
         if self.record is None:
             return False
         n, mean, m2 = self.record
@@ -194,20 +230,22 @@ class _NormTap:
 
 def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, x: torch.Tensor, tile: int, halo: int,
               exact_norms: Optional[int], align: int = 1, ratio: Tuple[int, int] = (1, 1),
-              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+              out: Optional[torch.Tensor] = None, tap: Optional[_NormTap] = None, context: int = 0) -> torch.Tensor:
     """fn maps (N, C, [T,] H, W) to (N, C', [T',] H * ratio, W * ratio); run it tile by tile over H/W.
 
     module: holds every GroupNorm fn uses. exact_norms: how many of fn's GroupNorm calls (in call order) get exact
     whole-frame statistics, one truncated tiled pass each (None: all); later ones use the tile's own.
     tile, halo, align: in units of x's H/W. out: optional destination of the output's shape (written to).
+    tap: the `_NormTap` of module, if fn needs it (None: a new one). context: more input each tile sees beyond
+    its halo, for fn's first layers whose reach the halo does not cover; fn drops it with `tap.trim`.
     """
-    h_spans, w_spans = spans(x.shape[-2], tile, halo, align), spans(x.shape[-1], tile, halo, align)
+    h_spans, w_spans = (spans(n, tile, halo, align, context) for n in x.shape[-2:])
     if len(h_spans) == len(w_spans) == 1:
         y = fn(x)
         return y if out is None else out.copy_(y)
-    tap = _NormTap(module)
+    tap = _NormTap(module) if tap is None else tap
     with tap.active():
-        tiles = [((hs, ws), lambda hs=hs, ws=ws: fn(x[..., hs.ext[0]:hs.ext[1], ws.ext[0]:ws.ext[1]]))
+        tiles = [((hs, ws), lambda hs=hs, ws=ws: fn(x[..., hs.win[0]:hs.win[1], ws.win[0]:ws.win[1]]))
                  for hs in h_spans for ws in w_spans]
         # One pass per GroupNorm, each cut short once that norm has recorded.
         for seq in itertools.count() if exact_norms is None else range(exact_norms):
@@ -218,8 +256,8 @@ def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, x: 
             h0, h1, wh = _ramp(hs, i == 0, i == len(h_spans) - 1, halo, num, den, x.device)
             for j, ws in enumerate(w_spans):
                 w0, w1, ww = _ramp(ws, j == 0, j == len(w_spans) - 1, halo, num, den, x.device)
-                tap.seq = 0
-                y = fn(x[..., hs.ext[0]:hs.ext[1], ws.ext[0]:ws.ext[1]])
+                tap.start((hs, ws))
+                y = fn(x[..., hs.win[0]:hs.win[1], ws.win[0]:ws.win[1]])
                 if out is None:
                     out = y.new_zeros(*y.shape[:-2], x.shape[-2] * num // den, x.shape[-1] * num // den)
                 elif i == j == 0:
@@ -233,8 +271,8 @@ def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, x: 
 
 # ----- the networks' splits ------------------------------------------------------------------------------------
 def autoencoderkl_encode(vae, x: torch.Tensor, cfg: TilingConfig) -> torch.Tensor:
-    """diffusers AutoencoderKL `_encode` (moments) with the full-resolution down blocks tiled (and the rest too
-    with `cfg.tile_mid_block`)."""
+    """diffusers AutoencoderKL `_encode` (moments) with the full-resolution down blocks tiled and the rest (the
+    mid-block with its attention) on the whole latent frame."""
     enc = vae.encoder
 
     def down(v):
@@ -248,30 +286,67 @@ def autoencoderkl_encode(vae, x: torch.Tensor, cfg: TilingConfig) -> torch.Tenso
         return vae.quant_conv(h) if vae.quant_conv is not None else h
 
     factor = 2 ** (len(enc.down_blocks) - 1)
-    fn = (lambda v: rest(down(v))) if cfg.tile_mid_block else down
-    h = run_tiled(fn, enc, x, cfg.tile_size, cfg.overlap // 2, cfg.exact_norms, align=factor, ratio=(1, factor))
-    return h if cfg.tile_mid_block else rest(h)
+    return rest(run_tiled(down, enc, x, cfg.tile_size, cfg.overlap // 2, cfg.exact_norms, align=factor,
+                          ratio=(1, factor)))
+
+
+def _reach(*parts: nn.Module) -> int:
+    """Pixels beyond its output that a chain of these parts' convolutions reads (an upper bound)."""
+    return sum(m.dilation[0] * (m.kernel_size[0] // 2) for p in parts for m in p.modules() if isinstance(m, nn.Conv2d))
 
 
 def autoencoderkl_decode(vae, z: torch.Tensor, cfg: TilingConfig, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """diffusers AutoencoderKL `_decode` with the mid-block on the whole latent (or per tile with
-    `cfg.tile_mid_block`) and the up blocks tiled."""
-    dec = vae.decoder
+    """diffusers AutoencoderKL `_decode` with the up blocks tiled and the mid-block on the whole latent (or per
+    tile with `cfg.tile_mid_block`, attention still over the whole frame)."""
+    dec, mid = vae.decoder, vae.decoder.mid_block
     if vae.post_quant_conv is not None:
         z = vae.post_quant_conv(z)
-
-    def mid(v):
-        return dec.mid_block(dec.conv_in(v), None)
+    factor = 2 ** (len(dec.up_blocks) - 1)
+    tile, halo = cfg.tile_size // factor, cfg.overlap // 2 // factor
 
     def up(v):
         for block in dec.up_blocks:
             v = block(v, None)
         return dec.conv_out(dec.conv_act(dec.conv_norm_out(v)))
 
-    factor = 2 ** (len(dec.up_blocks) - 1)
-    fn, h = ((lambda v: up(mid(v))), z) if cfg.tile_mid_block else (up, mid(z))
-    return run_tiled(fn, dec, h, cfg.tile_size // factor, cfg.overlap // 2 // factor, cfg.exact_norms,
-                     ratio=(factor, 1), out=out)
+    if not cfg.tile_mid_block:
+        return run_tiled(up, dec, mid(dec.conv_in(z), None), tile, halo, cfg.exact_norms, ratio=(factor, 1), out=out)
+    if len(mid.attentions) > 1:
+        raise NotImplementedError("tile_mid_block: a mid-block with more than one attention layer")
+    tap = _NormTap(dec)
+
+    def before_attention(v):
+        return mid.resnets[0](dec.conv_in(v), None)
+
+    # Key tiles: conv_in + resnet0 on the core plus their 3x3 convolutions' reach, cropped to the core. Twice the
+    # query tile's side: fewer halo pixels to recompute, scores chunked by frame_attention.
+    kv_halo = _reach(dec.conv_in, mid.resnets[0])
+    kv_tile = max(2 * tile, 4 * kv_halo)
+
+    def key_inputs(seq):
+        for hs in spans(z.shape[-2], kv_tile, kv_halo):
+            for ws in spans(z.shape[-1], kv_tile, kv_halo):
+                with tap.nested(seq):  # held across the yield: frame_attention's group_norm call replays too
+                    v = before_attention(z[..., hs.ext[0]:hs.ext[1], ws.ext[0]:ws.ext[1]])
+                    yield v[..., hs.core[0] - hs.ext[0]:hs.core[1] - hs.ext[0],
+                            ws.core[0] - ws.ext[0]:ws.core[1] - ws.ext[0]]
+
+    # The mid-block's convolutions reach this far beyond each tile: that much context (trimmed after the mid-block)
+    # keeps its output as exact as the whole-frame mid-block's, and the halo still covers only the up blocks.
+    reach = _reach(dec.conv_in, mid)
+
+    def tiled_mid(v):
+        if v.shape[-2:] == z.shape[-2:]:  # the window is the whole frame (e.g. one tile): the plain path
+            return tap.trim(mid(dec.conv_in(v), None))
+        seq = tap.seq
+        v = before_attention(v)
+        for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
+            # A pass measuring a norm up to the attention's stops at its query-side call, before any key work.
+            v = resnet(v if attn is None else frame_attention(attn, v, key_inputs(seq)), None)
+        return tap.trim(v)
+
+    return run_tiled(lambda v: up(tiled_mid(v)), dec, z, tile, halo, cfg.exact_norms, ratio=(factor, 1), out=out,
+                     tap=tap, context=reach)
 
 
 def temporal_tiled(fn, module: nn.Module, x: torch.Tensor, cfg: TilingConfig) -> torch.Tensor:
