@@ -117,6 +117,17 @@ def test_write_video_roundtrip(tmp_path, h, w):
     assert (back.float() - clip.float()).abs().mean() < 4
 
 
+@pytest.mark.parametrize("every", [1, 4])
+def test_write_video_keyframe_every(tmp_path, every):
+    clip = gradient_clip(9, 32, 48)
+    path = tmp_path / "clip.mp4"
+    V.write_video(path, clip, fps=12, keyframe_every=every)
+    with av.open(str(path)) as container:
+        keys = [p.is_keyframe for p in container.demux(video=0) if p.size]
+    assert len(keys) == 9 and [i for i, k in enumerate(keys) if k] == list(range(0, 9, every))
+    assert torch.equal(V.read_frames(path, [5]), V.read_video(path)[0][5:6])
+
+
 def test_write_video_rejects_float(tmp_path):
     with pytest.raises(ValueError, match="uint8"):
         V.write_video(tmp_path / "x.mp4", torch.zeros(3, 4, 8, 8), fps=8)

@@ -273,12 +273,14 @@ def _fps_fraction(fps: float) -> Fraction:
     return Fraction(fps).limit_denominator(1001)
 
 
-def _encode(tmp: Path, arr: np.ndarray, fps: float, codec: str, crf: int) -> None:
+def _encode(tmp: Path, arr: np.ndarray, fps: float, codec: str, crf: int, keyframe_every: int | None) -> None:
     t, h, w, _ = arr.shape
     rate = _fps_fraction(fps)
     with av.open(str(tmp), mode="w") as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height = w, h
+        if keyframe_every is not None:
+            stream.codec_context.gop_size = keyframe_every
         if codec == "libx264":
             # x264 cannot do 4:2:0 at odd sizes; 4:4:4 keeps the exact size instead of padding
             stream.pix_fmt = "yuv420p" if h % 2 == 0 and w % 2 == 0 else "yuv444p"
@@ -293,8 +295,12 @@ def _encode(tmp: Path, arr: np.ndarray, fps: float, codec: str, crf: int) -> Non
         container.mux(stream.encode(None))
 
 
-def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: float, crf: int = 18) -> None:
+def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: float, crf: int = 18,
+                keyframe_every: int | None = None) -> None:
     """Write uint8 (T, C, H, W) RGB frames with H.264 (libx264) when available, else MPEG-4 Part 2.
+
+    keyframe_every: the GOP size (1: every frame a keyframe, so reading any frame decodes only that frame; None:
+    the encoder's default).
 
     Written to a temporary file in the same folder and renamed, so readers never see a partial file.
     """
@@ -310,7 +316,7 @@ def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: float, crf: 
     err: Exception | None = None
     for codec in codecs:
         try:
-            _encode(tmp, arr, float(fps), codec, crf)
+            _encode(tmp, arr, float(fps), codec, crf, keyframe_every)
             os.replace(tmp, path)
             return
         except (av.FFmpegError, ValueError) as e:
