@@ -282,10 +282,17 @@ class Trainer:
         return self.max_steps is not None and self.global_step >= self.max_steps
 
     def train(self) -> Optional[Path]:
-        cfg = self.cfg
         # What exists now (imported code, modules, tensors' wrappers: ~0.5M objects) lives for the whole run: out of
-        # the collector's full passes, which otherwise walk it all (6% of a demo step) and again at exit (2 s).
+        # the collector's full passes, which otherwise walk it all (6% of a demo step). Unfrozen after, so that a
+        # caller's later garbage can still be collected.
         gc.freeze()
+        try:
+            return self._train()
+        finally:
+            gc.unfreeze()
+
+    def _train(self) -> Optional[Path]:
+        cfg = self.cfg
         log_every, ckpt_every = int(cfg.get("log_every", 1)), int(cfg.get("ckpt_every", 0))
         epochs = int(cfg.get("epochs", 1))
         last_saved: Optional[Path] = None
