@@ -126,6 +126,8 @@ def test_write_video_keyframe_every(tmp_path, every):
         keys = [p.is_keyframe for p in container.demux(video=0) if p.size]
     assert len(keys) == 9 and [i for i, k in enumerate(keys) if k] == list(range(0, 9, every))
     assert torch.equal(V.read_frames(path, [5]), V.read_video(path)[0][5:6])
+    with pytest.raises(ValueError, match="keyframe_every"):
+        V.write_video(tmp_path / "bad.mp4", clip, fps=12, keyframe_every=0)
 
 
 def test_write_video_rejects_float(tmp_path):

@@ -306,6 +306,8 @@ def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: float, crf: 
     """
     path = Path(path)
     arr = _check_frames(frames)
+    if keyframe_every is not None and keyframe_every < 1:
+        raise ValueError(f"keyframe_every must be a positive number of frames or None, got {keyframe_every}")
     if not fps or fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
     path.parent.mkdir(parents=True, exist_ok=True)

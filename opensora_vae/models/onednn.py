@@ -4,7 +4,8 @@ PyTorch's backend heuristic sends batch-1 clips with N*C*T*H <= 20480 (the tempo
 video: the demo, small benchmarks) to its native conv3d, and its backward to the native kernels even when the forward
 ran in oneDNN. Measured on one core (32 channels, 19x16x16): native forward 56 ms / input gradient 104 ms; oneDNN
 17 / 19 ms. The weight gradient runs as a oneDNN convolution too (input and output gradient with batch and channels
-swapped): 5-10x faster than ATen's for the demo's shapes. Outputs agree to float rounding. `torch.backends.mkldnn.flags(enabled=False)` restores PyTorch's choice.
+swapped): 5-10x faster than ATen's for the demo's shapes. Outputs agree to float rounding.
+`torch.backends.mkldnn.flags(enabled=False)` restores PyTorch's choice.
 """
 from __future__ import annotations
 
@@ -40,8 +41,7 @@ class _Conv3d(torch.autograd.Function):
                 # The input gradient: the output gradient, spread out by the stride (zeros between) to the padded
                 # input's extent less the kernel's, correlated with the flipped, transposed kernel.
                 spread = grad
-                if any(s > 1 for s in stride) or any(
-                        (i + 2 * p - k) % s for i, p, k, s in zip(x.shape[2:], padding, kernel, stride)):
+                if any(s > 1 for s in stride):
                     spread = grad.new_zeros(*grad.shape[:2], *(i + 2 * p - k + 1 for i, p, k in
                                                                zip(x.shape[2:], padding, kernel)))
                     spread[(..., *(slice(None, s * (n - 1) + 1, s) for s, n in zip(stride, grad.shape[2:])))] = grad
