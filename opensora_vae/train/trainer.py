@@ -170,8 +170,10 @@ class Trainer:
         if cfg.get("shard_optimizer", False) and self.dist.world_size > 1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
-            # ZeRO-style: each rank keeps the AdamW state of its shard of the parameters only.
-            return ZeroRedundancyOptimizer(self.params, optimizer_class=torch.optim.AdamW, **kwargs)
+            # ZeRO-style: each rank keeps the AdamW state of its shard of the parameters only. Bucket views: one
+            # broadcast per rank after the step, not one per parameter (stage-0 demo step 0.66-0.72 -> 0.61 s on gloo).
+            return ZeroRedundancyOptimizer(self.params, optimizer_class=torch.optim.AdamW,
+                                           parameters_as_bucket_view=True, **kwargs)
         return torch.optim.AdamW(self.params, **kwargs)
 
     def _resolve_run_dir(self) -> Path:
