@@ -144,6 +144,19 @@ def test_stage_through_torchrun_with_two_ranks(finished, tmp_path, sources):
     assert (runner.checkpoint(record) / "model.safetensors").is_file()
 
 
+def test_cache_csvs_give_each_videos_frame_count_and_fps(finished):
+    import pandas as pd
+
+    from opensora_vae.data import probe_video
+
+    rows = pd.read_csv(finished / "cache" / "clips.csv")
+    videos = rows[rows["path"].str.endswith(".mp4")]
+    assert len(videos) and rows["num_frames"].isna().sum() == len(rows) - len(videos)  # images: empty
+    for row in videos.drop_duplicates("path").itertuples():
+        info = probe_video(row.path)
+        assert (row.num_frames, row.fps) == (info.num_frames, pytest.approx(info.fps))
+
+
 @pytest.mark.parametrize("stage", ["stage1", "stage2", "stage3"])
 def test_demo_stages_keep_the_published_recipe(stage):
     from opensora_vae.config import load_config

@@ -13,7 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -27,7 +27,7 @@ HELD_OUT = "carphone_pristine"
 EXCLUDED = ("carphone_distorted",)  # the held-out clip's twin (same scene): in neither split
 # Photo crops: (scale of the short side relative to `size`, crops taken); scale 1 is the whole view.
 PHOTO_SCALES = ((1, 1), (2, 3), (4, 6))
-CACHE_VERSION = 2  # 2: every frame a keyframe
+CACHE_VERSION = 3  # 2: every frame a keyframe; 3: frame count and fps recorded for the CSVs
 
 
 @dataclass
@@ -40,22 +40,25 @@ class DemoData:
     summary: dict
 
 
-def write_csv(path: Path, paths: List[Path]) -> Path:
+def write_csv(path: Path, paths: List[Path], known: Optional[Dict[Path, Tuple[int, float]]] = None) -> Path:
+    """A dataset CSV; `known` gives videos' (num_frames, fps) columns, so loading a sample skips probing the file."""
+    known = known or {}
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path"])
-        writer.writerows([[str(p)] for p in paths])
+        writer.writerow(["path", "num_frames", "fps"])
+        writer.writerows([[str(p), *known.get(p, ("", ""))] for p in paths])
     return path
 
 
-def _cache_video(src: Path, dst: Path, size: int) -> Tuple[int, int, int]:
+def _cache_video(src: Path, dst: Path, size: int) -> Tuple[int, int, int, float]:
     frames, fps = read_video(src)
     # In chunks: a 720p clip as float would take gigabytes at once.
     small = torch.cat([resize_short_side(frames[i:i + 16], size) for i in range(0, frames.shape[0], 16)])
     # Near-lossless (the cache is the ground truth from here on), every frame a keyframe: a training sample then
     # decodes its own frames only (a random frame of the default GOP cost 20-30 ms, most of a stage-0 batch's load).
-    write_video(dst, small, fps or 24.0, crf=10, keyframe_every=1)
-    return tuple(small.shape[i] for i in (0, 2, 3))
+    fps = fps or 24.0
+    write_video(dst, small, fps, crf=10, keyframe_every=1)
+    return (*(small.shape[i] for i in (0, 2, 3)), fps)
 
 
 def _cache_photo(src: Path, folder: Path, size: int, seed: int) -> List[Path]:
@@ -89,23 +92,24 @@ def build_cache(root: Path, size: int, seed: int = 0) -> DemoData:
         for name, src in clips.items():
             if name in EXCLUDED:
                 continue
-            t, h, w = _cache_video(src, root / "videos" / f"{name}.mp4", size)
-            summary["videos"][name] = {"source": str(src), "frames": t, "height": h, "width": w,
+            t, h, w, fps = _cache_video(src, root / "videos" / f"{name}.mp4", size)
+            summary["videos"][name] = {"source": str(src), "frames": t, "height": h, "width": w, "fps": fps,
                                        "split": "heldout" if name == HELD_OUT else "train"}
         for i, (name, src) in enumerate(sorted(photos.items())):
             summary["photos"] += [str(p.relative_to(root)) for p in _cache_photo(src, root / "photos", size, seed + i)]
         manifest.write_text(json.dumps(summary, indent=2))
     videos = {n: root / "videos" / f"{n}.mp4" for n in summary["videos"]}
+    known = {videos[n]: (v["frames"], v["fps"]) for n, v in summary["videos"].items()}
     train = [videos[n] for n, v in summary["videos"].items() if v["split"] == "train"]
     photo_paths = [root / p for p in summary["photos"]]  # relative: the folder may be moved or copied
     whole = [p for p in photo_paths if "-x1-" in p.name]
     # Stage 0 sees single frames: each video row gives a random frame, so repeat them to about half of the rows.
     repeat = max(1, round(len(photo_paths) / len(train)))
-    frames_csv = write_csv(root / "frames.csv", photo_paths + train * repeat)
+    frames_csv = write_csv(root / "frames.csv", photo_paths + train * repeat, known)
     # Stages 1-3: video rows and 20% image rows (the whole views), as the recipe mixes them.
     repeat = max(1, round(4 * len(whole) / len(train)))
-    clips_csv = write_csv(root / "clips.csv", train * repeat + whole)
-    eval_csv = {"train": write_csv(root / "eval_train.csv", train),
-                "heldout": write_csv(root / "eval_heldout.csv", [videos[HELD_OUT]])}
+    clips_csv = write_csv(root / "clips.csv", train * repeat + whole, known)
+    eval_csv = {"train": write_csv(root / "eval_train.csv", train, known),
+                "heldout": write_csv(root / "eval_heldout.csv", [videos[HELD_OUT]], known)}
     sources = {n: Path(v["source"]) for n, v in summary["videos"].items()}
     return DemoData(root, frames_csv, clips_csv, eval_csv, sources, summary)
