@@ -118,6 +118,28 @@ def test_failing_stage_is_named_and_earlier_stages_are_kept(finished, tmp_path, 
     assert not (out / "stages" / "stage2" / "trained.json").exists()
 
 
+def test_next_stage_starts_while_the_last_is_scored_and_stops_if_scoring_fails(finished, tmp_path, sources, capsys,
+                                                                                 monkeypatch):
+    out = _copy(finished, tmp_path)
+    shutil.rmtree(out / "stages" / "stage1")  # stage 1 trains again (torchrun) while stage 0 is scored
+    (out / "stages" / "stage0" / "scores.json").unlink()
+    launched = []
+
+    def failing_scores(self, stage, checkpoint):
+        if stage == "stage0":
+            launched.append(self.running)
+            raise stages.StageFailed(stage, "scoring", "test")
+        return original(self, stage, checkpoint)
+
+    original = stages.StageRunner.scores
+    monkeypatch.setattr(stages.StageRunner, "scores", failing_scores)
+    args = [a if a != "inprocess" else "torchrun" for a in ARGS] + ["--nproc", "1"]  # stage 0 stays done
+    assert cli.main(["--out", str(out), *args]) == 1
+    assert "FAILED: stage0 failed while scoring" in capsys.readouterr().out
+    assert len(launched) == 1 and launched[0] is not None and launched[0].poll() is not None  # launched, stopped
+    assert not (out / "stages" / "stage1" / "trained.json").exists()
+
+
 def test_pretrained_weights_are_scored_beside_the_table(finished, tmp_path, sources):
     out = _copy(finished, tmp_path)
     published = tmp_path / "published"

@@ -37,18 +37,30 @@ def run(out: Path, settings: Settings, force: bool = False, pretrained: str | No
     data = build_cache(out / "cache", settings.image_size, seed=0)
     cache_seconds = time.perf_counter() - tick
     runner = StageRunner(out, data, settings, force=force)
-    records, scores, previous = {}, {}, None
-    for i, stage in enumerate(STAGES):
-        steps = f", {settings.steps[stage]} steps x {settings.nproc} rank(s)" if stage in TRAIN_STAGES else ""
-        say(f"[{i + 1}/{len(STAGES)}] {DESCRIPTIONS[stage]}{steps}")
-        records[stage] = runner.trained(stage, previous)
-        previous = runner.checkpoint(records[stage])
-        scores[stage] = runner.scores(stage, previous)
+    records, scores, previous, pending = {}, {}, None, None
+
+    def score(stage: str) -> None:
+        scores[stage] = runner.scores(stage, runner.checkpoint(records[stage]))
         held = scores[stage]["heldout"]
         kind = "spatial" if stage == "stage0" else "rec"
         say(f"{stage}: held-out {'spatial VAE' if kind == 'spatial' else 'full pipeline'} PSNR "
             f"{held[kind]['metrics']['psnr']['mean']:.2f} dB, SSIM {held[kind]['metrics']['ssim']['mean']:.3f}"
             f" ({records[stage]['seconds']:.0f} s)")
+
+    try:
+        for i, stage in enumerate(STAGES):
+            steps = f", {settings.steps[stage]} steps x {settings.nproc} rank(s)" if stage in TRAIN_STAGES else ""
+            say(f"[{i + 1}/{len(STAGES)}] {DESCRIPTIONS[stage]}{steps}")
+            finish = runner.start(stage, previous)
+            if pending is not None:
+                score(pending)  # the previous stage, while this one's torchrun starts up (12-14 s of imports)
+            records[stage] = finish()
+            previous, pending = runner.checkpoint(records[stage]), stage
+        score(pending)
+    finally:
+        if runner.running is not None and runner.running.poll() is None:  # scoring failed: stop the launch
+            runner.running.terminate()
+            runner.running.wait()
     table = metric_table(scores)
     published = None
     if pretrained:

@@ -97,6 +97,7 @@ class StageRunner:
         self.out, self.data, self.settings = out, data, settings
         self.force = force
         self.redo_rest = force  # once a stage is redone, every later one is too
+        self.running: Optional[subprocess.Popen] = None  # a torchrun launch in flight (stopped if scoring fails)
 
     def folder(self, stage: str) -> Path:
         return self.out / "stages" / stage
@@ -116,6 +117,11 @@ class StageRunner:
     # ----- training ---------------------------------------------------------------------------------------
     def trained(self, stage: str, previous: Optional[Path]) -> dict:
         """The stage's record {checkpoint, seconds, steps, sec_per_step}, training it unless already done."""
+        return self.start(stage, previous)()
+
+    def start(self, stage: str, previous: Optional[Path]) -> Callable[[], dict]:
+        """Begin the stage; the returned function waits for it and gives its record. A torchrun launch returns at
+        once, so the caller can score the previous stage while the launcher and ranks start up."""
         folder = self.folder(stage)
         record = _read_json(folder / "trained.json")
         signature = self._signature(stage)  # before training: the config may be edited meanwhile
@@ -125,26 +131,30 @@ class StageRunner:
         if fresh and not self.redo_rest:
             say(f"{stage}: already done ({record['steps']} steps, {record['seconds']:.0f} s), skipped "
                 f"(--force redoes it)")
-            return record
+            return lambda: record
         self.redo_rest = True
         if folder.exists():
             shutil.rmtree(folder)  # a half-done earlier attempt
         folder.mkdir(parents=True)
         tick = time.perf_counter()
         if stage == "init":
-            checkpoint = self._init_model(folder)
-            rows: List[dict] = []
+            checkpoint, rows = self._init_model(folder), []
+            finish = lambda: (checkpoint, rows)  # noqa: E731
         else:
-            checkpoint, rows = self._train(stage, folder, previous)
-        seconds = time.perf_counter() - tick
-        per_step = [r["sec_per_step"] for r in rows if "sec_per_step" in r][1:]  # the first step warms up
-        # Paths relative to the output folder: it may be moved or copied.
-        record = {"stage": stage, "checkpoint": self._relative(checkpoint), "previous": self._relative(previous),
-                  "seconds": seconds, "steps": len(rows),
-                  "sec_per_step": statistics.median(per_step) if per_step else None,
-                  "ranks": self.settings.nproc if stage != "init" else 0, "signature": signature}
-        _write_json(folder / "trained.json", record)
-        return record
+            finish = self._train(stage, folder, previous)
+
+        def done() -> dict:
+            checkpoint, rows = finish()
+            seconds = time.perf_counter() - tick
+            per_step = [r["sec_per_step"] for r in rows if "sec_per_step" in r][1:]  # the first step warms up
+            # Paths relative to the output folder: it may be moved or copied.
+            record = {"stage": stage, "checkpoint": self._relative(checkpoint), "previous": self._relative(previous),
+                      "seconds": seconds, "steps": len(rows),
+                      "sec_per_step": statistics.median(per_step) if per_step else None,
+                      "ranks": self.settings.nproc if stage != "init" else 0, "signature": signature}
+            _write_json(folder / "trained.json", record)
+            return record
+        return done
 
     def _init_model(self, folder: Path) -> Path:
         """The random start: the demo model built as the trainer builds it (same seed), saved once, so stage 0
@@ -166,7 +176,8 @@ class StageRunner:
             options.append(f"model.from_pretrained={previous}")
         return options
 
-    def _train(self, stage: str, folder: Path, previous: Optional[Path]):
+    def _train(self, stage: str, folder: Path, previous: Optional[Path]) -> Callable[[], tuple]:
+        """Launch the stage's training; the returned function waits for it and gives (checkpoint, metric rows)."""
         csv = self.data.frames_csv if stage == "stage0" else self.data.clips_csv
         args = [str(CONFIGS / f"{stage}.py"), "--data-path", str(csv), "--outputs", str(folder / "run"),
                 "--cfg-options", *self._options(stage, previous)]
@@ -175,16 +186,22 @@ class StageRunner:
                 _script("scripts/train_vae.py")(args)
             except Exception as err:  # noqa: BLE001 - any failure of the stage is reported as the stage's
                 raise StageFailed(stage, "training", f"{type(err).__name__}: {err}") from err
+            wait = lambda: None  # noqa: E731
         else:
-            self._torchrun(stage, args, folder)
-        runs = sorted((folder / "run").glob(f"*-{stage}"))
-        checkpoint = latest_checkpoint(runs[-1]) if runs else None
-        if checkpoint is None:
-            raise StageFailed(stage, "training", f"no checkpoint was written under {folder / 'run'}")
-        rows = [json.loads(line) for line in (runs[-1] / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        return checkpoint / "model", rows
+            wait = self._torchrun(stage, args, folder)
 
-    def _torchrun(self, stage: str, args: Sequence[str], folder: Path) -> None:
+        def finish():
+            wait()
+            runs = sorted((folder / "run").glob(f"*-{stage}"))
+            checkpoint = latest_checkpoint(runs[-1]) if runs else None
+            if checkpoint is None:
+                raise StageFailed(stage, "training", f"no checkpoint was written under {folder / 'run'}")
+            rows = [json.loads(line) for line in (runs[-1] / "metrics.jsonl").read_text().splitlines()
+                    if line.strip()]
+            return checkpoint / "model", rows
+        return finish
+
+    def _torchrun(self, stage: str, args: Sequence[str], folder: Path) -> Callable[[], None]:
         nproc = self.settings.nproc
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(ROOT / "scripts" / "train_vae.py"), *args]
@@ -193,10 +210,14 @@ class StageRunner:
         # One rank per core: the ranks share the machine's cores instead of oversubscribing them.
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         (folder / "command.txt").write_text(" ".join(cmd) + "\n")
-        result = subprocess.run(cmd, env=env, cwd=str(ROOT))
-        if result.returncode != 0:
-            raise StageFailed(stage, "training", f"torchrun exited with code {result.returncode} (the log above "
-                              f"says why; command in {folder / 'command.txt'})")
+        proc = subprocess.Popen(cmd, env=env, cwd=str(ROOT))
+
+        def wait() -> None:
+            if proc.wait() != 0:
+                raise StageFailed(stage, "training", f"torchrun exited with code {proc.returncode} (the log above "
+                                  f"says why; command in {folder / 'command.txt'})")
+        self.running = proc
+        return wait
 
     # ----- scoring ----------------------------------------------------------------------------------------
     def scores(self, stage: str, checkpoint: Path) -> dict:
