@@ -58,9 +58,7 @@ def run(out: Path, settings: Settings, force: bool = False, pretrained: str | No
             previous, pending = runner.checkpoint(records[stage]), stage
         score(pending)
     finally:
-        if runner.running is not None and runner.running.poll() is None:  # scoring failed: stop the launch
-            runner.running.terminate()
-            runner.running.wait()
+        runner.stop()  # scoring failed while the next stage trained: stop its launch
     table = metric_table(scores)
     published = None
     if pretrained:

@@ -219,6 +219,12 @@ class StageRunner:
         self.running = proc
         return wait
 
+    def stop(self) -> None:
+        """Stop a torchrun launch still in flight (the caller failed while it ran); nothing if none is."""
+        if self.running is not None and self.running.poll() is None:
+            self.running.terminate()
+            self.running.wait()
+
     # ----- scoring ----------------------------------------------------------------------------------------
     def scores(self, stage: str, checkpoint: Path) -> dict:
         """{split: {"rec": eval result, "spatial": eval result}} of the stage's checkpoint, computed unless done."""
