@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -224,6 +225,10 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     model = tiny_pipeline(seed=3)
     model.save_pretrained(tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in (tmp_path / "ckpt").iterdir():  # readable by the group as any file the user writes, not owner-only
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask, p
     loaded = VideoAutoencoderPipeline.from_pretrained(tmp_path / "ckpt")
     assert loaded.state_dict().keys() == model.state_dict().keys()
     for k, v in model.state_dict().items():

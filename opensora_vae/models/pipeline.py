@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -249,11 +248,15 @@ class VideoAutoencoderPipeline(nn.Module):
         cfg["vae_2d"]["config"] = self.spatial_vae.architecture_config()
         cfg.update(architectures=["VideoAutoencoderPipeline"], model_type="VideoAutoencoderPipeline")
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:
-            json.dump(cfg, f, indent=2, sort_keys=True)
-        os.replace(f.name, folder / CONFIG_NAME)
+        tmp = folder / (CONFIG_NAME + ".tmp")
+        tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        os.replace(tmp, folder / CONFIG_NAME)
         tmp = folder / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt"})
+        # safetensors creates the file owner-only; shared checkpoints need the usual umask-based mode.
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, folder / WEIGHTS_NAME)
 
     @classmethod
