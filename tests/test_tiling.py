@@ -219,6 +219,35 @@ def test_odd_sizes_and_frames_smaller_than_a_tile(model, clip):
         model.disable_tiling()
 
 
+def test_bounded_tiled_decode_holds_no_whole_frame_tensor_but_the_latents_and_output():
+    """tile_mid_block: the only tensors made at a whole frame's H/W, at any of the decoder's resolutions, are the
+    un-normalised latent chunk, the temporal VAE's output (kept frames only) and the output: everything else is
+    tile-sized, so memory beyond these does not grow with the frame size (the values: the tests above)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = tiny_pipeline(seed=1)
+    frames, h, w = 2, 96, 112  # 3 x 3 tiles, key tiles smaller than the frame; 4 decoded frames, 2 kept
+    z = torch.randn(1, 4, *model.get_latent_size([frames, h, w]), generator=torch.Generator().manual_seed(0))
+    factor = model.spatial_vae.patch_size[1]
+    whole = {(h >> k, w >> k) for k in range(factor.bit_length())}
+    made = []
+
+    class Allocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view and not func.overloadpacket.__name__.endswith("_"):  # in-place ops write in place
+                for t in out if isinstance(out, (tuple, list)) else [out]:
+                    if isinstance(t, torch.Tensor) and t._base is None and tuple(t.shape[-2:]) in whole:
+                        made.append(tuple(t.shape))
+            return out
+
+    model.enable_tiling(tile_size=48, overlap=16, tile_mid_block=True)
+    with torch.inference_mode(), Allocations():
+        model.decode(z, num_frames=frames)
+    lat = tuple(z.shape[-2:])
+    assert sorted(made) == sorted([z.shape, (1, 4, frames, *lat), (1, 3, frames, h, w)]), made
+
+
 def test_bad_tiling_arguments_are_refused(model):
     with pytest.raises(ValueError, match="multiples of 16"):
         model.enable_tiling(tile_size=100)

@@ -100,19 +100,22 @@ class VideoAutoencoderPipeline(nn.Module):
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return z, posterior, x_z
 
-    def _temporal_decode_chunks(self, z, num_frames):
-        """(first frame, spatial latents of that micro-chunk) for each micro-chunk of z, in order."""
+    def _temporal_decode_chunks(self, z, num_frames, normalised=False):
+        """(first frame, spatial latents of that micro-chunk) for each micro-chunk of z, in order; `normalised`
+        latents are un-normalised a chunk at a time (that copy is freed before the chunk is yielded)."""
         expected = self.get_latent_size([num_frames, None, None])[0]
         if z.shape[2] != expected:
             raise ValueError(f"{z.shape[2]} latent frames cannot decode to num_frames={num_frames} (that needs {expected})")
         if self.micro_frame_size is None:
-            yield 0, self.temporal_vae.decode(z, num_frames=num_frames)
-            return
-        micro_z = self.temporal_vae.get_latent_size([self.micro_frame_size])[0]
+            micro_z, micro_x = z.shape[2], num_frames
+        else:
+            micro_z, micro_x = self.temporal_vae.get_latent_size([self.micro_frame_size])[0], self.micro_frame_size
         for n, (a, b) in enumerate(self._chunks(z.shape[2], micro_z)):
-            first = n * self.micro_frame_size
-            frames = min(self.micro_frame_size, num_frames - first)
-            yield first, self.temporal_vae.decode(z[:, :, a:b], num_frames=frames)
+            first = n * micro_x
+            part = (z[:, :, a:b] * self.scale).add_(self.shift) if normalised else z[:, :, a:b]
+            x_z = self.temporal_vae.decode(part, num_frames=min(micro_x, num_frames - first))
+            del part
+            yield first, x_z
 
     def _decode(self, z, num_frames, decode_pixels=True):
         x_z = None
@@ -145,7 +148,7 @@ class VideoAutoencoderPipeline(nn.Module):
         # Streamed: each micro-chunk's spatial latents are decoded straight into its frames of one preallocated
         # output, so memory beyond the output does not grow with the number of frames (bench/bench_memory.py).
         out = None
-        for first, x_z in self._temporal_decode_chunks(z * self.scale + self.shift, num_frames):
+        for first, x_z in self._temporal_decode_chunks(z, num_frames, normalised=True):
             if out is None:
                 h, w = (n * self.spatial_vae.patch_size[1] for n in x_z.shape[-2:])
                 out = x_z.new_empty(x_z.shape[0], self.spatial_vae.in_channels, num_frames, h, w)

@@ -117,7 +117,8 @@ class VideoAutoencoderKL(nn.Module):
             j = min(i + step, b * t)
             if i // t == (j - 1) // t:  # within one video: write straight into the output
                 v, t0 = divmod(i, t)
-                fn(x[v, :, t0:t0 + j - i].transpose(0, 1).contiguous(), out[v, :, t0:t0 + j - i].transpose(0, 1))
+                # A view, not a copy: the convolutions (or the tiles' windows) make what they read contiguous.
+                fn(x[v, :, t0:t0 + j - i].transpose(0, 1), out[v, :, t0:t0 + j - i].transpose(0, 1))
             else:
                 y = fn(torch.stack([x[k // t, :, k % t] for k in range(i, j)]), None)
                 for n, k in enumerate(range(i, j)):
@@ -132,9 +133,10 @@ class VideoAutoencoderKL(nn.Module):
         return y if dest is None else dest.copy_(y)
 
     def _decode_frames(self, f: torch.Tensor, dest: Optional[torch.Tensor]) -> torch.Tensor:
+        # Scaled latents: the tiled decode divides tile by tile, so no whole-frame copy is made.
         if self.tiling is not None:
-            return tiling.autoencoderkl_decode(self.module, f, self.tiling, out=dest)
-        y = self.module.decode(f).sample
+            return tiling.autoencoderkl_decode(self.module, f, self.tiling, out=dest, divisor=self.scaling_factor)
+        y = self.module.decode(f / self.scaling_factor).sample
         return y if dest is None else dest.copy_(y)
 
     def encode(
@@ -156,8 +158,7 @@ class VideoAutoencoderKL(nn.Module):
         """Video (B, 3, T, H * f, W * f) of scaled latents, written into `out` if given (e.g. frames of a longer
         video)."""
         check_video(z, self.out_channels, name="latent")
-        return self._frames(z / self.scaling_factor, self._decode_frames, self.in_channels, (self.patch_size[1], 1),
-                            out=out)
+        return self._frames(z, self._decode_frames, self.in_channels, (self.patch_size[1], 1), out=out)
 
     def get_latent_size(self, input_size: Sequence[Optional[int]]) -> list:
         return [None if n is None else n // p for n, p in zip(input_size, self.patch_size)]

@@ -201,15 +201,13 @@ class VAE_Temporal(nn.Module):
     def decode(self, z: torch.Tensor, num_frames: Optional[int] = None) -> torch.Tensor:
         """Decode latents; `num_frames` (the encoded clip's length) says how much front padding to drop."""
         check_video(z, self.out_channels, name="temporal latent")
-        x = self._run(lambda v: self.decoder(self.post_quant_conv(v)), z)
-        if num_frames is None:
-            return x
-        if num_frames < 1 or self.get_latent_size([num_frames])[0] != z.shape[2]:
-            raise ValueError(
-                f"num_frames={num_frames} does not match {z.shape[2]} latent frames "
-                f"(they decode to {x.shape[2] - self.time_downsample_factor + 1}..{x.shape[2]} frames)"
-            )
-        return x[:, :, self.time_padding(num_frames):]
+        if num_frames is not None and (num_frames < 1 or self.get_latent_size([num_frames])[0] != z.shape[2]):
+            full = z.shape[2] * self.time_downsample_factor
+            raise ValueError(f"num_frames={num_frames} does not match {z.shape[2]} latent frames "
+                             f"(they decode to {full - self.time_downsample_factor + 1}..{full} frames)")
+        pad = 0 if num_frames is None else self.time_padding(num_frames)
+        # Padding frames are dropped per tile: a tiled decode never holds them at full H/W.
+        return self._run(lambda v: self.decoder(self.post_quant_conv(v))[:, :, pad:], z)
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = True, generator: Optional[torch.Generator] = None):
         posterior = self.encode(x)

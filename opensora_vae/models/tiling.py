@@ -295,12 +295,17 @@ def _reach(*parts: nn.Module) -> int:
     return sum(m.dilation[0] * (m.kernel_size[0] // 2) for p in parts for m in p.modules() if isinstance(m, nn.Conv2d))
 
 
-def autoencoderkl_decode(vae, z: torch.Tensor, cfg: TilingConfig, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """diffusers AutoencoderKL `_decode` with the up blocks tiled and the mid-block on the whole latent (or per
-    tile with `cfg.tile_mid_block`, attention still over the whole frame)."""
+def autoencoderkl_decode(vae, z: torch.Tensor, cfg: TilingConfig, out: Optional[torch.Tensor] = None,
+                         divisor: float = 1.0) -> torch.Tensor:
+    """diffusers AutoencoderKL `_decode` of `z / divisor` with the up blocks tiled and the mid-block on the whole
+    latent (or per tile with `cfg.tile_mid_block`, attention still over the whole frame). The division and
+    `post_quant_conv` (pointwise) run per window, so the bounded path holds no latent-sized copy of z."""
     dec, mid = vae.decoder, vae.decoder.mid_block
-    if vae.post_quant_conv is not None:
-        z = vae.post_quant_conv(z)
+
+    def latent(v):
+        v = v / divisor
+        return v if vae.post_quant_conv is None else vae.post_quant_conv(v)
+
     factor = 2 ** (len(dec.up_blocks) - 1)
     tile, halo = cfg.tile_size // factor, cfg.overlap // 2 // factor
 
@@ -310,13 +315,14 @@ def autoencoderkl_decode(vae, z: torch.Tensor, cfg: TilingConfig, out: Optional[
         return dec.conv_out(dec.conv_act(dec.conv_norm_out(v)))
 
     if not cfg.tile_mid_block:
-        return run_tiled(up, dec, mid(dec.conv_in(z), None), tile, halo, cfg.exact_norms, ratio=(factor, 1), out=out)
+        return run_tiled(up, dec, mid(dec.conv_in(latent(z)), None), tile, halo, cfg.exact_norms, ratio=(factor, 1),
+                         out=out)
     if len(mid.attentions) > 1:
         raise NotImplementedError("tile_mid_block: a mid-block with more than one attention layer")
     tap = _NormTap(dec)
 
     def before_attention(v):
-        return mid.resnets[0](dec.conv_in(v), None)
+        return mid.resnets[0](dec.conv_in(latent(v)), None)
 
     # Key tiles: conv_in + resnet0 on the core plus their 3x3 convolutions' reach, cropped to the core. Twice the
     # query tile's side: fewer halo pixels to recompute, scores chunked by frame_attention.
@@ -337,7 +343,7 @@ def autoencoderkl_decode(vae, z: torch.Tensor, cfg: TilingConfig, out: Optional[
 
     def tiled_mid(v):
         if v.shape[-2:] == z.shape[-2:]:  # the window is the whole frame (e.g. one tile): the plain path
-            return tap.trim(mid(dec.conv_in(v), None))
+            return tap.trim(mid(dec.conv_in(latent(v)), None))
         seq = tap.seq
         v = before_attention(v)
         for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
