@@ -1,6 +1,7 @@
 """Peak memory beyond the input/output tensors: tiled decode vs resolution (issue 9 target 3, CPU part) and encode
 or decode vs number of frames (target 4), each measurement in a fresh subprocess after a one-frame warm-up (peak RSS
-sampled every 2 ms with large blocks mmapped, so RSS follows the live tensors; on CUDA, max allocated).
+sampled every 0.5 ms with large blocks mmapped, so RSS follows the live tensors, and malloc's in-use bytes where
+glibc reports them; on CUDA, max allocated).
 Old vs new side by side: --legacy runs the spatial VAE's former frame loop (per-chunk outputs, then one
 concatenated copy).
 
@@ -13,6 +14,7 @@ python bench/bench_memory.py time --frames 17 65 257 --op encode --threads 1   #
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -53,17 +55,41 @@ def _rss_now() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                               "uordblks", "fordblks", "keepcost")]
+
+
+def _heap_fn():
+    """Bytes malloc has handed out and not had back (glibc >= 2.33), or None: live allocations only, unlike
+    RSS, which also moves with pages the allocator keeps or touches late."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+
+    def now() -> int:
+        m = libc.mallinfo2()
+        return m.uordblks + m.hblkhd
+    return now
+
+
 class _PeakRSS(threading.Thread):
-    """Samples the process's RSS every 2 ms (getrusage's peak cannot be reset after the warm-up)."""
+    """Samples the process's RSS and malloc's in-use bytes every 0.5 ms (getrusage's peak cannot be reset after
+    the warm-up)."""
 
     def __init__(self):
         super().__init__(daemon=True)
-        self.peak, self.stop = 0, False
+        self.heap_now = _heap_fn()
+        self.peak, self.heap_peak, self.stop = 0, 0, False
 
     def run(self):
         while not self.stop:
             self.peak = max(self.peak, _rss_now())
-            time.sleep(0.002)
+            if self.heap_now is not None:
+                self.heap_peak = max(self.heap_peak, self.heap_now())
+            time.sleep(0.0005)
 
 
 def _model(args):
@@ -137,6 +163,7 @@ def child(args) -> None:
     if cuda:
         base = torch.cuda.memory_allocated()
     before = _rss_now()
+    heap_before = sampler.heap_now() if sampler.heap_now is not None else None
     sampler.start()
     start, start_cpu = time.perf_counter(), time.thread_time()
     with torch.inference_mode():
@@ -153,8 +180,9 @@ def child(args) -> None:
     peak = torch.cuda.max_memory_allocated() - base if cuda else max(sampler.peak, maxrss) - before
     # The input was allocated before `before`/`base`: only the output counts against the peak.
     out = y.numel() * y.element_size()
+    heap_extra = None if cuda or heap_before is None else sampler.heap_peak - heap_before - out
     print(json.dumps(dict(peak=peak, input=z.numel() * z.element_size(), output=out, extra=peak - out,
-                          seconds=seconds, cpu_seconds=cpu_seconds)))
+                          heap_extra=heap_extra, seconds=seconds, cpu_seconds=cpu_seconds)))
 
 
 def measure(**kw) -> dict:
@@ -174,8 +202,9 @@ def measure(**kw) -> dict:
 
 
 def row(label: str, r: dict) -> str:
+    heap = "" if r.get("heap_extra") is None else f" (malloc in use {r['heap_extra'] / MiB:6.1f})"
     return (f"{label:<34} peak {r['peak'] / MiB:8.1f} MiB  in {r['input'] / MiB:7.1f} MiB  "
-            f"out {r['output'] / MiB:7.1f} MiB  beyond in+out {r['extra'] / MiB:7.1f} MiB  {r['seconds']:7.2f} s "
+            f"out {r['output'] / MiB:7.1f} MiB  beyond in+out {r['extra'] / MiB:7.1f} MiB{heap}  {r['seconds']:7.2f} s "
             f"(thread CPU {r['cpu_seconds']:7.2f} s)")
 
 
@@ -223,6 +252,9 @@ def main(argv=None) -> None:
                 print(f"{s}: tiled / untiled time {tiled[s]['seconds'] / plain[s]['seconds']:.2f}x", flush=True)
         lo, hi = args.sizes[0], args.sizes[-1]
         print(f"tiled: beyond in+out at {hi} / at {lo}: {tiled[hi]['extra'] / max(tiled[lo]['extra'], 1):.2f}x")
+        if tiled[hi].get("heap_extra") is not None:
+            print(f"tiled: malloc in use beyond in+out at {hi} / at {lo}: "
+                  f"{tiled[hi]['heap_extra'] / max(tiled[lo]['heap_extra'], 1):.2f}x")
     else:
         print(f"{args.op} at {args.size[0]}x{args.size[1]}, {args.model} model, {args.dtype}, {args.device}")
         res = {}

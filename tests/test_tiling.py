@@ -1,6 +1,6 @@
 """Tiling (opensora_vae.models.tiling): one tile == untiled, tiled ~= untiled on a real clip (seams included; the
 mid-block per tile too), exact blending, whole-frame GroupNorm statistics, odd sizes, streamed frames == whole,
-the CLI flag."""
+the bounded decode's whole-frame tensors, the CLI flag."""
 import sys
 
 import pytest
