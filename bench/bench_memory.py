@@ -14,6 +14,7 @@ python bench/bench_memory.py time --frames 17 65 257 --op encode --threads 1   #
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -23,6 +24,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 2**20
@@ -73,6 +76,20 @@ def _heap_fn():
         m = libc.mallinfo2()
         return m.uordblks + m.hblkhd
     return now
+
+
+class _OpBoundaryPeak(TorchDispatchMode):
+    """malloc's in-use bytes read after every aten op: deterministic, unlike a sampler, whose catch of short peaks
+    inside ops (convolution scratch) depends on the machine's load; misses those."""
+
+    def __init__(self, heap_now):
+        super().__init__()
+        self.heap_now, self.peak = heap_now, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, self.heap_now())
+        return out
 
 
 class _PeakRSS(threading.Thread):
@@ -166,7 +183,8 @@ def child(args) -> None:
     heap_before = sampler.heap_now() if sampler.heap_now is not None else None
     sampler.start()
     start, start_cpu = time.perf_counter(), time.thread_time()
-    with torch.inference_mode():
+    op_peak = _OpBoundaryPeak(sampler.heap_now) if args.heap_per_op and sampler.heap_now is not None else None
+    with torch.inference_mode(), op_peak or contextlib.nullcontext():
         y = model.encode(z, sample_posterior=False) if args.op == "encode" else model.decode(z, num_frames=args.frames)
     if cuda:
         torch.cuda.synchronize()
@@ -181,8 +199,9 @@ def child(args) -> None:
     # The input was allocated before `before`/`base`: only the output counts against the peak.
     out = y.numel() * y.element_size()
     heap_extra = None if cuda or heap_before is None else sampler.heap_peak - heap_before - out
+    op_extra = None if op_peak is None else op_peak.peak - heap_before - out
     print(json.dumps(dict(peak=peak, input=z.numel() * z.element_size(), output=out, extra=peak - out,
-                          heap_extra=heap_extra, seconds=seconds, cpu_seconds=cpu_seconds)))
+                          heap_extra=heap_extra, op_extra=op_extra, seconds=seconds, cpu_seconds=cpu_seconds)))
 
 
 def measure(**kw) -> dict:
@@ -202,7 +221,9 @@ def measure(**kw) -> dict:
 
 
 def row(label: str, r: dict) -> str:
-    heap = "" if r.get("heap_extra") is None else f" (malloc in use {r['heap_extra'] / MiB:6.1f})"
+    heap = "" if r.get("heap_extra") is None else f" (malloc in use {r['heap_extra'] / MiB:6.1f}"
+    heap += "" if not heap or r.get("op_extra") is None else f", between ops {r['op_extra'] / MiB:6.1f})"
+    heap += ")" if heap and r.get("op_extra") is None else ""
     return (f"{label:<34} peak {r['peak'] / MiB:8.1f} MiB  in {r['input'] / MiB:7.1f} MiB  "
             f"out {r['output'] / MiB:7.1f} MiB  beyond in+out {r['extra'] / MiB:7.1f} MiB{heap}  {r['seconds']:7.2f} s "
             f"(thread CPU {r['cpu_seconds']:7.2f} s)")
@@ -228,6 +249,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-legacy", action="store_true", help="length: skip the former frame loop's rows")
     p.add_argument("--repeats", type=int, default=2, help="time: interleaved rounds after a warm-up round")
     p.add_argument("--tiled-only", action="store_true", help="resolution: skip the untiled runs")
+    p.add_argument("--heap-per-op", action="store_true",
+                   help="CPU: also read malloc's in-use bytes after every aten op (deterministic; slower)")
     args = p.parse_args(argv)
     if args.mode == "child":
         args.frames = args.frames[0]
@@ -236,7 +259,7 @@ def main(argv=None) -> None:
         return time_lengths(args)
     common = dict(device=args.device, threads=args.threads, tile_size=args.tile_size, overlap=args.overlap,
                   exact_norms=args.exact_norms, dtype=args.dtype, model=args.model, op=args.op,
-                  tile_mid_block=args.tile_mid_block)
+                  tile_mid_block=args.tile_mid_block, heap_per_op=args.heap_per_op)
     if args.mode == "resolution":
         frames = args.frames[0]
         print(f"{args.op} of {frames} frames, {args.model} model, {args.dtype}, tiles {args.tile_size}/{args.overlap}, "
