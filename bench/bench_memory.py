@@ -25,8 +25,6 @@ import threading
 import time
 from pathlib import Path
 
-from torch.utils._python_dispatch import TorchDispatchMode
-
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 2**20
 
@@ -78,18 +76,20 @@ def _heap_fn():
     return now
 
 
-class _OpBoundaryPeak(TorchDispatchMode):
-    """malloc's in-use bytes read after every aten op: deterministic, unlike a sampler, whose catch of short peaks
-    inside ops (convolution scratch) depends on the machine's load; misses those."""
+def _op_boundary_peak(heap_now):
+    """A dispatch mode reading malloc's in-use bytes after every aten op into `.peak`: deterministic, unlike a
+    sampler, whose catch of short peaks inside ops (convolution scratch) depends on the machine's load; misses
+    those. Built here so that only the child process imports torch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-    def __init__(self, heap_now):
-        super().__init__()
-        self.heap_now, self.peak = heap_now, 0
+    class OpBoundaryPeak(TorchDispatchMode):
+        peak = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.peak = max(self.peak, self.heap_now())
-        return out
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.peak = max(self.peak, heap_now())
+            return out
+    return OpBoundaryPeak()
 
 
 class _PeakRSS(threading.Thread):
@@ -183,7 +183,7 @@ def child(args) -> None:
     heap_before = sampler.heap_now() if sampler.heap_now is not None else None
     sampler.start()
     start, start_cpu = time.perf_counter(), time.thread_time()
-    op_peak = _OpBoundaryPeak(sampler.heap_now) if args.heap_per_op and sampler.heap_now is not None else None
+    op_peak = _op_boundary_peak(sampler.heap_now) if args.heap_per_op and sampler.heap_now is not None else None
     with torch.inference_mode(), op_peak or contextlib.nullcontext():
         y = model.encode(z, sample_posterior=False) if args.op == "encode" else model.decode(z, num_frames=args.frames)
     if cuda:
@@ -221,9 +221,9 @@ def measure(**kw) -> dict:
 
 
 def row(label: str, r: dict) -> str:
-    heap = "" if r.get("heap_extra") is None else f" (malloc in use {r['heap_extra'] / MiB:6.1f}"
-    heap += "" if not heap or r.get("op_extra") is None else f", between ops {r['op_extra'] / MiB:6.1f})"
-    heap += ")" if heap and r.get("op_extra") is None else ""
+    heap = [f"{name} {r[key] / MiB:6.1f}" for name, key in (("malloc in use", "heap_extra"), ("between ops", "op_extra"))
+            if r.get(key) is not None]
+    heap = f" ({', '.join(heap)})" if heap else ""
     return (f"{label:<34} peak {r['peak'] / MiB:8.1f} MiB  in {r['input'] / MiB:7.1f} MiB  "
             f"out {r['output'] / MiB:7.1f} MiB  beyond in+out {r['extra'] / MiB:7.1f} MiB{heap}  {r['seconds']:7.2f} s "
             f"(thread CPU {r['cpu_seconds']:7.2f} s)")

@@ -47,6 +47,7 @@ PY
 }
 
 train_stage() {  # a few published-config steps under torchrun (NCCL), last metrics lines kept
+  [ -f /tmp/gpu.csv ] || make_clips || return 1
   torchrun --standalone --nproc_per_node=1 scripts/train_vae.py configs/vae/train/stage$1.py \
     --data-path /tmp/gpu.csv --outputs /tmp/train$1 --cfg-options model.vae_2d.from_pretrained=None \
     max_steps=4 ckpt_every=0 num_workers=2 allow_missing_lpips=True tensorboard=False mixed_strategy=None &&
@@ -75,7 +76,6 @@ step train 120 bench_train.txt python3 bench/bench_train.py --device cuda --fram
   --steps 3 --levers fused ckpt_temporal no_ckpt --json "$OUT/bench_train.json"
 # Target 6 on the GPU: SSIM/PSNR vs the reference's per-frame loops; LPIPS batched.
 step metrics 45 bench_metrics.txt python3 bench/bench_metrics.py --device cuda --clips 5 --repeat 3
-if [[ " $STEPS " == *" stages "* ]] && ((BUDGET - SECONDS >= 20)); then make_clips; fi
 step stages 60 train_stage3.txt train_stage 3
 step long 60 bench.txt python3 bench/bench_vae.py --device cuda --frames 51 --size 720 --width 1280 --repeat 2 \
   --sections parts

@@ -160,7 +160,7 @@ def test_stage_through_torchrun_with_two_ranks(finished, tmp_path, sources):
     cache = data.build_cache(out / "cache", 32)
     runner = stages.StageRunner(out, cache, settings)
     init = runner.checkpoint(_records(out)["init"])
-    record = runner.trained("stage0", init)
+    record = runner.start("stage0", init)()
     assert record["ranks"] == 2 and record["steps"] == 1
     assert (out / "stages" / "stage0" / "command.txt").read_text().count("--nproc_per_node=2") == 1
     assert (runner.checkpoint(record) / "model.safetensors").is_file()

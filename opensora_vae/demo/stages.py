@@ -115,13 +115,10 @@ class StageRunner:
                 "config": (CONFIGS / f"{stage}.py").read_text() if stage in TRAIN_STAGES else None}
 
     # ----- training ---------------------------------------------------------------------------------------
-    def trained(self, stage: str, previous: Optional[Path]) -> dict:
-        """The stage's record {checkpoint, seconds, steps, sec_per_step}, training it unless already done."""
-        return self.start(stage, previous)()
-
     def start(self, stage: str, previous: Optional[Path]) -> Callable[[], dict]:
-        """Begin the stage; the returned function waits for it and gives its record. A torchrun launch returns at
-        once, so the caller can score the previous stage while the launcher and ranks start up."""
+        """Begin the stage unless already done; the returned function waits for it and gives its record
+        {checkpoint, seconds, steps, sec_per_step, ...}. A torchrun launch returns at once, so the caller can score
+        the previous stage while the launcher and ranks start up."""
         folder = self.folder(stage)
         record = _read_json(folder / "trained.json")
         signature = self._signature(stage)  # before training: the config may be edited meanwhile
