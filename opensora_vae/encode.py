@@ -27,7 +27,7 @@ from . import __version__
 from .data import is_image_path
 from .data.latents import INDEX_COLUMNS, META_NAME, SHARD_DIR, read_meta, read_shard_records
 from .distributed import barrier, init_distributed
-from .inference import RowReader, load_model, rank_share, report_skips
+from .inference import RowReader, load_model, rank_share, report_skips, runtime_options
 from .registry import DATASETS, build_from_cfg, to_plain
 from .runtime import DTYPES, resolve_dtype
 
@@ -281,7 +281,7 @@ def encode_dataset(cfg, ckpt_path: Optional[str], save_dir: str, num_frames: Opt
     out = Path(save_dir)
     shard_dir = out / SHARD_DIR
 
-    model = load_model(cfg.model, ckpt_path, cfg.get("tiling"), cfg.get("compile")).to(device=device, dtype=dtype)
+    model = load_model(cfg.model, ckpt_path, cfg.get("tiling"), **runtime_options(cfg)).to(device=device, dtype=dtype)
     model.eval()
     meta = _job_meta(cfg, ckpt_path, base, buckets, dtype, save_dtype_name, model)
     if info.is_main:

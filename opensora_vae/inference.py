@@ -7,7 +7,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .data import VideoReadError, ensure_uint8_video, write_image, write_video
-from .registry import DATASETS, build_from_cfg, build_model, to_plain
+from .registry import DATASETS, RUNTIME_OPTIONS, build_from_cfg, build_model, to_plain
 from .runtime import resolve_dtype
 from .distributed import init_distributed
 
@@ -115,19 +115,22 @@ class InferenceReport:
 
 
 def load_model(model_cfg: Dict[str, Any], ckpt_path: Optional[str], tiling: Optional[Dict[str, Any]] = None,
-               compile: Union[bool, Dict[str, Any], None] = None):
+               **runtime: Any):
     """Build the pipeline (weights from ckpt_path when given) with the runtime options of inference and encoding:
-    `tiling` (enable_tiling kwargs, or None for off) and `compile` (True or torch.compile options: enable_compile,
-    compiled once per shape, cached on disk by inductor)."""
+    `tiling` (enable_tiling kwargs, or None for off) and build_model's `compile` (True or torch.compile options,
+    compiled once per shape, cached on disk by inductor) and `winograd` (True: fp32 CPU fast path)."""
     cfg = to_plain(model_cfg)
     if ckpt_path:
         cfg["from_pretrained"] = str(ckpt_path)
-    model = build_model(cfg)
+    model = build_model(cfg, **{k: v for k, v in runtime.items() if v})
     if tiling is not None:
         model.enable_tiling(**to_plain(tiling))
-    if compile:
-        model.enable_compile(**({} if compile is True else to_plain(compile)))
     return model
+
+
+def runtime_options(cfg) -> Dict[str, Any]:
+    """The run config's top-level runtime options for `load_model` (`compile`, `winograd`)."""
+    return {name: cfg.get(name) for name in RUNTIME_OPTIONS}
 
 
 def _write(folder: Path, name: str, video: torch.Tensor, fps: float, crf: int) -> Path:
@@ -172,7 +175,7 @@ def reconstruct_dataset(cfg, ckpt_path: Optional[str], save_dir: str, overwrite:
     if report.existing:
         logger.info("%d clip(s) already reconstructed: kept (pass --overwrite to redo them)", len(report.existing))
 
-    model = load_model(cfg.model, ckpt_path, cfg.get("tiling"), cfg.get("compile")).to(device=device, dtype=dtype)
+    model = load_model(cfg.model, ckpt_path, cfg.get("tiling"), **runtime_options(cfg)).to(device=device, dtype=dtype)
     model.eval()
     sample_posterior = bool(cfg.get("sample_posterior", False))
     crf = int(cfg.get("crf", 18))

@@ -40,16 +40,23 @@ def build_from_cfg(cfg: Any, registry: Registry, **overrides: Any) -> Any:
 def build_model(cfg: Any, **overrides: Any):
     """Build any registered model (VideoAutoencoderKL, VAE_Temporal, OpenSoraVAE_V1_2, ...).
 
-    `compile` (in the dict or as a keyword; not a constructor argument, never saved): True or a dict of
-    torch.compile options calls `model.enable_compile(...)` on the built model.
+    Runtime options (in the dict or as keywords; not constructor arguments, never saved): `compile` (True or a
+    dict of torch.compile options) calls `model.enable_compile(...)`, `winograd=True` `model.enable_winograd()`.
     """
     from . import models  # noqa: F401  (registers the model types)
 
     cfg = to_plain(cfg)
-    compile_opts = overrides.pop("compile", cfg.pop("compile", False) if isinstance(cfg, dict) else False)
+    options = {}
+    for name in RUNTIME_OPTIONS:
+        value = overrides.pop(name, cfg.pop(name, False) if isinstance(cfg, dict) else False)
+        if value:
+            options[name] = {} if value is True else to_plain(value)
     model = build_from_cfg(cfg, MODELS, **overrides)
-    if compile_opts:
-        if not hasattr(model, "enable_compile"):
-            raise TypeError(f"{type(model).__name__} has no enable_compile(); compile=True is not supported for it")
-        model.enable_compile(**(compile_opts if isinstance(compile_opts, dict) else {}))
+    for name, kwargs in options.items():
+        if not hasattr(model, f"enable_{name}"):
+            raise TypeError(f"{type(model).__name__} has no enable_{name}(); {name}=True is not supported for it")
+        getattr(model, f"enable_{name}")(**kwargs)
     return model
+
+
+RUNTIME_OPTIONS = ("compile", "winograd")

@@ -9,7 +9,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from opensora_vae.data import read_video
-from opensora_vae.inference import load_model
+from opensora_vae.inference import load_model, runtime_options
 from opensora_vae.models import tiling
 from opensora_vae.models.frame_attention import frame_attention
 
@@ -271,7 +271,7 @@ def test_streamed_micro_batches_equal_the_whole_batch(micro, clip):
 
 
 @pytest.mark.parametrize("script, entry", [("inference_vae", "reconstruct_dataset"), ("encode_latents", "encode_dataset")])
-def test_tiling_and_compile_flags_reach_the_model(monkeypatch, script, entry):
+def test_tiling_compile_and_winograd_flags_reach_the_model(monkeypatch, script, entry):
     """Both CLIs share the runtime flags (opensora_vae.cli), applied in one place (inference.load_model)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     module = __import__(script)
@@ -282,8 +282,9 @@ def test_tiling_and_compile_flags_reach_the_model(monkeypatch, script, entry):
     module.main([str(config), "--data-path", "x.csv", "--save-dir", "out"])
     assert seen["cfg"].get("tiling") is None and not seen["cfg"].get("compile")
     module.main([str(config), "--data-path", "x.csv", "--save-dir", "out", "--tiling", "--tile-size", "256",
-                 "--compile"])
+                 "--compile", "--winograd"])
     assert dict(seen["cfg"].tiling) == {"tile_size": 256} and seen["cfg"].compile is True
+    assert runtime_options(seen["cfg"]) == {"compile": True, "winograd": True}
     model = load_model(tiny_model_cfg(), None, seen["cfg"].tiling)
     assert model.spatial_vae.tiling.tile_size == model.temporal_vae.tiling.tile_size == 256
     assert not model.spatial_vae.tiling.tile_mid_block

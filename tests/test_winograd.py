@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import tiny_pipeline
+from helpers import tiny_model_cfg, tiny_pipeline
+from opensora_vae import build_model
 from opensora_vae.models import winograd
 
 
@@ -53,9 +54,10 @@ def test_module_uses_cached_weights_and_sees_weight_updates():
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 8, 3, padding=1)
     conv.__class__ = winograd.Conv2d
-    x = torch.randn(2, 8, 12, 12)
+    x = torch.randn(4, 8, 16, 16)  # 64 tiles: MIN_TILES
     with torch.no_grad():
         first = conv(x)
+        assert "_winograd_cache" in conv.__dict__
         assert_close(first, F.conv2d(x, conv.weight, conv.bias, padding=1))
         conv.weight.mul_(2)  # in place: the cache must be recomputed
         assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
@@ -78,12 +80,28 @@ def test_training_keeps_the_plain_convolution():
     assert torch.equal(x.grad, x2.grad) and torch.equal(conv.weight.grad, plain.weight.grad)
 
 
-def test_pipeline_fast_path_on_equals_off(monkeypatch):
+def test_small_calls_keep_the_plain_convolution():
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    conv.__class__ = winograd.Conv2d
+    with torch.no_grad():
+        conv(torch.randn(3, 8, 16, 16))  # 48 tiles
+        assert "_winograd_cache" not in conv.__dict__
+        conv(torch.randn(1, 8, 32, 29))  # 8 x 8 tiles
+        assert "_winograd_cache" in conv.__dict__
+
+
+@pytest.mark.parametrize("how", ["enable", "build_model"])
+def test_pipeline_fast_path_on_equals_off(monkeypatch, how):
     # The tiny widths are below the shape rule's thresholds: lower them so the tiny model's convolutions qualify.
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
     monkeypatch.setattr(winograd, "MIN_REDUCTION", 1)
-    model = tiny_pipeline()
-    assert winograd.use_winograd(model.spatial_vae.module) > 0
+    monkeypatch.setattr(winograd, "MIN_TILES", 1)
+    if how == "enable":
+        model = tiny_pipeline()
+        model.enable_winograd()
+    else:
+        model = build_model(dict(tiny_model_cfg(), winograd=True)).eval()
+        model.load_state_dict(tiny_pipeline().state_dict())
     swapped = [m for m in model.spatial_vae.modules() if isinstance(m, winograd.Conv2d)]
     assert swapped
     x = torch.rand(1, 3, 9, 32, 32) * 2 - 1
@@ -95,3 +113,8 @@ def test_pipeline_fast_path_on_equals_off(monkeypatch):
     # Measured 1.7e-5 (outputs up to 2.9; every convolution of the tiny model through F(4x4, 3x3)).
     torch.testing.assert_close(fast, plain, atol=5e-5, rtol=0)
     assert set(model.state_dict()) == set(tiny_pipeline().state_dict())
+    model.disable_winograd()
+    assert not any(isinstance(m, winograd.Conv2d) for m in model.modules())
+    assert not any("_winograd_cache" in m.__dict__ for m in model.modules())
+    with pytest.raises(TypeError, match="enable_winograd"):
+        build_model(dict(tiny_model_cfg()["vae_temporal"], winograd=True))

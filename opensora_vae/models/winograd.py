@@ -5,10 +5,13 @@ A 3x3 stride-1 convolution over 4x4 output tiles needs 36 multiplies per tile an
 ran MKL's small-matmul path 3x slower); per chunk, each transform is one batched matmul with a Kronecker matrix
 over the gathered 6x6 tiles and the channel mixing is one batched GEMM over the 36 tile elements. A Conv3d with
 kernel (kt, 3, 3) is the same over H/W with its kt time taps accumulated into the GEMM. `use_winograd(module)`
-opts a module's convolutions in where it measured faster (`wins`), for fp32 CPU inference only (`applies`).
-Opt-in, not on by default: the full-size pipeline ran 1.33x on an idle 2-core CPU, but its output moved 1.1e-4
-from eager at random weights, over the 1e-4 bound for fast paths that are on by default (`bench/RESULTS.md`);
-`bench/bench_winograd.py` times each conv shape of the model, `bench/bench_vae.py --levers winograd` the pipeline.
+opts a module's convolutions in where it measured faster (`wins`), for fp32 CPU inference only (`applies`) and
+calls of at least `MIN_TILES` tiles. The pipeline exposes it as `enable_winograd()` (`winograd=True` in
+`build_model`, `--winograd` in the CLIs). Opt-in: its transformed weights are kept on the modules (4x the
+weights of each convolution used: 0.5 GiB for the SDXL VAE at 64x64 frames, 1.1 GiB from 128x128), and outputs
+move by float rounding, not bitwise (`bench/RESULTS.md`: 1.14-1.33x for the full pipeline on a 2-core CPU, about
+1e-4 from eager at random weights); `bench/bench_winograd.py` times each conv shape, `bench/bench_vae.py --levers
+winograd` the pipeline.
 """
 from __future__ import annotations
 
@@ -48,6 +51,9 @@ _BIAS_ELEMENT = 2 * A + 2
 # Shape rule (`wins`), from `bench/bench_winograd.py` on an AVX2 CPU.
 MIN_CHANNELS = 128
 MIN_REDUCTION = 2 ** 15  # kt * C_in * C_out
+# Calls with fewer 4x4 tiles (batch x tiles per frame) stay plain: 16 tiles (4 frames of 8x8) gained only 1.2x while
+# streaming 36 MiB of transformed weights per 512-channel call, and skipping them keeps those weights uncached.
+MIN_TILES = 64
 
 _MATS: dict = {}
 
@@ -155,10 +161,17 @@ def conv2d(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor]
 
 
 def applies(x: torch.Tensor) -> bool:
-    """Inference only (training keeps the plain convolutions and their autograd), fp32 CPU, eager."""
+    """Inference only (training keeps the plain convolutions and their autograd), fp32 CPU, eager, and at least
+    `MIN_TILES` output tiles in the call."""
     return (enabled and x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
             and not torch.is_grad_enabled() and not x.is_mkldnn and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling())
+            and not torch.compiler.is_compiling() and _tiles(x) >= MIN_TILES)
+
+
+def _tiles(x: torch.Tensor) -> int:
+    """Output tiles of a call: (batch [x frames]) x tiles per frame; x is (N, C, [F,] H, W)."""
+    frames = x.shape[0] * (x.shape[2] if x.ndim == 5 else 1)
+    return frames * -(-x.shape[-2] // M) * -(-x.shape[-1] // M)
 
 
 def wins(conv: nn.Module) -> bool:
@@ -193,12 +206,17 @@ class Conv2d(nn.Conv2d):
         return super().forward(x)
 
 
-def use_winograd(module: nn.Module) -> int:
+def use_winograd(module: nn.Module, enable: bool = True) -> int:
     """Make each nn.Conv2d of `module` where Winograd wins (`wins`) a `Conv2d` (same parameters and state dict;
-    only the class changes). Returns how many were swapped."""
+    only the class changes), or with `enable=False` back to nn.Conv2d, dropping the cached weights. Returns how
+    many were swapped."""
     n = 0
     for m in module.modules():
-        if type(m) is nn.Conv2d and wins(m):
+        if enable and type(m) is nn.Conv2d and wins(m):
             m.__class__ = Conv2d
+            n += 1
+        elif not enable and type(m) is Conv2d:
+            m.__class__ = nn.Conv2d
+            m.__dict__.pop("_winograd_cache", None)
             n += 1
     return n
