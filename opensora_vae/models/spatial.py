@@ -64,7 +64,8 @@ class VideoAutoencoderKL(nn.Module):
 
     from_pretrained: hub id or local folder of a diffusers AutoencoderKL (with `subfolder`), or None to build a
     randomly initialised model from `config` (an AutoencoderKL config dict; None means the SDXL VAE architecture).
-    micro_batch_size: frames per AutoencoderKL call (bounds memory; results do not depend on it).
+    micro_batch_size: frames per AutoencoderKL call (bounds memory; results depend on it only through float rounding:
+    oneDNN picks its algorithm per batch size, 8e-5 on a decoded 17x64x64 clip at random weights).
     """
 
     def __init__(
