@@ -38,6 +38,13 @@ def test_conv3d_equals_f_conv3d(n, c, k, f, kt, h, w, cols):
     assert_close(got, F.conv3d(x, wt, b, padding=(0, 1, 1)))
 
 
+def test_channels_last_input_equals_f_conv2d():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 10, 9).to(memory_format=torch.channels_last)
+    wt, b = torch.randn(5, 6, 3, 3), torch.randn(5)
+    assert_close(winograd.conv2d(x, winograd.transform_weight(wt), b), F.conv2d(x, wt, b, padding=1))
+
+
 def test_shape_rule():
     assert winograd.wins(nn.Conv2d(256, 256, 3, padding=1))
     assert winograd.wins(nn.Conv2d(256, 128, 3, padding=1))

@@ -129,7 +129,7 @@ def conv3d(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor]
     if weight_t.shape[3] != c or fo < 1:
         raise ValueError(f"input {tuple(x.shape)} does not fit the transformed weight {tuple(weight_t.shape)}")
     th, tw = -(-h // M), -(-w // M)
-    xp = F.pad(x, (1, M * tw + 1 - w, 1, M * th + 1 - h))
+    xp = F.pad(x, (1, M * tw + 1 - w, 1, M * th + 1 - h)).contiguous()  # the tile view below assumes W stride 1
     s_n, s_c, s_f, s_h, _ = xp.stride()
     bk, _, at = _mats(x.device)
     if out is None:
