@@ -6,7 +6,7 @@ import time
 from typing import Callable, Dict, Optional
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 # Dense peak throughput in TFLOP/s (vendor datasheets, no sparsity): (bf16 tensor core, fp32 non-tensor).
 DEVICE_PEAK_TFLOPS = {
@@ -16,8 +16,29 @@ DEVICE_PEAK_TFLOPS = {
 }
 
 
+def cpu_peak_tflops(dtype: torch.dtype) -> Optional[float]:
+    """Nominal fp32 peak of the torch threads in use (one per core): threads x clock (`cpu MHz` in /proc/cpuinfo)
+    x FLOPs per cycle (two FMA units: 64 with AVX-512, 32 with AVX2 + FMA). Turbo clocks can beat it; None where
+    unknown (other dtypes, no /proc/cpuinfo)."""
+    if dtype != torch.float32:
+        return None
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return None
+    mhz = [float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")]
+    flags = next((line.split(":")[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= set(flags) else None
+    if not mhz or per_cycle is None:
+        return None
+    return torch.get_num_threads() * max(mhz) * 1e6 * per_cycle / 1e12
+
+
 def device_peak_tflops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
-    """Peak TFLOP/s of a known GPU for `dtype`; None on CPU and unknown cards (the tables then say n/a)."""
+    """Peak TFLOP/s of a known GPU for `dtype`, or the CPU's nominal fp32 peak; None for unknown cards (the
+    tables then say n/a)."""
+    if device.type == "cpu":
+        return cpu_peak_tflops(dtype)
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -76,9 +97,16 @@ def compare(fns: Dict[str, Callable[[], object]], device: torch.device, repeat: 
     return res
 
 
+def _mkldnn_conv_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of one call as torch.utils.flop_counter counts them (matmuls, convolutions, attention)."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of one call as torch.utils.flop_counter counts them (matmuls, convolutions, attention), plus the
+    oneDNN convolutions the temporal VAE calls directly on CPU (`aten.mkldnn_convolution`, which it has no
+    formula for)."""
+    mapping = {torch.ops.aten.mkldnn_convolution: _mkldnn_conv_flop}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return counter.get_total_flops()
 
@@ -91,7 +119,11 @@ def max_diff(a, b) -> float:
 
 
 def header(device: torch.device) -> str:
-    what = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        what = torch.cuda.get_device_name(device)
+    else:
+        peak = cpu_peak_tflops(torch.float32)
+        what = f"CPU, {torch.get_num_threads()} threads" + (f", nominal fp32 peak {peak * 1e3:.0f} GFLOP/s" if peak else "")
     return f"device {device} ({what}), torch {torch.__version__}"
 
 
