@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import resource
 import statistics
 import subprocess
@@ -48,7 +47,7 @@ from opensora_vae.models.pretrained import load_strict, read_state_dict
 from opensora_vae.models.temporal import CausalConv3d
 from opensora_vae.data import read_video
 from opensora_vae.data.samples import sample_clips
-from opensora_vae.data.transforms import center_crop, resize_short_side
+from opensora_vae.data.transforms import resize_crop
 
 FULL = dict(type="OpenSoraVAE_V1_2", vae_2d=dict(from_pretrained=None))
 
@@ -286,10 +285,7 @@ def bench_input(kind, frames, height, width):
         return torch.rand(1, 3, frames, height, width, generator=torch.Generator().manual_seed(0)) * 2 - 1
     video, _ = read_video(clips["bikes"])  # (T, C, H, W) uint8
     video = video[torch.arange(frames) % video.shape[0]].float() / 127.5 - 1
-    (short, t_short), (long, t_long) = sorted([(video.shape[2], height), (video.shape[3], width)])
-    size = max(t_short, math.ceil(t_long * short / long))  # the smallest short side whose resize covers H x W
-    size += math.floor(long / short * size) < t_long
-    video = center_crop(resize_short_side(video, size, antialias=True), (height, width))
+    video = resize_crop(video, (height, width), antialias=True)  # scaled to cover H x W, centre-cropped
     return video.clamp(-1, 1).transpose(0, 1)[None].contiguous()
 
 

@@ -5,6 +5,7 @@ import argparse
 from typing import Optional, Sequence, Tuple
 
 from .config import load_config, parse_cfg_options
+from .registry import RUNTIME_OPTIONS
 
 
 def add_model_run_arguments(parser: argparse.ArgumentParser, save_help: str) -> None:
@@ -39,7 +40,7 @@ def load_run_config(args: argparse.Namespace, options: Optional[dict] = None):
     merged = parse_cfg_options(args.cfg_options)
     merged["dataset.data_path"] = args.data_path
     merged.update(options or {})
-    for name in ("compile", "winograd"):
+    for name in RUNTIME_OPTIONS:  # each has its --flag
         if getattr(args, name):
             merged[name] = True
     cfg = load_config(args.config, merged)

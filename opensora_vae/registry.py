@@ -37,6 +37,10 @@ def build_from_cfg(cfg: Any, registry: Registry, **overrides: Any) -> Any:
     return obj(**cfg)
 
 
+# Options build_model applies after construction through the model's enable_<name>() (never saved with it).
+RUNTIME_OPTIONS = ("compile", "winograd")
+
+
 def build_model(cfg: Any, **overrides: Any):
     """Build any registered model (VideoAutoencoderKL, VAE_Temporal, OpenSoraVAE_V1_2, ...).
 
@@ -58,5 +62,3 @@ def build_model(cfg: Any, **overrides: Any):
         getattr(model, f"enable_{name}")(**kwargs)
     return model
 
-
-RUNTIME_OPTIONS = ("compile", "winograd")
