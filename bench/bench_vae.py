@@ -9,7 +9,8 @@ Sections (full-size model, random weights):
   compile  eager vs torch.compile of the temporal VAE's encoder and decoder.
   parts    plain path split into spatial encode, temporal encode, temporal decode, spatial decode: time, frames/s,
            peak memory, FLOPs (torch.utils.flop_counter) and % of the device's peak (GPU tables in bench/common.py).
-  levers   each speed lever vs the plain path, interleaved in one run, with the max |diff| of the decoded clip:
+  levers   each speed lever vs the plain path (diffusers' upsampling), interleaved in one run, with the max |diff|
+           of the decoded clip: the default sub-pixel upsampling (`subpixel`; the other levers include it),
            Winograd F(4x4, 3x3) for the spatial VAE's 3x3 convolutions where it wins per shape (`winograd`, fp32
            CPU: the pipeline's enable_winograd), spatial channels_last, temporal channels_last_3d, spatial
            micro_batch_size None (`micro_batch`),
@@ -220,6 +221,8 @@ def bench_parts(model, x, device, dtype, repeat):
 def _lever_variants(model, x, device, names):
     """name -> (model, input, compile options or None) for each lever asked for (and available on `device`)."""
     out = {}
+    if "subpixel" in names:  # the package's default: the baseline row has it off
+        out["sub-pixel upsampling (default)"] = (model, x, None)
     if "winograd" in names:  # the spatial VAE's 3x3 convolutions where bench_winograd.py found it faster
         m = copy.deepcopy(model)
         m.enable_winograd()
@@ -249,8 +252,11 @@ def _lever_variants(model, x, device, names):
 
 
 def bench_levers(model, x, device, dtype, repeat, names):
-    """Each lever against the plain path, interleaved; compile time is reported separately (first call)."""
-    fns = {"plain eager": _encode_decode_out(model, x)}
+    """Each lever against the plain path (every fast path off, the default sub-pixel upsampling too), interleaved;
+    compile time is reported separately (first call)."""
+    plain = copy.deepcopy(model)
+    plain.disable_subpixel()
+    fns = {"plain eager": _encode_decode_out(plain, x)}
     for name, (m, inp, opts) in _lever_variants(model, x, device, names).items():
         if opts is not None:
             m.enable_compile(**opts)
@@ -301,7 +307,7 @@ def main():
     parser.add_argument("--sections", nargs="+", default=["conv", "dtype", "micro", "layout", "compile", "load"])
     parser.add_argument("--dtype", choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--levers", nargs="+", default=["channels_last", "channels_last_3d", "compile"])
+    parser.add_argument("--levers", nargs="+", default=["subpixel", "channels_last", "channels_last_3d", "compile"])
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--load-only", nargs=2, metavar=("MODE", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -229,6 +229,13 @@ class VideoAutoencoderPipeline(nn.Module):
     def disable_winograd(self) -> None:
         winograd.use_winograd(self.spatial_vae.module, enable=False)
 
+    def enable_subpixel(self) -> None:
+        """See VideoAutoencoderKL.enable_subpixel (on by default)."""
+        self.spatial_vae.enable_subpixel()
+
+    def disable_subpixel(self) -> None:
+        self.spatial_vae.disable_subpixel()
+
     def _compiled_parts(self, parts: Union[str, Sequence[str]] = ("spatial", "temporal")):
         parts = _check_parts(parts)
         kl = self.spatial_vae.module

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..registry import MODELS
-from . import tiling
+from . import subpixel, tiling
 from .distributions import DiagonalGaussianDistribution
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class VideoAutoencoderKL(nn.Module):
     randomly initialised model from `config` (an AutoencoderKL config dict; None means the SDXL VAE architecture).
     micro_batch_size: frames per AutoencoderKL call (bounds memory; results depend on it only through float rounding:
     oneDNN picks its algorithm per batch size, 8e-5 on a decoded 17x64x64 clip at random weights).
+    The decoder's upsamplers run as sub-pixel convolutions (`enable_subpixel`, on by default).
     """
 
     def __init__(
@@ -96,6 +97,7 @@ class VideoAutoencoderKL(nn.Module):
         # Each down block but the last halves H and W.
         factor = 2 ** (len(cfg.block_out_channels) - 1)
         self.patch_size = (1, factor, factor)
+        self.enable_subpixel()
 
     def architecture_config(self) -> dict:
         """The AutoencoderKL constructor config (for saving a pipeline that rebuilds offline)."""
@@ -174,6 +176,16 @@ class VideoAutoencoderKL(nn.Module):
 
     def enable_gradient_checkpointing(self) -> None:
         self.module.enable_gradient_checkpointing()
+
+    def enable_subpixel(self) -> None:
+        """Nearest-2x upsampling + 3x3 conv as four folded 2x2 convolutions on the low-resolution input
+        (opensora_vae.models.subpixel): 4/9 of those layers' multiplies and no upsampled copy; outputs move by float
+        rounding (as close to float64 as diffusers' own path). On by default; `disable_subpixel()` restores
+        diffusers' op sequence."""
+        subpixel.use_subpixel(self.module)
+
+    def disable_subpixel(self) -> None:
+        subpixel.use_subpixel(self.module, enable=False)
 
     @property
     def device(self) -> torch.device:

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import derived
+
 M = 4  # output tile side
 R = 3  # kernel side
 A = M + R - 1  # input tile side
@@ -54,6 +56,8 @@ MIN_REDUCTION = 2 ** 15  # kt * C_in * C_out
 # Calls with fewer 4x4 tiles (batch x tiles per frame) stay plain: 16 tiles (4 frames of 8x8) gained only 1.2x while
 # streaming 36 MiB of transformed weights per 512-channel call, and skipping them keeps those weights uncached.
 MIN_TILES = 64
+
+CACHE = "_winograd_cache"  # the transformed weights' key in a conv's __dict__
 
 _MATS: dict = {}
 
@@ -88,16 +92,6 @@ def transform_weight(weight: torch.Tensor) -> torch.Tensor:
     w = w.reshape(k, c, -1, R * R).permute(2, 3, 0, 1).reshape(-1, R * R, k * c)  # (kt, 9, K*C)
     g = _mats(w.device)[1].to(w.dtype)
     return torch.matmul(g, w).view(-1, A * A, k, c)
-
-
-def _cached_weight(conv: nn.Module) -> torch.Tensor:
-    w = conv.weight
-    key = (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape))
-    cache = conv.__dict__.get("_winograd_cache")
-    if cache is None or cache[0] != key:
-        cache = (key, transform_weight(w))
-        conv.__dict__["_winograd_cache"] = cache
-    return cache[1]
 
 
 def _chunks(f: int, th: int, tw: int, cols: int):
@@ -194,7 +188,7 @@ def forward(conv: nn.Module, x: torch.Tensor, cache: bool = True) -> torch.Tenso
     (4x the weight's size) are kept on the module and recomputed when the weight changes (in place or replaced);
     without, they are transformed on each call."""
     fn = conv2d if isinstance(conv, nn.Conv2d) else conv3d
-    return fn(x, _cached_weight(conv) if cache else transform_weight(conv.weight), conv.bias)
+    return fn(x, derived.cached(conv, CACHE, transform_weight) if cache else transform_weight(conv.weight), conv.bias)
 
 
 class Conv2d(nn.Conv2d):
@@ -217,6 +211,6 @@ def use_winograd(module: nn.Module, enable: bool = True) -> int:
             n += 1
         elif not enable and type(m) is Conv2d:
             m.__class__ = nn.Conv2d
-            m.__dict__.pop("_winograd_cache", None)
+            derived.drop(m, CACHE)
             n += 1
     return n
