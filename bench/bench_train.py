@@ -13,6 +13,7 @@ Levers (config options; `plain` is the published config as is):
   ckpt_temporal     grad_checkpoint = "temporal"      (recompute only the temporal VAE's res blocks)
   ckpt_spatial      grad_checkpoint = "spatial"
   no_ckpt           grad_checkpoint = False           (keep all activations)
+  no_subpixel       model.subpixel = False            (diffusers' upsampling instead of the default sub-pixel one)
   fused+compile_temporal, ...: "+" joins levers.
 
 Memory per variant: its parameters and AdamW state plus the rise of the device's allocation during its step over
@@ -53,6 +54,7 @@ LEVERS = {
     "ckpt_temporal": {"grad_checkpoint": "temporal"},
     "ckpt_spatial": {"grad_checkpoint": "spatial"},
     "no_ckpt": {"grad_checkpoint": False},
+    "no_subpixel": {"model.subpixel": False},
 }
 
 

@@ -40,8 +40,8 @@ def load_run_config(args: argparse.Namespace, options: Optional[dict] = None):
     merged = parse_cfg_options(args.cfg_options)
     merged["dataset.data_path"] = args.data_path
     merged.update(options or {})
-    for name in RUNTIME_OPTIONS:  # each has its --flag
-        if getattr(args, name):
+    for name in RUNTIME_OPTIONS:  # the opt-in ones have a --flag
+        if getattr(args, name, None):
             merged[name] = True
     cfg = load_config(args.config, merged)
     tiling = {k: v for k, v in (("tile_size", args.tile_size), ("overlap", args.tile_overlap),

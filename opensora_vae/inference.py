@@ -118,18 +118,19 @@ def load_model(model_cfg: Dict[str, Any], ckpt_path: Optional[str], tiling: Opti
                **runtime: Any):
     """Build the pipeline (weights from ckpt_path when given) with the runtime options of inference and encoding:
     `tiling` (enable_tiling kwargs, or None for off) and build_model's `compile` (True or torch.compile options,
-    compiled once per shape, cached on disk by inductor) and `winograd` (True: fp32 CPU fast path)."""
+    compiled once per shape, cached on disk by inductor), `winograd` (True: fp32 CPU fast path) and `subpixel`
+    (False: diffusers' upsampling). None leaves an option as the model dict sets it."""
     cfg = to_plain(model_cfg)
     if ckpt_path:
         cfg["from_pretrained"] = str(ckpt_path)
-    model = build_model(cfg, **{k: v for k, v in runtime.items() if v})
+    model = build_model(cfg, **{k: v for k, v in runtime.items() if v is not None})
     if tiling is not None:
         model.enable_tiling(**to_plain(tiling))
     return model
 
 
 def runtime_options(cfg) -> Dict[str, Any]:
-    """The run config's top-level runtime options for `load_model` (`compile`, `winograd`)."""
+    """The run config's top-level runtime options for `load_model` (`compile`, `winograd`, `subpixel`)."""
     return {name: cfg.get(name) for name in RUNTIME_OPTIONS}
 
 

@@ -37,28 +37,33 @@ def build_from_cfg(cfg: Any, registry: Registry, **overrides: Any) -> Any:
     return obj(**cfg)
 
 
-# Options build_model applies after construction through the model's enable_<name>() (never saved with it).
-RUNTIME_OPTIONS = ("compile", "winograd")
+# Options build_model applies after construction through the model's enable_<name>() (never saved with it);
+# False calls disable_<name>() where the model has one (`subpixel` is on by default).
+RUNTIME_OPTIONS = ("compile", "winograd", "subpixel")
 
 
 def build_model(cfg: Any, **overrides: Any):
     """Build any registered model (VideoAutoencoderKL, VAE_Temporal, OpenSoraVAE_V1_2, ...).
 
     Runtime options (in the dict or as keywords; not constructor arguments, never saved): `compile` (True or a
-    dict of torch.compile options) calls `model.enable_compile(...)`, `winograd=True` `model.enable_winograd()`.
+    dict of torch.compile options) calls `model.enable_compile(...)`, `winograd=True` `model.enable_winograd()`,
+    `subpixel=False` `model.disable_subpixel()` (diffusers' own upsampling).
     """
     from . import models  # noqa: F401  (registers the model types)
 
     cfg = to_plain(cfg)
     options = {}
     for name in RUNTIME_OPTIONS:
-        value = overrides.pop(name, cfg.pop(name, False) if isinstance(cfg, dict) else False)
-        if value:
-            options[name] = {} if value is True else to_plain(value)
+        value = overrides.pop(name, cfg.pop(name, None) if isinstance(cfg, dict) else None)
+        if value or value is False:
+            options[name] = value
     model = build_from_cfg(cfg, MODELS, **overrides)
-    for name, kwargs in options.items():
-        if not hasattr(model, f"enable_{name}"):
-            raise TypeError(f"{type(model).__name__} has no enable_{name}(); {name}=True is not supported for it")
-        getattr(model, f"enable_{name}")(**kwargs)
+    for name, value in options.items():
+        action = f"enable_{name}" if value else f"disable_{name}"
+        if not hasattr(model, action):
+            if not value:
+                continue  # nothing to turn off
+            raise TypeError(f"{type(model).__name__} has no {action}(); {name}={value!r} is not supported for it")
+        getattr(model, action)(**({} if value is True or not value else to_plain(value)))
     return model
 

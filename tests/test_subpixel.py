@@ -87,3 +87,18 @@ def test_pipeline_uses_it_by_default_and_can_turn_it_off():
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
     assert torch.equal(again, fast)
     assert set(model.state_dict()) == keys
+
+
+def test_build_model_option_turns_it_off():
+    from helpers import tiny_model_cfg
+    from opensora_vae import build_model
+
+    model = build_model(dict(tiny_model_cfg(), subpixel=False))
+    ups = [m for m in model.modules() if isinstance(m, DiffusersUpsample2D)]
+    assert ups and all(type(m) is DiffusersUpsample2D for m in ups)
+    assert all(type(m) is subpixel.Upsample2D for m in build_model(tiny_model_cfg()).modules()
+               if isinstance(m, DiffusersUpsample2D))
+    # an option a model cannot turn off is left alone; one it cannot turn on is an error
+    build_model(dict(tiny_model_cfg()["vae_temporal"], subpixel=False, winograd=False))
+    with pytest.raises(TypeError, match="enable_subpixel"):
+        build_model(dict(tiny_model_cfg()["vae_temporal"], subpixel=True))

@@ -284,7 +284,7 @@ def test_tiling_compile_and_winograd_flags_reach_the_model(monkeypatch, script, 
     module.main([str(config), "--data-path", "x.csv", "--save-dir", "out", "--tiling", "--tile-size", "256",
                  "--compile", "--winograd"])
     assert dict(seen["cfg"].tiling) == {"tile_size": 256} and seen["cfg"].compile is True
-    assert runtime_options(seen["cfg"]) == {"compile": True, "winograd": True}
+    assert runtime_options(seen["cfg"]) == {"compile": True, "winograd": True, "subpixel": True}
     model = load_model(tiny_model_cfg(), None, seen["cfg"].tiling)
     assert model.spatial_vae.tiling.tile_size == model.temporal_vae.tiling.tile_size == 256
     assert not model.spatial_vae.tiling.tile_mid_block
@@ -292,3 +292,6 @@ def test_tiling_compile_and_winograd_flags_reach_the_model(monkeypatch, script, 
     assert dict(seen["cfg"].tiling) == {"tile_mid_block": True}
     assert load_model(tiny_model_cfg(), None, seen["cfg"].tiling).spatial_vae.tiling.tile_mid_block
     assert load_model(tiny_model_cfg(), None, None).spatial_vae.tiling is None
+    module.main([str(config), "--data-path", "x.csv", "--save-dir", "out", "--cfg-options", "subpixel=False"])
+    plain = load_model(tiny_model_cfg(), None, None, **runtime_options(seen["cfg"]))
+    assert not any(type(m).__module__ == "opensora_vae.models.subpixel" for m in plain.modules())

@@ -33,6 +33,9 @@ compile = False
 # fp32 CPU: the spatial VAE's 3x3 convolutions through Winograd F(4x4, 3x3) (VideoAutoencoderPipeline.enable_winograd):
 # 1.14-1.33x on 2 cores, outputs within float rounding (about 1e-4 at random weights), up to 1.1 GiB of cached weights.
 winograd = False
+# The spatial decoder's upsamplers as folded 2x2 convolutions (VideoAutoencoderPipeline.enable_subpixel): 4/9 of their
+# multiplies, outputs within float rounding. False: diffusers' own interpolate + 3x3 conv.
+subpixel = True
 save_dir = "samples/vae_video"
 # Deterministic defaults (repeatable scores): posterior means, H.264 CRF 18, every row. The published table used
 # published_eval.py instead (sampled posteriors, CRF 23, 24 fps, 100 rows).
