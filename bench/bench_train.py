@@ -149,11 +149,11 @@ def run(args):
             trainer.close()
     base = statistics.median(res["plain"]["times"])
     mem = "peak CUDA alloc GiB" if device.type == "cuda" else "peak RSS GiB (lower bound)"
-    print(f"| variant | s / step | {mem} | ratio to plain (time) | memory ratio | max loss diff |")
+    print(f"| variant | s / step | {mem} | ratio to plain (time) | memory ratio | max loss diff (relative) |")
     print("|---|---|---|---|---|---|")
     for n, r in res.items():
         sec = statistics.median(r["times"])
-        diff = max(abs(a - b) for a, b in zip(r["loss"], res["plain"]["loss"]))
+        diff = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(r["loss"], res["plain"]["loss"]))
         rows[n] = dict(seconds=sec, peak_gib=r["peak"], ratio=base / sec, mem_ratio=r["peak"] / res["plain"]["peak"],
                        loss_diff=diff)
         print(f"| {n} | {sec:.3f} | {r['peak']:.2f} | {base / sec:.2f}x | {rows[n]['mem_ratio']:.2f}x | {diff:.1e} |",

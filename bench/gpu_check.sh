@@ -73,7 +73,7 @@ step vae 170 bench.txt python3 bench/bench_vae.py --device cuda --frames 17 --si
 step memory 120 tiling.txt memory
 # Target 5: published stage 3 step (full size, bf16 autocast, 33x256x256), levers vs the published settings.
 step train 120 bench_train.txt python3 bench/bench_train.py --device cuda --frames 33 --size 256 --warmup 2 \
-  --steps 3 --levers fused ckpt_temporal no_ckpt --json "$OUT/bench_train.json"
+  --steps 3 --levers fused ckpt_temporal no_ckpt no_subpixel --json "$OUT/bench_train.json"
 # Target 6 on the GPU: SSIM/PSNR vs the reference's per-frame loops; LPIPS batched.
 step metrics 45 bench_metrics.txt python3 bench/bench_metrics.py --device cuda --clips 5 --repeat 3
 step stages 60 train_stage3.txt train_stage 3
