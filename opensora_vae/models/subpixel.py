@@ -24,11 +24,13 @@ _FOLD = torch.tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], dtype=tor
 
 
 def fold_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(K, C, 3, 3) -> (4K, C, 2, 2), phases (row parity, column parity) major; summed in float64 (no extra
-    rounding beyond the final cast), differentiable."""
+    """(K, C, 3, 3) -> (4K, C, 2, 2), phases (row parity, column parity) major; the taps summed in float64 where
+    the device has it (one rounding, at the final cast), outside autocast; differentiable."""
     k, c = weight.shape[:2]
-    fold = _FOLD.to(weight.device)
-    folded = torch.einsum("aip,bjq,kcpq->abkcij", fold, fold, weight.double())
+    acc = torch.float32 if weight.device.type == "mps" else torch.float64  # MPS has no float64
+    fold = _FOLD.to(weight.device, acc)
+    with torch.autocast(weight.device.type, enabled=False):
+        folded = torch.einsum("aip,bjq,kcpq->abkcij", fold, fold, weight.to(acc))
     return folded.reshape(4 * k, c, 2, 2).to(weight.dtype)
 
 
@@ -37,9 +39,9 @@ def upsample_conv(x: torch.Tensor, folded: torch.Tensor, bias: torch.Tensor = No
     `folded = fold_weight(weight)`; x is (N, C, H, W)."""
     n, _, h, w = x.shape
     k = folded.shape[0] // 4
-    # Output (i, j) of the padded 2x2 convolution reads input rows (i-1, i) and columns (j-1, j): phase a takes
-    # rows a..a+H-1.
-    y = F.conv2d(F.pad(x, (1, 1, 1, 1)), folded, None if bias is None else bias.repeat(4))
+    # Output (i, j) of the 2x2 convolution with zero padding 1 reads input rows (i-1, i) and columns (j-1, j):
+    # (H+1, W+1) outputs, of which phase a takes rows a..a+H-1.
+    y = F.conv2d(x, folded, None if bias is None else bias.repeat(4), padding=1)
     s_n, s_c, s_h, s_w = y.stride()
     # out[n, k, i, a, j, b] = y[n, (2a + b) K + k, i + a, j + b]: one uniform stride per axis.
     view = y.as_strided((n, k, h, 2, w, 2), (s_n, s_c, s_h, 2 * k * s_c + s_h, s_w, k * s_c + s_w))
