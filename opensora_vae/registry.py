@@ -64,6 +64,6 @@ def build_model(cfg: Any, **overrides: Any):
             if not value:
                 continue  # nothing to turn off
             raise TypeError(f"{type(model).__name__} has no {action}(); {name}={value!r} is not supported for it")
-        getattr(model, action)(**({} if value is True or not value else to_plain(value)))
+        getattr(model, action)(**(to_plain(value) if isinstance(value, dict) else {}))
     return model
 

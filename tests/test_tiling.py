@@ -10,7 +10,7 @@ from torch import nn
 
 from opensora_vae.data import read_video
 from opensora_vae.inference import load_model, runtime_options
-from opensora_vae.models import tiling
+from opensora_vae.models import tiling, winograd
 from opensora_vae.models.frame_attention import frame_attention
 
 from helpers import ROOT, tiny_model_cfg, tiny_pipeline
@@ -284,7 +284,7 @@ def test_tiling_compile_and_winograd_flags_reach_the_model(monkeypatch, script, 
     module.main([str(config), "--data-path", "x.csv", "--save-dir", "out", "--tiling", "--tile-size", "256",
                  "--compile", "--winograd"])
     assert dict(seen["cfg"].tiling) == {"tile_size": 256} and seen["cfg"].compile is True
-    assert runtime_options(seen["cfg"]) == {"compile": True, "winograd": True, "subpixel": True}
+    assert runtime_options(seen["cfg"]) == {"compile": True, "winograd": True, "subpixel": None}
     model = load_model(tiny_model_cfg(), None, seen["cfg"].tiling)
     assert model.spatial_vae.tiling.tile_size == model.temporal_vae.tiling.tile_size == 256
     assert not model.spatial_vae.tiling.tile_mid_block
@@ -295,3 +295,10 @@ def test_tiling_compile_and_winograd_flags_reach_the_model(monkeypatch, script, 
     module.main([str(config), "--data-path", "x.csv", "--save-dir", "out", "--cfg-options", "subpixel=False"])
     plain = load_model(tiny_model_cfg(), None, None, **runtime_options(seen["cfg"]))
     assert not any(type(m).__module__ == "opensora_vae.models.subpixel" for m in plain.modules())
+    # the config's defaults leave the model dict's own runtime options alone (tiny widths: lower Winograd's rule)
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "MIN_REDUCTION", 1)
+    module.main([str(config), "--data-path", "x.csv", "--save-dir", "out"])
+    own = load_model(dict(tiny_model_cfg(), subpixel=False, winograd=True), None, None, **runtime_options(seen["cfg"]))
+    assert not any(type(m).__module__ == "opensora_vae.models.subpixel" for m in own.modules())
+    assert any(type(m).__module__ == "opensora_vae.models.winograd" for m in own.modules())

@@ -26,16 +26,19 @@ model = dict(
 # dict of VideoAutoencoderPipeline.enable_tiling kwargs (e.g. dict(tile_size=512, overlap=64)): any resolution in
 # bounded memory; None: untiled.
 tiling = None
-# torch.compile the four networks (see VideoAutoencoderPipeline.enable_compile): minutes of compilation on the
-# first run per machine and clip shape, cached on disk (TORCHINDUCTOR_CACHE_DIR) for later runs. True, or a dict of
-# enable_compile kwargs: dict(options=dict(freezing=True)) on CPU (weights folded in; see README "Speed options").
-compile = False
-# fp32 CPU: the spatial VAE's 3x3 convolutions through Winograd F(4x4, 3x3) (VideoAutoencoderPipeline.enable_winograd):
-# 1.14-1.33x on 2 cores, outputs within float rounding (about 1e-4 at random weights), up to 1.1 GiB of cached weights.
-winograd = False
-# The spatial decoder's upsamplers as folded 2x2 convolutions (VideoAutoencoderPipeline.enable_subpixel): 4/9 of their
-# multiplies, outputs within float rounding. False: diffusers' own interpolate + 3x3 conv.
-subpixel = True
+# Runtime options (build_model's; None leaves each as the model dict sets it, else the model's default).
+# compile: torch.compile the four networks (see VideoAutoencoderPipeline.enable_compile): minutes of compilation on
+# the first run per machine and clip shape, cached on disk (TORCHINDUCTOR_CACHE_DIR) for later runs. True, or a dict
+# of enable_compile kwargs: dict(options=dict(freezing=True)) on CPU (weights folded in; see README "Speed options").
+# Off by default.
+compile = None
+# winograd: fp32 CPU, the spatial VAE's 3x3 convolutions through Winograd F(4x4, 3x3)
+# (VideoAutoencoderPipeline.enable_winograd): 1.14-1.33x on 2 cores, outputs within float rounding (about 1e-4 at
+# random weights), up to 1.1 GiB of cached weights. Off by default.
+winograd = None
+# subpixel: the spatial decoder's upsamplers as folded 2x2 convolutions (VideoAutoencoderPipeline.enable_subpixel):
+# 4/9 of their multiplies, outputs within float rounding. On by default; False: diffusers' own interpolate + conv.
+subpixel = None
 save_dir = "samples/vae_video"
 # Deterministic defaults (repeatable scores): posterior means, H.264 CRF 18, every row. The published table used
 # published_eval.py instead (sampled posteriors, CRF 23, 24 fps, 100 rows).
