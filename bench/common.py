@@ -128,10 +128,12 @@ def header(device: torch.device) -> str:
 
 
 def table(rows, device: torch.device, dtype: torch.dtype, frames_per_item: Optional[int] = None):
-    """Print rows (dicts: name, seconds, peak_gib, flops, ratio, diff) as a Markdown table."""
+    """Print rows (dicts: name, seconds, peak_gib, flops, ratio, diff, optional diff_f64) as a Markdown table."""
     peak = device_peak_tflops(device, dtype)
     mem = "peak CUDA alloc GiB" if device.type == "cuda" else "peak RSS GiB"
-    cols = ["variant", "ms / item"] + (["frames/s"] if frames_per_item else []) + [mem, "GFLOP", "% of peak", "ratio to plain", "max |diff|"]
+    f64 = any("diff_f64" in r for r in rows)
+    cols = (["variant", "ms / item"] + (["frames/s"] if frames_per_item else [])
+            + [mem, "GFLOP", "% of peak", "ratio to plain", "max |diff|"] + (["max |diff| vs float64"] if f64 else []))
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
@@ -144,4 +146,6 @@ def table(rows, device: torch.device, dtype: torch.dtype, frames_per_item: Optio
         diff = r.get("diff")
         cells += [f"{r['peak_gib']:.2f}", gflop, frac, f"{r['ratio']:.2f}x" if r.get("ratio") else "-",
                   "-" if diff is None else f"{diff:.1e}"]
+        if f64:
+            cells.append(f"{r['diff_f64']:.1e}" if "diff_f64" in r else "-")
         print("| " + " | ".join(cells) + " |", flush=True)

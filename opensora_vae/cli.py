@@ -18,7 +18,8 @@ def add_model_run_arguments(parser: argparse.ArgumentParser, save_help: str) -> 
     parser.add_argument("--image-size", type=int, nargs="+", metavar="H [W]", help="clip size (overrides the config)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (cached on disk per machine)")
     parser.add_argument("--winograd", action="store_true",
-                        help="fp32 CPU: spatial VAE convolutions through Winograd F(4x4,3x3) (about 1.2x; +1.1 GiB)")
+                        help="fp32 CPU: spatial VAE and temporal decoder convolutions through Winograd F(4x4,3x3) "
+                             "(about 1.25x; +3-3.6 GiB)")
     parser.add_argument("--tiling", action="store_true", help="tile H/W through both VAEs (bounded memory)")
     parser.add_argument("--tile-size", type=int, help="tile side in pixels (implies --tiling; default 512)")
     parser.add_argument("--tile-overlap", type=int, help="pixels shared by neighbouring tiles (implies --tiling)")

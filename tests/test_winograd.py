@@ -7,6 +7,7 @@ from torch import nn
 from helpers import tiny_model_cfg, tiny_pipeline
 from opensora_vae import build_model
 from opensora_vae.models import subpixel, winograd
+from opensora_vae.models.temporal import CausalConv3d
 
 
 def assert_close(got, ref, tol=2e-5):
@@ -97,6 +98,27 @@ def test_small_calls_keep_the_plain_convolution():
         assert "_winograd_cache" in conv.__dict__
 
 
+def test_causal_conv3d_through_winograd_and_back():
+    # The shape rule as shipped (128 channels), a latent as small as a 64x64 clip's: Conv3d calls need no MIN_TILES.
+    torch.manual_seed(0)
+    conv = CausalConv3d(128, 128, 3)
+    x = torch.randn(1, 128, 5, 8, 8)
+    with torch.no_grad():
+        plain = conv(x)  # the oneDNN path
+        assert winograd.use_winograd(conv) == 1 and isinstance(conv.conv, winograd.Conv3d)
+        fast = conv(x)
+        assert "_winograd_cache" in conv.conv.__dict__
+        assert_close(fast, plain)
+        with winograd.flags(enabled=False):
+            assert torch.equal(conv(x), plain)
+    out = conv(x.requires_grad_())  # grad mode: the oneDNN path and its backward
+    assert torch.equal(out.detach(), plain)
+    out.sum().backward()
+    assert x.grad is not None
+    assert winograd.use_winograd(conv, enable=False) == 1 and type(conv.conv) is nn.Conv3d
+    assert "_winograd_cache" not in conv.conv.__dict__
+
+
 @pytest.mark.parametrize("how", ["enable", "build_model"])
 def test_pipeline_fast_path_on_equals_off(monkeypatch, how):
     # The tiny widths are below the shape rule's thresholds: lower them so the tiny model's convolutions qualify.
@@ -110,20 +132,23 @@ def test_pipeline_fast_path_on_equals_off(monkeypatch, how):
         model = build_model(dict(tiny_model_cfg(), winograd=True)).eval()
         model.load_state_dict(tiny_pipeline().state_dict())
     swapped = [m for m in model.spatial_vae.modules() if isinstance(m, winograd.Conv2d)]
-    assert swapped
+    temporal = [m for m in model.temporal_vae.decoder.modules() if isinstance(m, winograd.Conv3d)]
+    assert swapped and temporal
+    assert not any(isinstance(m, winograd.Conv3d) for m in model.temporal_vae.encoder.modules())
     x = torch.rand(1, 3, 9, 32, 32) * 2 - 1
     with torch.inference_mode():
         fast = model.decode(model.encode(x, sample_posterior=False), num_frames=9)
         # every swapped conv ran through Winograd but the upsamplers', which the sub-pixel path replaces
         upsampler_convs = {m.conv for m in model.spatial_vae.modules() if isinstance(m, subpixel.Upsample2D)}
         assert all(("_winograd_cache" in m.__dict__) != (m in upsampler_convs) for m in swapped)
+        assert all("_winograd_cache" in m.__dict__ for m in temporal)
         with winograd.flags(enabled=False):
             plain = model.decode(model.encode(x, sample_posterior=False), num_frames=9)
     # Measured 1.7e-5 (outputs up to 2.9; every convolution of the tiny model through F(4x4, 3x3)).
     torch.testing.assert_close(fast, plain, atol=5e-5, rtol=0)
     assert set(model.state_dict()) == set(tiny_pipeline().state_dict())
     model.disable_winograd()
-    assert not any(isinstance(m, winograd.Conv2d) for m in model.modules())
+    assert not any(isinstance(m, (winograd.Conv2d, winograd.Conv3d)) for m in model.modules())
     assert not any("_winograd_cache" in m.__dict__ for m in model.modules())
     with pytest.raises(TypeError, match="enable_winograd"):
         build_model(dict(tiny_model_cfg()["vae_temporal"], winograd=True))

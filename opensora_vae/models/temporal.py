@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..registry import MODELS
-from . import onednn, tiling
+from . import onednn, tiling, winograd
 from .distributions import DiagonalGaussianDistribution
 from .spatial import check_video
 
@@ -37,7 +37,7 @@ class CausalConv3d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.time_pad:
             x = F.pad(x, (0, 0, 0, 0, self.time_pad, 0))
-        if onednn.applies(x):
+        if onednn.applies(x) and not winograd.takes(self.conv, x):
             return onednn.conv3d(self.conv, x)
         return self.conv(x)
 

@@ -5,12 +5,12 @@ A 3x3 stride-1 convolution over 4x4 output tiles needs 36 multiplies per tile an
 ran MKL's small-matmul path 3x slower); per chunk, each transform is one batched matmul with a Kronecker matrix
 over the gathered 6x6 tiles and the channel mixing is one batched GEMM over the 36 tile elements. A Conv3d with
 kernel (kt, 3, 3) is the same over H/W with its kt time taps accumulated into the GEMM. `use_winograd(module)`
-opts a module's convolutions in where it measured faster (`wins`), for fp32 CPU inference only (`applies`) and
-calls of at least `MIN_TILES` tiles. The pipeline exposes it as `enable_winograd()` (`winograd=True` in
-`build_model`, `--winograd` in the CLIs). Opt-in: its transformed weights are kept on the modules (4x the
-weights of each convolution used: 0.5 GiB for the SDXL VAE at 64x64 frames, 1.1 GiB from 128x128), and outputs
-move by float rounding, not bitwise (`bench/RESULTS.md`: 1.14-1.33x for the full pipeline on a 2-core CPU, about
-1e-4 from eager at random weights); `bench/bench_winograd.py` times each conv shape, `bench/bench_vae.py --levers
+opts a module's Conv2d/Conv3d in where it measured faster (`wins`), for fp32 CPU inference only (`applies`). The
+pipeline exposes it as `enable_winograd()` (the spatial VAE and the temporal decoder; `winograd=True` in
+`build_model`, `--winograd` in the CLIs). Opt-in for its memory: the transformed weights are kept on the modules
+(4x the weights of each convolution used). Outputs move by float rounding, not bitwise; on real clips at random
+weights the pipeline's land closer to a float64 run than eager's (`bench/RESULTS.md`: 1.2-1.28x for the whole
+pipeline on a 2-core CPU); `bench/bench_winograd.py` times each conv shape, `bench/bench_vae.py --levers
 winograd` the pipeline.
 """
 from __future__ import annotations
@@ -155,11 +155,12 @@ def conv2d(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor]
 
 
 def applies(x: torch.Tensor) -> bool:
-    """Inference only (training keeps the plain convolutions and their autograd), fp32 CPU, eager, and at least
-    `MIN_TILES` output tiles in the call."""
+    """Inference only (training keeps the plain convolutions and their autograd), fp32 CPU, eager, and for a Conv2d
+    call at least `MIN_TILES` output tiles. Conv3d calls have no minimum: each transformed time tap serves every
+    output frame, and the temporal VAE's smallest calls (512 channels, 5 frames of 8x8) still gained 1.3x."""
     return (enabled and x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
             and not torch.is_grad_enabled() and not x.is_mkldnn and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling() and _tiles(x) >= MIN_TILES)
+            and not torch.compiler.is_compiling() and (x.ndim == 5 or _tiles(x) >= MIN_TILES))
 
 
 def _tiles(x: torch.Tensor) -> int:
@@ -191,26 +192,42 @@ def forward(conv: nn.Module, x: torch.Tensor, cache: bool = True) -> torch.Tenso
     return fn(x, derived.cached(conv, CACHE, transform_weight) if cache else transform_weight(conv.weight), conv.bias)
 
 
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d whose inference forward on fp32 CPU runs through Winograd; `use_winograd` swaps it in place."""
+def takes(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `conv(x)` runs through Winograd: a swapped-in convolution (`use_winograd`), a batched input, and
+    `applies(x)`."""
+    return isinstance(conv, _Winograd) and x.ndim == len(conv.kernel_size) + 2 and applies(x)
+
+
+class _Winograd:
+    """Forward of the swapped-in convolutions: Winograd where `takes`, the parent's forward otherwise."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 4 and applies(x):
-            return forward(self, x)
-        return super().forward(x)
+        return forward(self, x) if takes(self, x) else super().forward(x)
+
+
+class Conv2d(_Winograd, nn.Conv2d):
+    pass
+
+
+class Conv3d(_Winograd, nn.Conv3d):
+    pass
+
+
+_SWAP = {nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
 
 
 def use_winograd(module: nn.Module, enable: bool = True) -> int:
-    """Make each nn.Conv2d of `module` where Winograd wins (`wins`) a `Conv2d` (same parameters and state dict;
-    only the class changes), or with `enable=False` back to nn.Conv2d, dropping the cached weights. Returns how
-    many were swapped."""
+    """Make each nn.Conv2d / nn.Conv3d of `module` where Winograd wins (`wins`) a `Conv2d` / `Conv3d` (same
+    parameters and state dict; only the class changes), or with `enable=False` back, dropping the cached weights.
+    Returns how many were swapped."""
+    back = {v: k for k, v in _SWAP.items()}
     n = 0
     for m in module.modules():
-        if enable and type(m) is nn.Conv2d and wins(m):
-            m.__class__ = Conv2d
+        if enable and type(m) in _SWAP and wins(m):
+            m.__class__ = _SWAP[type(m)]
             n += 1
-        elif not enable and type(m) is Conv2d:
-            m.__class__ = nn.Conv2d
+        elif not enable and type(m) in back:
+            m.__class__ = back[type(m)]
             derived.drop(m, CACHE)
             n += 1
     return n

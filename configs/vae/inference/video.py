@@ -32,9 +32,9 @@ tiling = None
 # of enable_compile kwargs: dict(options=dict(freezing=True)) on CPU (weights folded in; see README "Speed options").
 # Off by default.
 compile = None
-# winograd: fp32 CPU, the spatial VAE's 3x3 convolutions through Winograd F(4x4, 3x3)
-# (VideoAutoencoderPipeline.enable_winograd): 1.14-1.33x on 2 cores, outputs within float rounding (about 1e-4 at
-# random weights), up to 1.1 GiB of cached weights. Off by default.
+# winograd: fp32 CPU, the spatial VAE's and temporal decoder's 3x3 convolutions through Winograd F(4x4, 3x3)
+# (VideoAutoencoderPipeline.enable_winograd): about 1.25x on 2 cores, outputs within float rounding (closer to float64
+# than eager's), 3-3.6 GiB of cached weights. Off by default.
 winograd = None
 # subpixel: the spatial decoder's upsamplers as folded 2x2 convolutions (VideoAutoencoderPipeline.enable_subpixel):
 # 4/9 of their multiplies, outputs within float rounding. On by default; False: diffusers' own interpolate + conv.
