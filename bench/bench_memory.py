@@ -6,10 +6,13 @@ Old vs new side by side: --legacy runs the spatial VAE's former frame loop (per-
 concatenated copy).
 
 python bench/bench_memory.py resolution --sizes 256x256 512x512 1024x1024
-python bench/bench_memory.py length --frames 17 65 257 --op encode --threads 1 --no-legacy
+python bench/bench_memory.py length --frames 17 65 257 --op encode --threads 1 --no-legacy --no-sampler
 python bench/bench_memory.py time --frames 17 65 257 --op encode --threads 1   # time linear in length?
 
 "peak" is above the RSS before the call (which already holds the input), so "beyond in+out" = peak - output.
+--no-sampler: no sampling thread; the peak is getrusage's (the warm-up stays below it). Use it for lengths: with the
+sampler running, malloc's in-use bytes of the decode itself, read between ops, grew by 3.6 MiB from 17 to 257
+frames (a 25 s run), and stayed flat without it.
 """
 from __future__ import annotations
 
@@ -181,7 +184,8 @@ def child(args) -> None:
         base = torch.cuda.memory_allocated()
     before = _rss_now()
     heap_before = sampler.heap_now() if sampler.heap_now is not None else None
-    sampler.start()
+    if not args.no_sampler:
+        sampler.start()
     start, start_cpu = time.perf_counter(), time.thread_time()
     op_peak = _op_boundary_peak(sampler.heap_now) if args.heap_per_op and sampler.heap_now is not None else None
     with torch.inference_mode(), op_peak or contextlib.nullcontext():
@@ -191,14 +195,15 @@ def child(args) -> None:
     # CPU time of this thread (it does the work with --threads 1): far less sensitive to a loaded machine.
     seconds, cpu_seconds = time.perf_counter() - start, time.thread_time() - start_cpu
     sampler.stop = True
-    sampler.join()
+    if sampler.is_alive():
+        sampler.join()
     # getrusage's lifetime peak catches short peaks the sampler misses (e.g. a final concatenation); the one-frame
     # warm-up before it stays below the measured run.
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peak = torch.cuda.max_memory_allocated() - base if cuda else max(sampler.peak, maxrss) - before
     # The input was allocated before `before`/`base`: only the output counts against the peak.
     out = y.numel() * y.element_size()
-    heap_extra = None if cuda or heap_before is None else sampler.heap_peak - heap_before - out
+    heap_extra = None if cuda or heap_before is None or args.no_sampler else sampler.heap_peak - heap_before - out
     op_extra = None if op_peak is None else op_peak.peak - heap_before - out
     print(json.dumps(dict(peak=peak, input=z.numel() * z.element_size(), output=out, extra=peak - out,
                           heap_extra=heap_extra, op_extra=op_extra, seconds=seconds, cpu_seconds=cpu_seconds)))
@@ -249,6 +254,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-legacy", action="store_true", help="length: skip the former frame loop's rows")
     p.add_argument("--repeats", type=int, default=2, help="time: interleaved rounds after a warm-up round")
     p.add_argument("--tiled-only", action="store_true", help="resolution: skip the untiled runs")
+    p.add_argument("--no-sampler", action="store_true",
+                   help="CPU: no 0.5 ms sampling thread; peak RSS from getrusage only (see above)")
     p.add_argument("--heap-per-op", action="store_true",
                    help="CPU: also read malloc's in-use bytes after every aten op (deterministic; slower)")
     args = p.parse_args(argv)
@@ -259,7 +266,7 @@ def main(argv=None) -> None:
         return time_lengths(args)
     common = dict(device=args.device, threads=args.threads, tile_size=args.tile_size, overlap=args.overlap,
                   exact_norms=args.exact_norms, dtype=args.dtype, model=args.model, op=args.op,
-                  tile_mid_block=args.tile_mid_block, heap_per_op=args.heap_per_op)
+                  tile_mid_block=args.tile_mid_block, heap_per_op=args.heap_per_op, no_sampler=args.no_sampler)
     if args.mode == "resolution":
         frames = args.frames[0]
         print(f"{args.op} of {frames} frames, {args.model} model, {args.dtype}, tiles {args.tile_size}/{args.overlap}, "
