@@ -220,22 +220,19 @@ class VideoAutoencoderPipeline(nn.Module):
 
     def enable_winograd(self) -> None:
         """fp32 CPU inference: the 3x3 (x time taps) convolutions of at least 128 channels of the spatial VAE and of
-        the temporal decoder through Winograd F(4x4, 3x3) (opensora_vae.models.winograd; 1.2-1.26x for the whole
+        the temporal decoder through Winograd F(4x4, 3x3) (opensora_vae.models.winograd; 1.21-1.28x for the whole
         pipeline on 2 cores, `bench/RESULTS.md`). Outputs move by float rounding: on real clips at random weights
-        they land 2-3x closer to a float64 run than eager's (3.5e-5 vs 0.75-1e-4), so within 1e-4 of eager's. The
+        they land 2-3x closer to a float64 run than eager's (3.5e-5 vs 0.75-1e-4) and 0.7-1.0e-4 from eager's. The
         transformed weights stay cached on the modules: 2.5 GiB for the temporal decoder, plus 0.5 GiB for the
         spatial VAE at 64x64 frames (1.1 GiB from 128x128). The temporal encoder stays plain (its 2.1 GiB would buy
         about 0.4 s per 17 frames; `winograd.use_winograd(model.temporal_vae.encoder)` opts it in). Training,
         other dtypes and devices keep the plain convolutions."""
-        for net in self._winograd_parts():
+        for net in (self.spatial_vae.module, self.temporal_vae.decoder):
             winograd.use_winograd(net)
 
     def disable_winograd(self) -> None:
         for net in (self.spatial_vae.module, self.temporal_vae):
             winograd.use_winograd(net, enable=False)
-
-    def _winograd_parts(self):
-        return self.spatial_vae.module, self.temporal_vae.decoder
 
     def enable_subpixel(self) -> None:
         """See VideoAutoencoderKL.enable_subpixel (on by default)."""
