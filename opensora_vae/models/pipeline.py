@@ -220,7 +220,7 @@ class VideoAutoencoderPipeline(nn.Module):
 
     def enable_winograd(self) -> None:
         """fp32 CPU inference: the 3x3 (x time taps) convolutions of at least 128 channels of the spatial VAE and of
-        the temporal decoder through Winograd F(4x4, 3x3) (opensora_vae.models.winograd; 1.21-1.28x for the whole
+        the temporal decoder through Winograd F(4x4, 3x3) (opensora_vae.models.winograd; 1.20-1.28x for the whole
         pipeline on 2 cores, `bench/RESULTS.md`). Outputs move by float rounding: on real clips at random weights
         they land 2-3x closer to a float64 run than eager's (3.5e-5 vs 0.75-1e-4) and 0.7-1.0e-4 from eager's. The
         transformed weights stay cached on the modules: 2.5 GiB for the temporal decoder, plus 0.5 GiB for the

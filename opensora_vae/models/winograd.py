@@ -9,7 +9,7 @@ opts a module's Conv2d/Conv3d in where it measured faster (`wins`), for fp32 CPU
 pipeline exposes it as `enable_winograd()` (the spatial VAE and the temporal decoder; `winograd=True` in
 `build_model`, `--winograd` in the CLIs). Opt-in for its memory: the transformed weights are kept on the modules
 (4x the weights of each convolution used). Outputs move by float rounding, not bitwise; on real clips at random
-weights the pipeline's land closer to a float64 run than eager's (`bench/RESULTS.md`: 1.2-1.28x for the whole
+weights the pipeline's land closer to a float64 run than eager's (`bench/RESULTS.md`: 1.20-1.28x for the whole
 pipeline on a 2-core CPU); `bench/bench_winograd.py` times each conv shape, `bench/bench_vae.py --levers
 winograd` the pipeline.
 """
