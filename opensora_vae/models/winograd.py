@@ -164,9 +164,8 @@ def applies(x: torch.Tensor) -> bool:
 
 
 def _tiles(x: torch.Tensor) -> int:
-    """Output tiles of a call: (batch [x frames]) x tiles per frame; x is (N, C, [F,] H, W)."""
-    frames = x.shape[0] * (x.shape[2] if x.ndim == 5 else 1)
-    return frames * -(-x.shape[-2] // M) * -(-x.shape[-1] // M)
+    """Output tiles of a Conv2d call: batch x tiles per frame; x is (N, C, H, W)."""
+    return x.shape[0] * -(-x.shape[-2] // M) * -(-x.shape[-1] // M)
 
 
 def wins(conv: nn.Module) -> bool:
