@@ -1,52 +1,102 @@
-"""Command-line pieces shared by scripts/inference_vae.py and scripts/encode_latents.py (one spelling of each flag)."""
+"""What the command-line scripts share: one spelling of each flag, flags -> config keys, one-line usage errors."""
 from __future__ import annotations
 
 import argparse
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
-from .config import load_config, parse_cfg_options
-from .registry import RUNTIME_OPTIONS
+from mmengine.config import Config
+
+from .config import check_config, load_config, parse_cfg_options
+from .errors import UserError
 
 
-def add_model_run_arguments(parser: argparse.ArgumentParser, save_help: str) -> None:
-    """Config, checkpoint, CSV, output, clip size and the model's runtime options (compile, winograd, tiling)."""
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with usage errors raised as one-line UserErrors (exit code 2, no usage dump)."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """Config, data, weights, --cfg-options, --debug and the model's runtime options: the same flags in every
+    script, each setting one config key."""
     parser.add_argument("config", help="a Python config, e.g. configs/vae/inference/video.py")
-    parser.add_argument("--ckpt-path", help="published folder or hub id, model.safetensors, or trainer checkpoint")
-    parser.add_argument("--data-path", required=True, help="CSV with a 'path' column ('text', 'fps' used if present)")
+    parser.add_argument("--data-path", help="CSV with a 'path' column (sets dataset.data_path)")
+    parser.add_argument("--ckpt-path", help="weights: published folder or hub id, model.safetensors, or trainer "
+                                            "checkpoint (sets model.from_pretrained)")
+    parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config entries, dotted keys: lr=2e-5 model.micro_frame_size=17")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N (sets device; default auto: CUDA when available)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
+    runtime = parser.add_argument_group("runtime options (model.<name>; docs/speed.md)")
+    for name, what in (("compile", "torch.compile the VAEs' encoders and decoders"),
+                       ("winograd", "fp32 CPU inference: 3x3 convolutions through Winograd F(4x4,3x3)"),
+                       ("subpixel", "the spatial decoder's upsamplers as folded 2x2 convolutions (default on)"),
+                       ("tiling", "tile H/W through both VAEs (bounded memory)")):
+        runtime.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=what)
+    runtime.add_argument("--tile-size", type=int, help="tile side in pixels (implies --tiling; default 512)")
+    runtime.add_argument("--tile-overlap", type=int, help="pixels shared by neighbouring tiles (implies --tiling)")
+    runtime.add_argument("--tile-mid-block", action="store_true", default=None,
+                         help="decoder mid-block per tile too, exact attention (implies --tiling)")
+    runtime.add_argument("--micro-batch-size", type=int, help="frames per spatial VAE call (model.micro_batch_size)")
+
+
+def flag_options(args: argparse.Namespace) -> Dict[str, object]:
+    """The dotted config keys the shared flags set (merged over the config's own values)."""
+    options = parse_cfg_options(args.cfg_options)
+    if args.data_path:
+        options["dataset.data_path"] = args.data_path
+    if args.ckpt_path:
+        options["model.from_pretrained"] = args.ckpt_path
+    if args.device:
+        options["device"] = args.device
+    for name in ("compile", "winograd", "subpixel"):
+        if getattr(args, name) is not None:
+            options[f"model.{name}"] = getattr(args, name)
+    if args.micro_batch_size is not None:
+        options["model.micro_batch_size"] = args.micro_batch_size
+    if args.tiling is False:
+        options["model.tiling"] = False
+    return options
+
+
+def job_config(args: argparse.Namespace, job: str, options: Optional[Dict[str, object]] = None) -> Config:
+    """The checked config of `job` with --cfg-options, the shared flags and the script's own `options` applied;
+    the tile flags refine a config's tiling dict."""
+    merged = flag_options(args)
+    merged.update(options or {})
+    cfg = load_config(args.config, merged)
+    tile = {k: v for k, v in (("tile_size", args.tile_size), ("overlap", args.tile_overlap),
+                              ("tile_mid_block", args.tile_mid_block)) if v is not None}
+    if args.tiling is not False and (args.tiling or tile):
+        current = cfg.model.get("tiling")
+        cfg.model.tiling = dict(current if isinstance(current, dict) else {}, **tile)
+    return check_config(cfg, job)
+
+
+def add_clip_arguments(parser: argparse.ArgumentParser, save_help: str) -> None:
+    """Output folder and clip size of the inference and encoding scripts."""
     parser.add_argument("--save-dir", help=save_help)
-    parser.add_argument("--num-frames", type=int, help="frames per clip (overrides the config)")
-    parser.add_argument("--image-size", type=int, nargs="+", metavar="H [W]", help="clip size (overrides the config)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (cached on disk per machine)")
-    parser.add_argument("--winograd", action="store_true",
-                        help="fp32 CPU: spatial VAE and temporal decoder convolutions through Winograd F(4x4,3x3) "
-                             "(about 1.25x; +3-3.6 GiB)")
-    parser.add_argument("--tiling", action="store_true", help="tile H/W through both VAEs (bounded memory)")
-    parser.add_argument("--tile-size", type=int, help="tile side in pixels (implies --tiling; default 512)")
-    parser.add_argument("--tile-overlap", type=int, help="pixels shared by neighbouring tiles (implies --tiling)")
-    parser.add_argument("--tile-mid-block", action="store_true", default=None,
-                        help="decoder mid-block per tile too, exact attention (implies --tiling; slower)")
-    parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--num-frames", type=int, help="frames per clip (sets dataset.num_frames)")
+    parser.add_argument("--image-size", type=int, nargs="+", metavar="H [W]",
+                        help="clip size (sets dataset.image_size; one value: a square)")
 
 
 def image_size(values: Optional[Sequence[int]]) -> Optional[Tuple[int, int]]:
     """--image-size H [W] -> (H, W); one value means a square."""
     if not values:
         return None
-    return tuple(values * 2 if len(values) == 1 else values[:2])
+    if len(values) > 2:
+        raise UserError(f"--image-size takes H or H W, got {len(values)} values")
+    return tuple(values * 2 if len(values) == 1 else values)
 
 
-def load_run_config(args: argparse.Namespace, options: Optional[dict] = None):
-    """The config with --cfg-options, the CSV, `options` and the runtime flags applied (flags refine the config's
-    `tiling` dict)."""
-    merged = parse_cfg_options(args.cfg_options)
-    merged["dataset.data_path"] = args.data_path
-    merged.update(options or {})
-    for name in RUNTIME_OPTIONS:  # the opt-in ones have a --flag
-        if getattr(args, name, None):
-            merged[name] = True
-    cfg = load_config(args.config, merged)
-    tiling = {k: v for k, v in (("tile_size", args.tile_size), ("overlap", args.tile_overlap),
-                                ("tile_mid_block", args.tile_mid_block)) if v is not None}
-    if args.tiling or tiling:
-        cfg.tiling = dict(cfg.get("tiling") or {}, **tiling)
-    return cfg
+def clip_options(args: argparse.Namespace) -> Dict[str, object]:
+    options: Dict[str, object] = {}
+    if args.save_dir:
+        options["save_dir"] = args.save_dir
+    if args.num_frames:
+        options["dataset.num_frames"] = args.num_frames
+    if args.image_size:
+        options["dataset.image_size"] = image_size(args.image_size)
+    return options

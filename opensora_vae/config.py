@@ -1,20 +1,313 @@
-"""Python configs (mmengine `Config`, with `_base_`), dotted `--cfg-options`, and saving the resolved config."""
+"""Python configs (mmengine `Config`, with `_base_`), dotted `--cfg-options`, and the declared keys of each job.
+
+Every key a job reads is declared once below (type and default): `TrainConfig`, `InferenceConfig`, `EncodeConfig`.
+`load_config(path, options, job=...)` refuses an unknown key (naming the nearest known ones) or a wrong type (key,
+value, expected type) before anything is built, and fills in the defaults. The nested `dataset` and `model` dicts
+are checked against their registered classes' arguments, `lr_schedule`, `optimizer` and `model.tiling` against
+theirs. Names starting with `_` in a config file are that file's variables (e.g. `_num_frames = 17`), not settings.
+"""
 from __future__ import annotations
 
 import ast
+import dataclasses
+import difflib
+import inspect
+import logging
+import os
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Union
+from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Tuple, Union
 
 from mmengine.config import Config
 
+from .errors import UserError
 
+logger = logging.getLogger("opensora_vae.config")
+
+
+class ConfigError(UserError):
+    """A config the user wrote is wrong: unknown key, wrong type, bad value (one line, no traceback)."""
+
+
+# ----- the declared keys ----------------------------------------------------------------------------------------
+@dataclass
+class LRSchedule:
+    type: Literal["constant", "cosine"] = "constant"  # cosine: decay to min_ratio * lr at max_steps
+    min_ratio: float = 0.0
+
+
+@dataclass
+class OptimizerImpl:
+    """AdamW's implementation (None: torch's default); the same update to float rounding."""
+
+    fused: Optional[bool] = None
+    foreach: Optional[bool] = None
+
+
+@dataclass
+class JobConfig:
+    dataset: Dict[str, Any] = field(default_factory=dict)  # a DATASETS type and its arguments
+    model: Dict[str, Any] = field(default_factory=dict)  # a MODELS type, its arguments and runtime options
+    device: str = "auto"  # auto: CUDA when available, else CPU
+    dtype: str = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    seed: int = 42
+    num_workers: int = 0  # data-loading processes
+
+
+@dataclass
+class TrainConfig(JobConfig):
+    """The published recipe's shared settings; stage configs state what differs. Loss keys are VAELoss's
+    arguments (opensora_vae/losses.py), declared there."""
+
+    dtype: str = "bf16"
+    batch_size: int = 1  # per rank
+    sampler_seed: int = 0  # the reference's sampler is seeded with 0 whatever `seed` is
+    precision: Literal["autocast", "params"] = "autocast"  # params: parameters and AdamW state in `dtype` too
+    grad_checkpoint: Union[bool, Literal["temporal", "spatial"]] = True
+    optimizer: OptimizerImpl = field(default_factory=OptimizerImpl)
+    shard_optimizer: bool = True  # ZeRO-style AdamW state across ranks
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    adam_betas: Tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    warmup_steps: int = 0
+    lr_schedule: LRSchedule = field(default_factory=LRSchedule)
+    grad_clip: Optional[float] = 1.0  # None: no clipping
+    mixed_strategy: Optional[Literal["mixed_video_image", "mixed_video_random"]] = None
+    mixed_image_ratio: float = 0.0
+    sample_posterior: bool = True
+    train_spatial_only: bool = False  # fit the spatial VAE alone (the demo's stage 0)
+    find_unused_parameters: Optional[bool] = None  # None: when the spatial decoder gets no gradient
+    epochs: int = 100
+    max_steps: Optional[int] = None
+    log_every: int = 1
+    ckpt_every: int = 1000  # 0: only at the end
+    outputs: str = "outputs"
+    run_name: Optional[str] = None  # None: the config file's name
+    tensorboard: bool = True
+
+
+@dataclass
+class InferenceConfig(JobConfig):
+    save_dir: Optional[str] = None  # writes SAVE_DIR_ori, SAVE_DIR_rec, SAVE_DIR_spatial
+    sample_posterior: bool = False  # the published protocol samples (configs/vae/inference/published_eval.py)
+    crf: int = 18  # H.264 quality of the written videos
+    fps: Optional[float] = None  # None: the source clip's rate
+    num_samples: Optional[int] = None  # None: every row
+    cal_stats: bool = False  # also write the latents' per-channel mean/std
+
+
+@dataclass
+class EncodeConfig(JobConfig):
+    save_dir: Optional[str] = None
+    buckets: Optional[List[Tuple[int, int, int]]] = None  # (num_frames, height, width); None: the dataset's
+    shard_size_mb: float = 256.0  # a shard is written once its latents reach this size
+    save_dtype: Literal["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"] = "fp32"
+
+
+JOBS = {"train": TrainConfig, "inference": InferenceConfig, "encode": EncodeConfig}
+
+# Keys that exist only in configs written for the reference, per place: accepted with one warning naming what to
+# use instead, and dropped (`drop_reference_keys`).
+REFERENCE_KEYS = {
+    "": {
+        "num_frames": "dataset.num_frames",
+        "image_size": "dataset.image_size",
+        "frame_interval": "dataset.frame_interval",
+        "batch_size": "nothing for inference and encoding: one clip at a time",
+        "plugin": "nothing: DDP under torchrun, shard_optimizer=True for ZeRO-style sharding",
+        "wandb": "tensorboard=True (TensorBoard events and metrics.jsonl in the run folder)",
+        "record_time": "nothing: seconds per step are in metrics.jsonl",
+    },
+    "model.": {
+        "cal_loss": "nothing: the model's forward always returns the training outputs",
+        "force_huggingface": "nothing: every checkpoint loads through from_pretrained",
+    },
+}
+# Keys that moved: a hint in the unknown-key error.
+MOVED = {name: f"model.{name}" for name in ("compile", "winograd", "subpixel", "tiling", "micro_batch_size")}
+_warned: set = set()
+
+
+def _reference_key(where: str, name: str) -> bool:
+    known = REFERENCE_KEYS.get(where, {})
+    if name not in known:
+        return False
+    if (where, name) not in _warned:
+        _warned.add((where, name))
+        logger.warning("config key %s%s is kept for reference configs and ignored; use %s", where, name, known[name])
+    return True
+
+
+def drop_reference_keys(where: str, values: Mapping[str, Any]) -> Dict[str, Any]:
+    """`values` without the reference-only keys of that place (each warned about once)."""
+    return {k: v for k, v in values.items() if not _reference_key(where, k)}
+
+
+# ----- type checking --------------------------------------------------------------------------------------------
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) is Union or type(tp).__name__ == "UnionType"
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if _is_union(tp):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in args)
+    if dataclasses.is_dataclass(tp) or tp in (dict, Dict) or origin in (dict, Mapping):
+        return "dict"
+    if origin in (list, tuple, List, Tuple, typing.Sequence) or tp in (list, tuple):
+        return "list/tuple"
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "None")
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    if tp is Any or tp is inspect.Parameter.empty:
+        return True
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if _is_union(tp):
+        return any(_fits(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str or tp is os.PathLike:
+        return isinstance(value, (str, os.PathLike))
+    if dataclasses.is_dataclass(tp) or tp in (dict, Dict) or origin in (dict, Mapping, typing.Mapping):
+        return isinstance(value, Mapping)
+    if origin in (list, tuple, typing.Sequence, List, Tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+        return not args or all(_fits(v, args[0]) for v in value)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True  # an annotation this check does not model: the constructor checks it
+
+
+def _nearest(name: str, known: Iterable[str], where: str = "") -> str:
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(where + c for c in close)}?)" if close else ""
+
+
+def _unknown(where: str, name: str, known: Iterable[str]) -> ConfigError:
+    hint = f" (it is now {MOVED[name]})" if not where and name in MOVED else _nearest(name, known, where)
+    return ConfigError(f"unknown config key '{where}{name}'{hint}")
+
+
+def _check_value(where: str, name: str, value: Any, tp: Any) -> None:
+    if not _fits(value, tp):
+        raise ConfigError(f"config key {where}{name}={value!r} has the wrong type: expected {_type_name(tp)}")
+
+
+def _check_fields(where: str, values: Mapping[str, Any], hints: Mapping[str, Any]) -> None:
+    for name, value in values.items():
+        if name.startswith("_"):
+            continue
+        if name not in hints:
+            if _reference_key(where, name):
+                continue
+            raise _unknown(where, name, hints)
+        _check_value(where, name, value, hints[name])
+        nested = [t for t in (hints[name], *typing.get_args(hints[name])) if dataclasses.is_dataclass(t)]
+        if nested and isinstance(value, Mapping):
+            _check_fields(f"{where}{name}.", value, typing.get_type_hints(nested[0]))
+
+
+def signature_hints(fn: Any) -> Dict[str, Any]:
+    """Keyword arguments of a class or function -> their annotations (Any where there is none); a required one
+    also takes None, a config's placeholder that the command line fills (e.g. dataset.data_path)."""
+    target = fn.__init__ if inspect.isclass(fn) else fn
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve: check names only
+        hints = {}
+    params = inspect.signature(target).parameters
+    return {n: Optional[hints.get(n, Any)] if p.default is p.empty else hints.get(n, Any) for n, p in params.items()
+            if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _check_component(where: str, cfg: Any, registry, default_type: Optional[str] = None,
+                     extra: Optional[Mapping[str, Any]] = None) -> None:
+    """A registered component's dict: `type` known, every other key one of its arguments (or `extra`)."""
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"config key {where[:-1]} must be a dict with a 'type' key, got {cfg!r}")
+    name = cfg.get("type", default_type)
+    if name is None:
+        raise ConfigError(f"config key {where}type is missing; registered: {', '.join(sorted(registry.module_dict))}")
+    obj = registry.get(name)
+    if obj is None:
+        raise ConfigError(f"unknown {where}type {name!r}{_nearest(name, registry.module_dict)}; "
+                          f"registered: {', '.join(sorted(registry.module_dict))}")
+    hints = dict(signature_hints(obj), **(extra or {}))
+    _check_fields(where, {k: v for k, v in cfg.items() if k != "type"}, hints)
+    for sub, default in (("vae_2d", "VideoAutoencoderKL"), ("vae_temporal", "VAE_Temporal_SD")):
+        if isinstance(cfg.get(sub), Mapping):
+            _check_component(f"{where}{sub}.", cfg[sub], registry, default_type=default)
+
+
+def _runtime_hints() -> Dict[str, Any]:
+    """The runtime options a model dict may carry (build_model applies them)."""
+    try:
+        from .models.speed import RUNTIME_OPTIONS, TilingConfig
+    except ImportError:  # TEMP until the move lands
+        from .models.tiling import TilingConfig
+        RUNTIME_OPTIONS = ("compile", "winograd", "subpixel", "tiling", "micro_batch_size")
+
+    hints: Dict[str, Any] = {name: Any for name in RUNTIME_OPTIONS}
+    hints.update(tiling=Union[bool, TilingConfig, None], winograd=Optional[bool], subpixel=Optional[bool],
+                 micro_batch_size=Union[int, bool, None], compile=Union[bool, Dict[str, Any], None])
+    return hints
+
+
+def check_config(cfg: Config, job: str) -> Config:
+    """Validate `cfg` against the job's declared keys (raises ConfigError naming the key) and fill in defaults;
+    the file's `_` variables are dropped. Idempotent."""
+    from . import data, models  # noqa: F401  (register the dataset and model types)
+    from .losses import VAELoss
+    from .registry import DATASETS, MODELS
+
+    schema = JOBS[job]
+    hints = typing.get_type_hints(schema)
+    if job == "train":
+        hints.update(signature_hints(VAELoss))
+    values = cfg.to_dict()
+    _check_fields("", values, hints)
+    for required in ("dataset", "model"):
+        if not values.get(required):
+            raise ConfigError(f"config key {required!r} is missing: a dict with a 'type' key")
+    _check_component("dataset.", values["dataset"], DATASETS)
+    _check_component("model.", values["model"], MODELS, extra=_runtime_hints())
+    defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(schema)}
+    if job == "train":
+        defaults.update({n: p.default for n, p in inspect.signature(VAELoss).parameters.items() if n != "self"})
+    filled = {k: v for k, v in values.items() if k in hints}
+    for name, default in defaults.items():
+        if name not in filled:
+            filled[name] = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
+        elif dataclasses.is_dataclass(hints.get(name)) and isinstance(filled[name], Mapping):
+            filled[name] = {**dataclasses.asdict(hints[name]()), **filled[name]}
+    return Config(filled, filename=cfg.filename)
+
+
+# ----- reading --------------------------------------------------------------------------------------------------
 def parse_cfg_options(items: Optional[Iterable[str]]) -> Dict[str, object]:
     """["a.b=1", "c=[1,2]", "d=none"] -> {"a.b": 1, "c": [1, 2], "d": None}; values are Python literals
     when they parse as such (true/false/none in any case too), otherwise strings."""
     out: Dict[str, object] = {}
     for item in items or []:
         if "=" not in item:
-            raise ValueError(f"--cfg-options entry {item!r} is not key=value")
+            raise ConfigError(f"--cfg-options entry {item!r} is not key=value (e.g. lr=2e-5)")
         key, raw = item.split("=", 1)
         low = raw.strip().lower()
         if low in ("none", "null"):
@@ -23,23 +316,48 @@ def parse_cfg_options(items: Optional[Iterable[str]]) -> Dict[str, object]:
             value = low == "true"
         else:
             try:
-                value = ast.literal_eval(raw)
+                value = _literal(ast.parse(raw.strip(), mode="eval").body)
             except (ValueError, SyntaxError):
                 value = raw
         out[key.strip()] = value
     return out
 
 
-def load_config(path: Union[str, Path], options: Optional[Union[Dict[str, object], Iterable[str]]] = None) -> Config:
+def _literal(node: ast.AST) -> Any:
+    """ast.literal_eval, plus dict(key=value, ...) as config files write dicts."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" and not node.args:
+        if any(k.arg is None for k in node.keywords):
+            raise ValueError("dict(**...) is not a literal")
+        return {k.arg: _literal(k.value) for k in node.keywords}
+    if isinstance(node, (ast.List, ast.Tuple)):
+        items = [_literal(e) for e in node.elts]
+        return items if isinstance(node, ast.List) else tuple(items)
+    if isinstance(node, ast.Dict):
+        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values)}
+    return ast.literal_eval(node)
+
+
+def load_config(path: Union[str, Path], options: Optional[Union[Dict[str, object], Iterable[str]]] = None,
+                job: Optional[str] = None) -> Config:
+    """Read a Python config, apply dotted options and, for a `job` ("train", "inference", "encode"), check it
+    and fill in its defaults."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found")
-    cfg = Config.fromfile(str(path))
+        raise ConfigError(f"config file {path} not found")
+    try:
+        cfg = Config.fromfile(str(path))
+    except (SyntaxError, NameError, KeyError, FileNotFoundError) as err:
+        raise ConfigError(f"config file {path} does not load: {type(err).__name__}: {err}") from err
     if options:
         if not isinstance(options, dict):
             options = parse_cfg_options(options)
-        cfg.merge_from_dict(options)
-    return cfg
+        # A dict given whole replaces what the config had (mmengine would merge it, or refuse a non-dict base).
+        options = {k: dict(v, _delete_=True) if isinstance(v, dict) else v for k, v in options.items()}
+        try:
+            cfg.merge_from_dict(options)
+        except (TypeError, KeyError) as err:
+            raise ConfigError(f"--cfg-options do not fit {path}: {err}") from err
+    return check_config(cfg, job) if job else cfg
 
 
 def save_config(cfg: Config, path: Union[str, Path]) -> None:

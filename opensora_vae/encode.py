@@ -26,15 +26,15 @@ from tqdm import tqdm
 from . import __version__
 from .data import is_image_path
 from .data.latents import INDEX_COLUMNS, META_NAME, SHARD_DIR, read_meta, read_shard_records
+from .config import check_config
 from .distributed import barrier, init_distributed
-from .inference import RowReader, load_model, rank_share, report_skips, runtime_options
+from .errors import UserError
+from .jobs import RowReader, check_output_folder, job_model, rank_share, report_skips
 from .registry import DATASETS, build_from_cfg, to_plain
 from .runtime import DTYPES, resolve_dtype
 
 logger = logging.getLogger("opensora_vae.encode")
 
-# Tests set this to kill a rank (SIGKILL) right after it has renamed its N-th shard.
-KILL_AFTER_SHARDS_ENV = "OPENSORA_VAE_ENCODE_KILL_AFTER_SHARDS"
 # What must match for a restart to add to an existing DIR.
 RESUME_KEYS = ("checkpoint", "model", "data_path", "csv_sha256", "sample_posterior", "dtype", "save_dtype",
                "frame_interval", "crop", "seed")
@@ -114,7 +114,6 @@ class ShardWriter:
         self.size = 0
         self.shards = 0
         self.bytes_written = 0
-        self.kill_after = int(os.environ.get(KILL_AFTER_SHARDS_ENV, 0) or 0)
 
     def add(self, record: Dict[str, Any], mean: torch.Tensor, std: torch.Tensor) -> None:
         key = record["key"]
@@ -140,11 +139,6 @@ class ShardWriter:
         self.bytes_written += (self.folder / name).stat().st_size
         self.shards += 1
         self.tensors, self.records, self.size = {}, [], 0
-        if self.kill_after and self.shards >= self.kill_after:
-            import signal
-
-            logger.warning("%s=%d: killing this rank", KILL_AFTER_SHARDS_ENV, self.kill_after)
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------------- meta, index
@@ -230,14 +224,11 @@ def _reduce(values: List[float], device: torch.device, op=dist.ReduceOp.SUM) -> 
     return t.tolist()
 
 
-def _job_meta(cfg, ckpt_path: Optional[str], dataset, buckets: List[Bucket], dtype: torch.dtype,
-              save_dtype_name: str, model) -> Dict[str, Any]:
+def _job_meta(cfg, dataset, buckets: List[Bucket], dtype: torch.dtype, model) -> Dict[str, Any]:
     model_cfg = to_plain(cfg.model)
-    if ckpt_path:
-        model_cfg["from_pretrained"] = str(ckpt_path)
     return {
         "checkpoint": model_cfg.get("from_pretrained"),
-        "model": model_cfg,  # load_model(meta["model"], None) rebuilds the encoder
+        "model": model_cfg,  # build_model(meta["model"]) rebuilds the encoder
         "model_config": to_plain(getattr(model, "config", None)),
         "shift": model.shift.flatten().tolist(),
         "scale": model.scale.flatten().tolist(),
@@ -250,77 +241,37 @@ def _job_meta(cfg, ckpt_path: Optional[str], dataset, buckets: List[Bucket], dty
         "seed": dataset.seed,
         "sample_posterior": False,
         "dtype": str(dtype).replace("torch.", ""),
-        "save_dtype": save_dtype_name,
+        "save_dtype": cfg.save_dtype,
         "latent_space": "normalised: mean = (posterior mean - shift) / scale, std = posterior std / scale",
         "package_version": __version__,
         "torch_version": torch.__version__,
     }
 
 
-def encode_dataset(cfg, ckpt_path: Optional[str], save_dir: str, num_frames: Optional[int] = None,
-                   image_size: Optional[Sequence[int]] = None) -> EncodeReport:
-    """Encode every (row, bucket) of the CSV not yet stored in `save_dir`; ranks split what is left.
-    `num_frames` / `image_size` replace those fields of every configured bucket."""
-    start = time.perf_counter()
-    info = init_distributed(cfg.get("device", "auto"))
-    device = info.device
-    dtype = resolve_dtype(cfg.get("dtype", "auto"), device)
-    save_dtype_name = str(cfg.get("save_dtype", "fp32"))
-    if save_dtype_name not in DTYPES:
-        raise ValueError(f"unknown save_dtype {save_dtype_name!r}; choose from {', '.join(sorted(DTYPES))}")
-    if cfg.get("sample_posterior", False):
-        raise ValueError("the encode job stores the posterior mean and std; sample from them when reading "
-                         "(LatentDataset(..., sample=True)), not when encoding")
-    if device.type == "cuda":
-        torch.backends.cudnn.deterministic = True  # two runs must give identical latents
-        torch.backends.cudnn.benchmark = False
-    buckets = parse_buckets(cfg.get("buckets") or [(cfg.dataset.num_frames, *cfg.dataset.image_size)],
-                            num_frames, image_size)
-    base = clip_dataset(cfg.dataset, (1, *buckets[0][1:]))  # the rows, numbered as every bucket numbers them
-    paths = list(base.data["path"])
-    out = Path(save_dir)
+def _open_folder(out: Path, meta: Dict[str, Any], is_main: bool) -> None:
+    """Create the folder and its meta.json, or check that an existing one holds this job's latents (new buckets
+    join its list); drop the shards a killed run was writing."""
     shard_dir = out / SHARD_DIR
-
-    model = load_model(cfg.model, ckpt_path, cfg.get("tiling"), **runtime_options(cfg)).to(device=device, dtype=dtype)
-    model.eval()
-    meta = _job_meta(cfg, ckpt_path, base, buckets, dtype, save_dtype_name, model)
-    if info.is_main:
+    if is_main:
         shard_dir.mkdir(parents=True, exist_ok=True)
-        for tmp in shard_dir.glob("*.tmp"):  # shards a killed run was writing
+        for tmp in shard_dir.glob("*.tmp"):
             tmp.unlink()
         if not (out / META_NAME).is_file():
             _write_atomic(out / META_NAME, json.dumps(meta, indent=2))
     barrier()
     _check_meta(out, meta)
-    if info.is_main:  # new buckets join the folder's list
+    if is_main:
         stored_meta = read_meta(out)
         if stored_meta["buckets"] != meta["buckets"]:
             stored_meta["buckets"] += [b for b in meta["buckets"] if b not in stored_meta["buckets"]]
             _write_atomic(out / META_NAME, json.dumps(stored_meta, indent=2))
 
-    shards = stored_shards(out)
-    stored = {r["key"] for s in shards for r in read_shard_records(s)}
-    run = 1 + max((int(s.name.split("-")[0][3:]) for s in shards), default=-1)
-    barrier()  # every rank has listed the shards before any rank writes one
-    keys = [(row, bucket_name(b)) for row, path in enumerate(paths)
-            for b in dict.fromkeys(unit_bucket(path, b) for b in buckets)]
-    units = [k for k in keys if clip_key(*k) not in stored]
-    existing = len(keys) - len(units)
-    all_buckets = sorted({unit_bucket(p, b) for p in paths for b in buckets})
-    mine = rank_share(units, info.rank, info.world_size)
-    if info.is_main:
-        logger.info("%d clip(s) to encode (%d row(s) x %d bucket(s), %d already stored) on %d rank(s)",
-                    len(units), len(paths), len(buckets), existing, info.world_size)
 
-    writer = ShardWriter(shard_dir, f"run{run:03d}-rank{info.rank:03d}", float(cfg.get("shard_size_mb", 256)) * 2**20,
-                         DTYPES[save_dtype_name])
-    loader = DataLoader(RowReader(BucketLoader(cfg.dataset, all_buckets), mine), batch_size=None,
-                        num_workers=int(cfg.get("num_workers", 0)))
-    skipped: Dict[str, str] = {}
+def _encode_rows(model, loader, paths: List[str], writer: ShardWriter, device, dtype, show: bool,
+                 skipped: Dict[str, str]) -> int:
+    """Encode each (row, bucket) the loader gives into the writer; bad rows go to `skipped`. Returns the count."""
     encoded = 0
-    loop_start = time.perf_counter()
-    bar = tqdm(loader, total=len(mine), desc=f"encode (rank 0 of {info.world_size})", unit="clip",
-               disable=not info.is_main, smoothing=0.1)
+    bar = tqdm(loader, total=len(loader), desc="encode (rank 0)", unit="clip", disable=not show, smoothing=0.1)
     for entry in bar:
         row, name = entry["row"]
         if "error" in entry:
@@ -341,9 +292,54 @@ def encode_dataset(cfg, ckpt_path: Optional[str], save_dir: str, num_frames: Opt
         encoded += 1
     writer.flush()
     bar.close()
+    return encoded
+
+
+def encode_dataset(cfg, num_frames: Optional[int] = None, image_size: Optional[Sequence[int]] = None) -> EncodeReport:
+    """Encode every (row, bucket) of the CSV not yet stored in `save_dir`; ranks split what is left.
+    `num_frames` / `image_size` replace those fields of every configured bucket. `cfg`: an encoding config
+    (config.EncodeConfig's keys)."""
+    start = time.perf_counter()
+    cfg = check_config(cfg, "encode")
+    if not cfg.save_dir:
+        raise UserError("no output folder: pass --save-dir DIR (or set save_dir in the config)")
+    out = Path(cfg.save_dir)
+    check_output_folder(out)
+    info = init_distributed(cfg.device)
+    device = info.device
+    dtype = resolve_dtype(cfg.dtype, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = True  # two runs must give identical latents
+        torch.backends.cudnn.benchmark = False
+    buckets = parse_buckets(cfg.buckets or [(cfg.dataset.num_frames, *cfg.dataset.image_size)], num_frames, image_size)
+    base = clip_dataset(cfg.dataset, (1, *buckets[0][1:]))  # the rows, numbered as every bucket numbers them
+    paths = list(base.data["path"])
+    model = job_model(cfg.model, device, dtype)
+    _open_folder(out, _job_meta(cfg, base, buckets, dtype, model), info.is_main)
+
+    shards = stored_shards(out)
+    stored = {r["key"] for s in shards for r in read_shard_records(s)}
+    run = 1 + max((int(s.name.split("-")[0][3:]) for s in shards), default=-1)
+    barrier()  # every rank has listed the shards before any rank writes one
+    keys = [(row, bucket_name(b)) for row, path in enumerate(paths)
+            for b in dict.fromkeys(unit_bucket(path, b) for b in buckets)]
+    units = [k for k in keys if clip_key(*k) not in stored]
+    all_buckets = sorted({unit_bucket(p, b) for p in paths for b in buckets})
+    mine = rank_share(units, info.rank, info.world_size)
+    if info.is_main:
+        logger.info("%d clip(s) to encode (%d row(s) x %d bucket(s), %d already stored) on %d rank(s)",
+                    len(units), len(paths), len(buckets), len(keys) - len(units), info.world_size)
+
+    writer = ShardWriter(out / SHARD_DIR, f"run{run:03d}-rank{info.rank:03d}", cfg.shard_size_mb * 2**20,
+                         DTYPES[cfg.save_dtype])
+    loader = DataLoader(RowReader(BucketLoader(cfg.dataset, all_buckets), mine), batch_size=None,
+                        num_workers=cfg.num_workers)
+    skipped: Dict[str, str] = {}
+    loop_start = time.perf_counter()
+    encoded = _encode_rows(model, loader, paths, writer, device, dtype, info.is_main, skipped)
     loop_seconds = time.perf_counter() - loop_start
 
-    report = EncodeReport(existing=existing)
+    report = EncodeReport(existing=len(keys) - len(units))
     report.skipped = report_skips(skipped, info.is_main)
     report.encoded, report.bytes_written, report.shards_written = (
         int(v) for v in _reduce([encoded, writer.bytes_written, writer.shards], device))
@@ -361,12 +357,3 @@ def encode_dataset(cfg, ckpt_path: Optional[str], save_dir: str, num_frames: Opt
                     len(report.skipped), report.shards_written, report.bytes_written / 1e6, target, report.stored)
     barrier()
     return report
-
-
-def load_latent_model(save_dir, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
-    """The model that wrote `save_dir` (from meta.json), in eval mode: `decode(latent, num_frames)` of a stored
-    mean gives its reconstruction."""
-    meta = read_meta(save_dir)
-    model = load_model(meta["model"], None)
-    dtype = dtype or DTYPES.get(meta["dtype"], torch.float32)
-    return model.to(device=device or "cpu", dtype=dtype).eval()

@@ -7,17 +7,20 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .data import VideoReadError, ensure_uint8_video, write_image, write_video
-from .registry import DATASETS, RUNTIME_OPTIONS, build_from_cfg, build_model, to_plain
-from .runtime import resolve_dtype
+from .config import check_config
+from .data import ensure_uint8_video, write_image, write_video
 from .distributed import init_distributed
+from .errors import UserError
+from .jobs import RowReader, check_output_folder, job_model, rank_share, report_skips
+from .registry import DATASETS, build_from_cfg
+from .runtime import resolve_dtype
 
 logger = logging.getLogger("opensora_vae.inference")
 FOLDERS = ("ori", "rec", "spatial")
@@ -28,41 +31,6 @@ def output_names(paths: List[str]) -> List[str]:
     stems = [Path(p).stem for p in paths]
     counts = Counter(stems)
     return [s if counts[s] == 1 else f"{s}-{i}" for i, s in enumerate(stems)]
-
-
-def rank_share(items: Sequence[Any], rank: int, world_size: int) -> List[Any]:
-    """This rank's part of `items`: every world_size-th one, from its rank."""
-    return list(items[rank::world_size])
-
-
-class RowReader(Dataset):
-    """Items `load(key)` for each key, bad ones reported instead of substituted (each row must give its own
-    outputs): {"row": key, "item": ...} or {"row": key, "error": reason}."""
-
-    def __init__(self, load: Callable[[Any], Dict[str, Any]], keys: Sequence[Any]):
-        self.load, self.keys = load, list(keys)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, i: int) -> Dict[str, Any]:
-        key = self.keys[i]
-        try:
-            return {"row": key, "item": self.load(key)}
-        except VideoReadError as err:
-            return {"row": key, "error": err.reason or str(err)}
-
-
-def report_skips(skipped: Dict[str, str], is_main: bool) -> Dict[str, str]:
-    """Every rank's skipped rows (name -> reason), listed once by rank 0."""
-    if dist.is_available() and dist.is_initialized():
-        parts: List[Dict[str, str]] = [{} for _ in range(dist.get_world_size())]
-        dist.all_gather_object(parts, skipped)
-        skipped = {k: v for p in parts for k, v in p.items()}
-    if is_main and skipped:
-        logger.warning("skipped %d row(s):\n%s", len(skipped),
-                       "\n".join(f"  {p}: {r}" for p, r in sorted(skipped.items())))
-    return skipped
 
 
 @dataclass
@@ -114,26 +82,6 @@ class InferenceReport:
     stats: Optional[Dict[str, Any]] = None
 
 
-def load_model(model_cfg: Dict[str, Any], ckpt_path: Optional[str], tiling: Optional[Dict[str, Any]] = None,
-               **runtime: Any):
-    """Build the pipeline (weights from ckpt_path when given) with the runtime options of inference and encoding:
-    `tiling` (enable_tiling kwargs, or None for off) and build_model's `compile` (True or torch.compile options,
-    compiled once per shape, cached on disk by inductor), `winograd` (True: fp32 CPU fast path) and `subpixel`
-    (False: diffusers' upsampling). None leaves an option as the model dict sets it."""
-    cfg = to_plain(model_cfg)
-    if ckpt_path:
-        cfg["from_pretrained"] = str(ckpt_path)
-    model = build_model(cfg, **{k: v for k, v in runtime.items() if v is not None})
-    if tiling is not None:
-        model.enable_tiling(**to_plain(tiling))
-    return model
-
-
-def runtime_options(cfg) -> Dict[str, Any]:
-    """The run config's top-level runtime options for `load_model` (`compile`, `winograd`, `subpixel`)."""
-    return {name: cfg.get(name) for name in RUNTIME_OPTIONS}
-
-
 def _write(folder: Path, name: str, video: torch.Tensor, fps: float, crf: int) -> Path:
     frames = ensure_uint8_video(video)
     if frames.shape[0] == 1:  # a single frame is an image
@@ -145,23 +93,25 @@ def _write(folder: Path, name: str, video: torch.Tensor, fps: float, crf: int) -
     return path
 
 
-def reconstruct_dataset(cfg, ckpt_path: Optional[str], save_dir: str, overwrite: bool = False,
-                        cal_stats: bool = False, stats_path: Optional[str] = None) -> InferenceReport:
-    """Run the pipeline over the CSV's rows (the first `num_samples` if set; split across ranks) and write the
-    three folders. Config: `sample_posterior` (False: the posterior mean), `crf` (H.264 quality, default 18),
-    `fps` (None: the source clip's rate), `num_samples` (None: every row)."""
-    info = init_distributed(cfg.get("device", "auto"))
+def reconstruct_dataset(cfg, overwrite: bool = False, stats_path: Optional[str] = None) -> InferenceReport:
+    """Run the pipeline over the CSV's rows (the first `num_samples`; split across ranks) and write the three
+    folders `save_dir`_ori/_rec/_spatial. `cfg`: an inference config (config.InferenceConfig's keys)."""
+    cfg = check_config(cfg, "inference")
+    if not cfg.save_dir:
+        raise UserError("no output folder: pass --save-dir DIR (or set save_dir in the config)")
+    if cfg.num_samples is not None and cfg.num_samples < 1:
+        raise UserError(f"num_samples must be >= 1 or None, got {cfg.num_samples}")
+    base = Path(cfg.save_dir)
+    folders = {k: base.parent / f"{base.name}_{k}" for k in FOLDERS}
+    check_output_folder(base.parent)
+    info = init_distributed(cfg.device)
     device = info.device
-    dtype = resolve_dtype(cfg.get("dtype", "auto"), device)
+    dtype = resolve_dtype(cfg.dtype, device)
     dataset = build_from_cfg(cfg.dataset, DATASETS)
     paths = list(dataset.data["path"])
     names = output_names(paths)
-    num_samples = cfg.get("num_samples")
-    if num_samples is not None and int(num_samples) < 1:
-        raise ValueError(f"num_samples must be >= 1 or None, got {num_samples}")
-    rows = range(len(paths)) if num_samples is None else range(min(len(paths), int(num_samples)))
-    base = Path(save_dir)
-    folders = {k: base.parent / f"{base.name}_{k}" for k in FOLDERS}
+    rows = range(len(paths)) if cfg.num_samples is None else range(min(len(paths), cfg.num_samples))
+    model = job_model(cfg.model, device, dtype)  # before any folder is made: a bad checkpoint leaves none
     for f in folders.values():
         f.mkdir(parents=True, exist_ok=True)
     report = InferenceReport()
@@ -176,13 +126,9 @@ def reconstruct_dataset(cfg, ckpt_path: Optional[str], save_dir: str, overwrite:
     if report.existing:
         logger.info("%d clip(s) already reconstructed: kept (pass --overwrite to redo them)", len(report.existing))
 
-    model = load_model(cfg.model, ckpt_path, cfg.get("tiling"), **runtime_options(cfg)).to(device=device, dtype=dtype)
-    model.eval()
-    sample_posterior = bool(cfg.get("sample_posterior", False))
-    crf = int(cfg.get("crf", 18))
-    generator = torch.Generator(device=device).manual_seed(int(cfg.get("seed", 42)) + info.rank)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + info.rank)
     stats = LatentStats()
-    loader = DataLoader(RowReader(dataset.load_row, todo), batch_size=None, num_workers=int(cfg.get("num_workers", 0)))
+    loader = DataLoader(RowReader(dataset.load_row, todo), batch_size=None, num_workers=cfg.num_workers)
     for entry in tqdm(loader, total=len(todo), desc="reconstruct", disable=not info.is_main):
         row = entry["row"]
         if "error" in entry:
@@ -192,16 +138,16 @@ def reconstruct_dataset(cfg, ckpt_path: Optional[str], save_dir: str, overwrite:
         item = entry["item"]
         x = item["video"][None].to(device=device, dtype=dtype)
         with torch.inference_mode():
-            out = model(x, sample_posterior=sample_posterior, generator=generator)
+            out = model(x, sample_posterior=cfg.sample_posterior, generator=generator)
             spatial = model.spatial_vae.decode(out.x_z)
-        if cal_stats:
+        if cfg.cal_stats:
             stats.add(out.z.float())
-        fps = float(cfg.get("fps") or item.get("fps") or 24.0)  # config/--fps, else the source clip's rate
+        fps = float(cfg.fps or item.get("fps") or 24.0)  # config/--fps, else the source clip's rate
         for key, video in (("ori", x[0]), ("rec", out.x_rec[0]), ("spatial", spatial[0])):
-            _write(folders[key], names[row], video.float(), fps, crf)
+            _write(folders[key], names[row], video.float(), fps, cfg.crf)
         report.written.append(paths[row])
 
-    if cal_stats:
+    if cfg.cal_stats:
         stats.reduce(device)
         report.stats = stats.as_dict()
         if info.is_main:
@@ -210,4 +156,3 @@ def reconstruct_dataset(cfg, ckpt_path: Optional[str], save_dir: str, overwrite:
             logger.info("latent statistics written to %s", target)
     report.skipped = report_skips(report.skipped, info.is_main)
     return report
-

@@ -7,6 +7,8 @@ a scalar: fixed at `logvar_init` as in the reference trainer (whose optimizer ne
 """
 from __future__ import annotations
 
+import inspect
+
 import logging
 from contextlib import nullcontext
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -204,23 +206,10 @@ class VAELoss(nn.Module):
         return terms
 
 
-_LOSS_KEYS = (
-    "perceptual_loss_weight",
-    "kl_loss_weight",
-    "logvar_init",
-    "learn_logvar",
-    "lpips_net",
-    "lpips_backbone_path",
-    "allow_missing_lpips",
-    "lpips_random_backbone",
-    "use_real_rec_loss",
-    "use_z_rec_loss",
-    "use_image_identity_loss",
-)
-
-
 def build_loss(cfg: Mapping[str, Any]) -> VAELoss:
-    """VAELoss from a (flat) training config; keys it does not know are other components' and are ignored."""
+    """VAELoss from a (flat) training config: its keys are VAELoss's arguments (declared there, checked by
+    config.check_config); other keys are other components'."""
     if not hasattr(cfg, "get"):
         raise TypeError(f"build_loss expects a mapping / mmengine Config, got {type(cfg).__name__}")
-    return VAELoss(**{k: cfg[k] for k in _LOSS_KEYS if k in cfg})
+    names = [n for n in inspect.signature(VAELoss).parameters if n != "self"]
+    return VAELoss(**{k: cfg[k] for k in names if k in cfg})

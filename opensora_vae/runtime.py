@@ -5,6 +5,8 @@ from typing import Optional, Union
 
 import torch
 
+from .errors import UserError
+
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -17,9 +19,9 @@ def resolve_device(name: Union[str, torch.device, None] = None) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {str(name)!r} requested but CUDA is not available here; use --device cpu")
+            raise UserError(f"device {str(name)!r} requested but CUDA is not available here; use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise RuntimeError(f"device {str(name)!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise UserError(f"device {str(name)!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     return device
 
 
@@ -32,5 +34,5 @@ def resolve_dtype(spec: Union[str, torch.dtype, None], device: torch.device) -> 
             return torch.bfloat16
         return torch.float32
     if spec not in DTYPES:
-        raise ValueError(f"unknown dtype {spec!r}; choose from auto, {', '.join(sorted(DTYPES))}")
+        raise UserError(f"unknown dtype {spec!r}; choose from auto, {', '.join(sorted(DTYPES))}")
     return DTYPES[spec]

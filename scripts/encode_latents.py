@@ -6,29 +6,29 @@ Rerun the same command to resume: stored clips are skipped, with any number of r
 """
 import argparse
 import os
+import sys
 
-from opensora_vae.cli import add_model_run_arguments, image_size, load_run_config
+from opensora_vae.cli import ArgumentParser, add_clip_arguments, add_job_arguments, clip_options, image_size, job_config
 from opensora_vae.distributed import close_distributed
 from opensora_vae.encode import encode_dataset
+from opensora_vae.errors import run_main
 from opensora_vae.train.logging import setup_logging
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_job_arguments(parser)
     # --num-frames / --image-size replace those fields of every configured bucket.
-    add_model_run_arguments(parser, "output folder (default: config save_dir)")
+    add_clip_arguments(parser, "output folder (sets save_dir)")
     args = parser.parse_args(argv)
-
-    cfg = load_run_config(args)
-    save_dir = args.save_dir or cfg.get("save_dir")
-    if not save_dir:
-        parser.error("no --save-dir and no save_dir in the config")
+    cfg = job_config(args, "encode", clip_options(args))
     setup_logging(int(os.environ.get("RANK", 0)))
     try:
-        encode_dataset(cfg, args.ckpt_path, save_dir, num_frames=args.num_frames, image_size=image_size(args.image_size))
+        encode_dataset(cfg, num_frames=args.num_frames, image_size=image_size(args.image_size))
     finally:
         close_distributed()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

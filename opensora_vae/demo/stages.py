@@ -62,8 +62,8 @@ class Settings:
 
 def default_settings(nproc: int = 2) -> Settings:
     common = load_config(CONFIGS / "common.py")
-    steps = {s: int(load_config(CONFIGS / f"{s}.py").max_steps) for s in TRAIN_STAGES}
-    return Settings(image_size=int(common.demo_image_size[0]), num_frames=int(common.demo_num_frames), steps=steps,
+    steps = {s: load_config(CONFIGS / f"{s}.py", job="train").max_steps for s in TRAIN_STAGES}
+    return Settings(image_size=int(common._demo_image_size[0]), num_frames=int(common._demo_num_frames), steps=steps,
                     nproc=nproc)
 
 
@@ -165,8 +165,8 @@ class StageRunner:
     def _options(self, stage: str, previous: Optional[Path]) -> List[str]:
         s = self.settings
         size = s.image_size
-        options = [f"max_steps={s.steps[stage]}", f"seed={s.seed}", f"image_size=({size},{size})",
-                   f"dataset.image_size=({size},{size})", f"run_name={stage}"]
+        options = [f"max_steps={s.steps[stage]}", f"seed={s.seed}", f"dataset.image_size=({size},{size})",
+                   f"run_name={stage}"]
         if stage != "stage0":
             options.append(f"dataset.num_frames={2 * s.num_frames - 1 if stage == 'stage3' else s.num_frames}")
         if previous is not None:

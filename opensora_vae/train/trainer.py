@@ -13,7 +13,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..config import save_config
+from ..config import check_config, save_config
+from ..errors import RunError, UserError
 from ..data import ResumableDistributedSampler, apply_mixed_strategy, collate_clips
 from ..losses import build_loss
 from ..models.pretrained import load_state_dict_file
@@ -26,7 +27,7 @@ from .logging import RunLogger, setup_logging
 logger = logging.getLogger("opensora_vae.train")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunError):
     pass
 
 
@@ -57,7 +58,7 @@ def lr_factor(warmup: int, schedule: Optional[dict], max_steps: Optional[int]):
     if kind not in ("constant", "cosine"):
         raise ValueError(f"lr_schedule type {kind!r}: expected 'constant' or 'cosine'")
     if kind == "cosine" and not max_steps:
-        raise ValueError("lr_schedule type 'cosine' decays over max_steps: set max_steps")
+        raise UserError("lr_schedule type 'cosine' decays over max_steps: set max_steps")
     min_ratio = float(schedule.get("min_ratio", 0.0))
 
     def factor(step: int) -> float:
@@ -86,24 +87,23 @@ class Trainer:
 
     # ----- set-up -------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        cfg = self.cfg
-        self.dist = init_distributed(cfg.get("device", "auto"))
+        self.cfg = cfg = check_config(self.cfg, "train")
+        if self.load_path is not None and not (self.load_path / ckpt.RUNNING_STATES).is_file():
+            what = "no such folder" if not self.load_path.exists() else f"not a training checkpoint (no {ckpt.RUNNING_STATES})"
+            raise UserError(f"--load {self.load_path}: {what}; to start from weights only, use --ckpt-path")
+        self.dist = init_distributed(cfg.device)
         setup_logging(self.dist.rank)
         self.device = self.dist.device
-        self.dtype = resolve_dtype(cfg.get("dtype", "fp32"), self.device)
-        # "autocast": fp32 parameters and AdamW state, low-precision compute; "params": parameters (and AdamW
-        # state) stored in `dtype` too, half the memory, coarser updates.
-        self.precision = cfg.get("precision", "autocast")
-        if self.precision not in ("autocast", "params"):
-            raise ValueError(f"precision must be 'autocast' or 'params', got {self.precision!r}")
-        seed = int(cfg.get("seed", 42))
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.precision = cfg.precision
+        seed = cfg.seed
         torch.manual_seed(seed)  # same initial weights on every rank
 
         self.dataset = build_from_cfg(cfg.dataset, DATASETS)
-        self.batch_size = int(cfg.get("batch_size", 1))
+        self.batch_size = cfg.batch_size
         # The reference's sampler is seeded with 0 whatever `seed` is; `sampler_seed` keeps that order by default.
         self.sampler = ResumableDistributedSampler(
-            self.dataset, self.dist.world_size, self.dist.rank, shuffle=True, seed=int(cfg.get("sampler_seed", 0)),
+            self.dataset, self.dist.world_size, self.dist.rank, shuffle=True, seed=cfg.sampler_seed,
             drop_last=False,
         )
 
@@ -111,27 +111,28 @@ class Trainer:
         if self.precision == "params":
             self.model.to(self.dtype)
         # grad_checkpoint: True (both VAEs), "temporal" or "spatial" (one of them), False (none).
-        grad_checkpoint = cfg.get("grad_checkpoint", False)
+        grad_checkpoint = cfg.grad_checkpoint
         if grad_checkpoint:
             self.model.enable_gradient_checkpointing(**({} if grad_checkpoint is True else {"parts": grad_checkpoint}))
         # train_spatial_only: fit the spatial VAE alone (pixel losses; the temporal VAE frozen and unused), where
         # no pretrained spatial VAE exists (the demo's stage 0).
-        spatial_only = bool(cfg.get("train_spatial_only", False))
+        spatial_only = cfg.train_spatial_only
         if spatial_only:
-            if not cfg.get("use_real_rec_loss", False):
-                raise ValueError("train_spatial_only needs the pixel losses: set use_real_rec_loss=True")
+            if not cfg.use_real_rec_loss:
+                raise UserError("train_spatial_only needs the pixel losses: set use_real_rec_loss=True")
             self.model.temporal_vae.requires_grad_(False)
         self.loss_fn = build_loss(cfg).to(self.device)
-        self.step_module = TrainStep(self.model, self.loss_fn, cfg.get("sample_posterior", True), spatial_only).train()
+        self.step_module = TrainStep(self.model, self.loss_fn, cfg.sample_posterior, spatial_only).train()
         # The spatial decoder gets no gradient when only latents are reconstructed.
         unused = not self.loss_fn.use_real_rec_loss and any(p.requires_grad for p in self.model.spatial_vae.parameters())
-        self.wrapped = wrap_model(self.step_module, self.dist, cfg.get("find_unused_parameters", unused))
+        find_unused = unused if cfg.find_unused_parameters is None else cfg.find_unused_parameters
+        self.wrapped = wrap_model(self.step_module, self.dist, find_unused)
         # logvar is optimised only with learn_logvar (the reference never optimises it); clipping covers the model.
         self.params = [p for p in self.step_module.parameters() if p.requires_grad]
         self.model_params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_factor(int(cfg.get("warmup_steps", 0)), cfg.get("lr_schedule"), cfg.get("max_steps")))
+            self.optimizer, lr_factor(cfg.warmup_steps, cfg.lr_schedule, cfg.max_steps))
 
         # Mixed-strategy draws (CPU): one stream seeded alike on every rank, one draw per step, so all ranks take
         # the same choice at a step (as the reference). Posterior noise (on the model's device): per rank.
@@ -147,27 +148,21 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.py")
             logger.info("run folder %s; %d rows; %d rank(s); %s %s; device %s", self.run_dir, len(self.dataset),
                         self.dist.world_size, self.dtype, self.precision, self.device)
-        self.max_steps = cfg.get("max_steps")
+        self.max_steps = cfg.max_steps
         steps_per_epoch = len(self.sampler.epoch_indices()) // self.batch_size
         if steps_per_epoch == 0:
             raise ValueError(f"batch_size {self.batch_size} is larger than this rank's share of the data set "
                              f"({len(self.sampler.epoch_indices())} rows)")
-        total = steps_per_epoch * int(cfg.get("epochs", 1))
+        total = steps_per_epoch * cfg.epochs
         self.total_steps = min(total, self.max_steps) if self.max_steps else total
         self.run_logger = RunLogger(self.run_dir, self.dist.is_main, self.total_steps, self.global_step,
-                                    tensorboard=cfg.get("tensorboard", True))
+                                    tensorboard=cfg.tensorboard)
 
     def _build_optimizer(self):
         cfg = self.cfg
-        kwargs = dict(lr=float(cfg.get("lr", 1e-5)), weight_decay=float(cfg.get("weight_decay", 0.0)),
-                      betas=tuple(cfg.get("adam_betas", (0.9, 0.999))), eps=float(cfg.get("adam_eps", 1e-8)))
-        # optimizer = dict(fused=True) or dict(foreach=True): AdamW's implementation (same update to rounding).
-        impl = dict(cfg.get("optimizer") or {})
-        unknown = set(impl) - {"fused", "foreach"}
-        if unknown:
-            raise ValueError(f"optimizer accepts 'fused' and 'foreach' (AdamW implementation), got {sorted(unknown)}")
-        kwargs.update(impl)
-        if cfg.get("shard_optimizer", False) and self.dist.world_size > 1:
+        kwargs = dict(lr=float(cfg.lr), weight_decay=float(cfg.weight_decay), betas=tuple(cfg.adam_betas),
+                      eps=float(cfg.adam_eps), **cfg.optimizer)
+        if cfg.shard_optimizer and self.dist.world_size > 1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
             # ZeRO-style: each rank keeps the AdamW state of its shard of the parameters only. Bucket views: one
@@ -180,7 +175,7 @@ class Trainer:
         if self.load_path is not None:
             run_dir = self.load_path.resolve().parent  # resuming continues the same run
         else:
-            run_dir = _next_run_dir(Path(self.cfg.get("outputs", "outputs")), self.cfg.get("run_name") or self.config_name)
+            run_dir = _next_run_dir(Path(self.cfg.outputs), self.cfg.run_name or self.config_name)
         if self.dist.enabled:
             holder = [str(run_dir)]
             dist.broadcast_object_list(holder, src=0)
@@ -228,8 +223,7 @@ class Trainer:
     # ----- loop --------------------------------------------------------------------------------------------
     def train_step(self, batch: Dict[str, Any]) -> Dict[str, float]:
         x = batch["video"].to(self.device, non_blocking=True)
-        x = apply_mixed_strategy(x, self.cfg.get("mixed_strategy"), self.cfg.get("mixed_image_ratio", 0.0),
-                                 self.data_gen)
+        x = apply_mixed_strategy(x, self.cfg.mixed_strategy, self.cfg.mixed_image_ratio, self.data_gen)
         use_autocast = self.precision == "autocast" and self.dtype != torch.float32
         if self.precision == "params":
             x = x.to(self.dtype)
@@ -243,7 +237,7 @@ class Trainer:
                 + ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
             )
         loss.backward()
-        clip = self.cfg.get("grad_clip")
+        clip = self.cfg.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model_params, float(clip) if clip else float("inf"))
         self.optimizer.step()
         self.scheduler.step()
@@ -295,8 +289,7 @@ class Trainer:
 
     def _train(self) -> Optional[Path]:
         cfg = self.cfg
-        log_every, ckpt_every = int(cfg.get("log_every", 1)), int(cfg.get("ckpt_every", 0))
-        epochs = int(cfg.get("epochs", 1))
+        log_every, ckpt_every, epochs = cfg.log_every, cfg.ckpt_every, cfg.epochs
         last_saved: Optional[Path] = None
         tick, steps_since = time.perf_counter(), 0
         while self.epoch < epochs and not self._done():
@@ -304,7 +297,7 @@ class Trainer:
             self.dataset.set_epoch(self.epoch)
             loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
                                 collate_fn=collate_clips,
-                                num_workers=int(cfg.get("num_workers", 0)), pin_memory=self.device.type == "cuda")
+                                num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda")
             for batch in loader:
                 self._count_skips(batch)
                 metrics = self.train_step(batch)

@@ -3,9 +3,9 @@
 # the demo caches its clips at this size once.
 _base_ = ["../tiny/widths.py"]
 
-demo_image_size = (64, 64)
-demo_num_frames = 17
-demo_vae_2d = dict(
+_demo_image_size = (64, 64)
+_demo_num_frames = 17
+_demo_vae_2d = dict(
     type="VideoAutoencoderKL",
     from_pretrained=None,
     micro_batch_size=None,  # all frames in one call: a tiny model needs no memory bound (stage 0 steps 1.14x)
@@ -22,7 +22,7 @@ demo_vae_2d = dict(
     ),
 )
 # The tiny configs' temporal VAE (filters 16, one res block, 4 groups).
-demo_vae_temporal = {{_base_.tiny_vae_temporal}}
+_demo_vae_temporal = {{_base_._tiny_vae_temporal}}
 # Every demo stage shuffles the colour channels of half its samples (VideoTextDataset.permute_channels): two training
 # scenes and eight photos otherwise teach the tiny model their colour casts (measured: a yellow held-out face).
-demo_permute_channels = 0.5
+_demo_permute_channels = 0.5

@@ -1,11 +1,11 @@
 # Demo stage 1: the published stage 1 (spatial VAE frozen; z-rec + identity losses; 20% single frames), demo size.
 _base_ = ["../train/stage1.py", "common.py"]
 
-model = dict(vae_2d={{_base_.demo_vae_2d}}, vae_temporal={{_base_.demo_vae_temporal}})
-image_size = {{_base_.demo_image_size}}
-num_frames = {{_base_.demo_num_frames}}
-dataset = dict(crop="random", image_size=image_size, num_frames=num_frames,
-               permute_channels={{_base_.demo_permute_channels}})
+model = dict(vae_2d={{_base_._demo_vae_2d}}, vae_temporal={{_base_._demo_vae_temporal}})
+_image_size = {{_base_._demo_image_size}}
+_num_frames = {{_base_._demo_num_frames}}
+dataset = dict(crop="random", image_size=_image_size, num_frames=_num_frames,
+               permute_channels={{_base_._demo_permute_channels}})
 # Random crops: the cached frames keep their aspect ratio (64 x W). CPU, no downloads: fp32, data read in the
 # training process (the cache is small), LPIPS without VGG weights allowed.
 num_workers = 0

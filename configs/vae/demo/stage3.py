@@ -2,10 +2,10 @@
 # demo size. Without VGG weights the perceptual term is off (a warning says so).
 _base_ = ["../train/stage3.py", "common.py"]
 
-model = dict(vae_2d={{_base_.demo_vae_2d}}, vae_temporal={{_base_.demo_vae_temporal}})
-image_size = {{_base_.demo_image_size}}
-dataset = dict(crop="random", image_size=image_size,
-               permute_channels={{_base_.demo_permute_channels}})  # clips of up to 33 frames, as published
+model = dict(vae_2d={{_base_._demo_vae_2d}}, vae_temporal={{_base_._demo_vae_temporal}})
+_image_size = {{_base_._demo_image_size}}
+dataset = dict(crop="random", image_size=_image_size,
+               permute_channels={{_base_._demo_permute_channels}})  # clips of up to 33 frames, as published
 # Random crops: the cached frames keep their aspect ratio (64 x W). CPU, no downloads: fp32, data read in the
 # training process (the cache is small), LPIPS without VGG weights allowed.
 num_workers = 0

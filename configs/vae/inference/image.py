@@ -1,7 +1,5 @@
 # Reconstruct images (clips of one frame) with the published Open-Sora 1.2 VAE.
 _base_ = ["video.py"]
 
-num_frames = 1
 dataset = dict(num_frames=1, image_size=(512, 512))
-image_size = (512, 512)
 save_dir = "samples/vae_image"

@@ -4,9 +4,7 @@
 # quality (CRF 23) and 24 fps. Then: eval/vae/eval_common_metric.py --num_frames 17 --resolution 256 --crop_size 256.
 _base_ = ["video.py"]
 
-num_frames = 17
-image_size = (256, 256)
-dataset = dict(num_frames=num_frames, image_size=image_size, frame_interval=1)
+dataset = dict(num_frames=17, image_size=(256, 256), frame_interval=1)
 model = dict(micro_frame_size=None)
 dtype = "bf16"
 sample_posterior = True

@@ -4,6 +4,6 @@ model = dict(
     type="OpenSoraVAE_V1_2",
     micro_frame_size=17,
     micro_batch_size=4,
-    vae_2d={{_base_.tiny_vae_2d}},
-    vae_temporal={{_base_.tiny_vae_temporal}},
+    vae_2d={{_base_._tiny_vae_2d}},
+    vae_temporal={{_base_._tiny_vae_temporal}},
 )

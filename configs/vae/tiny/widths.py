@@ -1,5 +1,5 @@
 # Tiny widths with the published structure (the reference fixture's), shared by the tiny configs.
-tiny_vae_2d = dict(
+_tiny_vae_2d = dict(
     type="VideoAutoencoderKL",
     from_pretrained=None,
     config=dict(
@@ -14,7 +14,7 @@ tiny_vae_2d = dict(
         sample_size=32,
     ),
 )
-tiny_vae_temporal = dict(
+_tiny_vae_temporal = dict(
     type="VAE_Temporal",
     in_out_channels=4,
     latent_embed_dim=4,

@@ -1,5 +1,5 @@
 # Stage 2: everything trains; the temporal VAE still rebuilds the 2D latents.
-# Start from stage 1: --cfg-options model.from_pretrained=OUTPUTS/<run>/epochE-global_stepS/model
+# Start from stage 1: --ckpt-path OUTPUTS/<run>/epochE-global_stepS
 _base_ = ["stage1.py"]
 
 model = dict(freeze_vae_2d=False)

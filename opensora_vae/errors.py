@@ -1,0 +1,43 @@
+"""User errors and how the command-line entry points report them: one line, a non-zero exit, no traceback."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+DEBUG_ENV = "OPENSORA_VAE_DEBUG"
+
+
+class UserError(Exception):
+    """A mistake in what the user gave (config, flag, path, data): reported in one line, no traceback.
+    `exit_code` 2 for usage errors (config, flags), 1 for what a run met (a file, a checkpoint, a bad loss)."""
+
+    exit_code = 2
+
+
+class RunError(UserError):
+    exit_code = 1
+
+
+# What a job meets that the user can fix (files, folders, permissions); other exceptions are bugs: traceback.
+USER_EXCEPTIONS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def debug_requested(argv: Optional[Sequence[str]]) -> bool:
+    return "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def run_main(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional[Sequence[str]] = None) -> int:
+    """main(argv) with user errors printed as `error: ...` once per job (rank 0 under torchrun) and turned into
+    an exit code; `--debug` or OPENSORA_VAE_DEBUG=1 re-raises them with the traceback."""
+    try:
+        return int(main(argv) or 0)
+    except USER_EXCEPTIONS as err:
+        if debug_requested(argv):
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:
+            logging.shutdown()
+            message = " ".join(str(err).split()) or type(err).__name__
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        return err.exit_code if isinstance(err, UserError) else 1
