@@ -9,7 +9,7 @@ from typing import Callable, Optional, Sequence
 DEBUG_ENV = "OPENSORA_VAE_DEBUG"
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A mistake in what the user gave (config, flag, path, data): reported in one line, no traceback.
     `exit_code` 2 for usage errors (config, flags), 1 for what a run met (a file, a checkpoint, a bad loss)."""
 
@@ -20,8 +20,9 @@ class RunError(UserError):
     exit_code = 1
 
 
-# What a job meets that the user can fix (files, folders, permissions); other exceptions are bugs: traceback.
-USER_EXCEPTIONS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+# What a job meets that the user can fix: our own checks (UserError, and the ValueErrors the data, model and
+# metric code raise for bad input), files, folders, permissions. Other exceptions are bugs: traceback.
+USER_EXCEPTIONS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def debug_requested(argv: Optional[Sequence[str]]) -> bool:

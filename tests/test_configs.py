@@ -11,7 +11,7 @@ CFG = ROOT / "configs" / "vae"
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_published_stage_settings(stage):
-    cfg = load_config(CFG / "train" / f"stage{stage}.py")
+    cfg = load_config(CFG / "train" / f"stage{stage}.py", job="train")
     assert cfg.dataset.image_size == (256, 256) and cfg.dataset.type == "VideoTextDataset"
     assert (cfg.dtype, cfg.grad_checkpoint, cfg.lr, cfg.batch_size, cfg.grad_clip) == ("bf16", True, 1e-5, 1, 1.0)
     assert (cfg.perceptual_loss_weight, cfg.kl_loss_weight) == (0.1, 1e-6)
@@ -29,10 +29,10 @@ def test_published_stage_settings(stage):
 
 
 def test_inference_configs():
-    video = load_config(CFG / "inference" / "video.py")
+    video = load_config(CFG / "inference" / "video.py", job="inference")
     assert (video.model.micro_frame_size, video.model.micro_batch_size, video.dtype) == (17, 4, "auto")
     assert (video.sample_posterior, video.crf, video.fps, video.num_samples) == (False, 18, None, None)
-    image = load_config(CFG / "inference" / "image.py")
+    image = load_config(CFG / "inference" / "image.py", job="inference")
     assert image.dataset.num_frames == 1 and image.model.type == "OpenSoraVAE_V1_2"
 
 
@@ -40,7 +40,7 @@ def test_inference_configs():
 def test_published_evaluation_protocol_configs(name, frames):
     """Open-Sora 1.2's inference configs and script: sampled posteriors, x264's default CRF 23, 24 fps, 100 rows,
     256x256, one chunk, bf16."""
-    cfg = load_config(CFG / "inference" / name)
+    cfg = load_config(CFG / "inference" / name, job="inference")
     assert (cfg.sample_posterior, cfg.crf, cfg.fps, cfg.num_samples) == (True, 23, 24, 100)
     assert cfg.dataset.image_size == (256, 256) and cfg.dataset.num_frames == frames
     assert cfg.dataset.frame_interval == 1 and cfg.dataset.get("image_frames", "repeat") == "repeat"
@@ -51,7 +51,7 @@ def test_published_evaluation_protocol_configs(name, frames):
 
 @pytest.mark.parametrize("name", ["model.py", "inference.py", "stage1.py", "stage2.py", "stage3.py"])
 def test_tiny_configs_build_offline(name):
-    cfg = load_config(CFG / "tiny" / name)
+    cfg = load_config(CFG / "tiny" / name, job="train" if name.startswith("stage") else None)
     model = build_model(cfg.model)
     assert sum(p.numel() for p in model.parameters()) < 3_000_000
     assert list(model.shift.flatten()) == pytest.approx([-0.10, 0.34, 0.27, 0.98])

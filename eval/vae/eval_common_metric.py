@@ -14,34 +14,51 @@ import json
 import sys
 from pathlib import Path
 
+from opensora_vae.cli import ArgumentParser
+from opensora_vae.errors import UserError, run_main
+from opensora_vae.jobs import check_output_folder
 from opensora_vae.metrics.evaluate import METRICS, evaluate, format_table
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--real_video_dir", required=True)
-    p.add_argument("--generated_video_dir", required=True)
-    p.add_argument("--batch_size", type=int, default=2)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    p.add_argument("--num_workers", type=int, default=0, help="threads decoding videos")
-    p.add_argument("--sample_fps", type=float, default=None, help="recorded only; frames are not resampled in time")
-    p.add_argument("--resolution", type=int, default=256, help="short side after resizing (0: keep)")
-    p.add_argument("--crop_size", type=int, default=256, help="centre crop size (0: no crop)")
-    p.add_argument("--num_frames", type=int, default=17)
-    p.add_argument("--sample_rate", type=int, default=1)
-    p.add_argument("--subset_size", type=int, default=None, help="evaluate only the first N pairs (by name)")
-    p.add_argument("--metric", nargs="+", default=list(METRICS), choices=METRICS)
-    p.add_argument("--output", type=Path, default=None, help="write a JSON report here")
-    p.add_argument("--lpips-net", dest="lpips_net", default="alex", choices=["alex", "vgg"])
-    p.add_argument("--lpips-backbone", dest="lpips_backbone", default=None, help="torchvision backbone state dict")
-    p.add_argument("--flolpips-backbone", dest="flolpips_backbone", default=None,
-                   help="AlexNet backbone for FloLPIPS (default: --lpips-backbone when --lpips-net alex, else the torch cache)")
-    p.add_argument("--pwcnet-weights", dest="pwcnet_weights", default=None, help="PWC-Net network-default.pytorch")
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def flag(name: str, **kwargs):
+        # The reference's snake_case spelling, and the kebab-case one the other scripts use.
+        spellings = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])
+        p.add_argument(*spellings, dest=name, **kwargs)
+
+    flag("real_video_dir", required=True)
+    flag("generated_video_dir", required=True)
+    flag("batch_size", type=int, default=2)
+    flag("device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    flag("num_workers", type=int, default=0, help="threads decoding videos")
+    flag("sample_fps", type=float, default=None, help="recorded only; frames are not resampled in time")
+    flag("resolution", type=int, default=256, help="short side after resizing (0: keep)")
+    flag("crop_size", type=int, default=256, help="centre crop size (0: no crop)")
+    flag("num_frames", type=int, default=17)
+    flag("sample_rate", type=int, default=1)
+    flag("subset_size", type=int, default=None, help="evaluate only the first N pairs (by name)")
+    flag("metric", nargs="+", default=list(METRICS), choices=METRICS)
+    flag("output", type=Path, default=None, help="write a JSON report here")
+    flag("lpips_net", default="alex", choices=["alex", "vgg"])
+    flag("lpips_backbone", default=None, help="torchvision backbone state dict")
+    flag("flolpips_backbone", default=None,
+         help="AlexNet backbone for FloLPIPS (default: --lpips-backbone when --lpips-net alex, else the torch cache)")
+    flag("pwcnet_weights", default=None, help="PWC-Net network-default.pytorch")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     return p
 
 
 def main(argv=None) -> int:
+    """The exit code: 0, or 2 after printing a user error's one line."""
+    return run_main(_main, argv)
+
+
+def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.output is not None:
+        check_output_folder(args.output.parent, "--output")
     try:
         result = evaluate(
             args.real_video_dir, args.generated_video_dir, args.metric,
@@ -51,9 +68,8 @@ def main(argv=None) -> int:
             lpips_backbone=args.lpips_backbone, flolpips_backbone=args.flolpips_backbone,
             pwcnet_weights=args.pwcnet_weights, num_workers=args.num_workers,
         )
-    except (RuntimeError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (RuntimeError, ValueError, FileNotFoundError) as e:  # what the metrics refuse: missing weights, ...
+        raise UserError(str(e)) from e
     print(format_table(result))
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -90,7 +90,7 @@ class Trainer:
         self.cfg = cfg = check_config(self.cfg, "train")
         if self.load_path is not None and not (self.load_path / ckpt.RUNNING_STATES).is_file():
             what = "no such folder" if not self.load_path.exists() else f"not a training checkpoint (no {ckpt.RUNNING_STATES})"
-            raise UserError(f"--load {self.load_path}: {what}; to start from weights only, use --ckpt-path")
+            raise FileNotFoundError(f"--load {self.load_path}: {what}; to start from weights only, use --ckpt-path")
         self.dist = init_distributed(cfg.device)
         setup_logging(self.dist.rank)
         self.device = self.dist.device
