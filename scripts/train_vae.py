@@ -3,11 +3,11 @@ import gc
 import sys
 from pathlib import Path
 
-gc.disable()  # the imports create ~0.5M long-lived objects: collecting while they load cost ~3 s per rank
+gc.disable()  # the imports create ~0.5M long-lived objects: collecting while they load costs seconds per rank
 from opensora_vae.cli import ArgumentParser, add_job_arguments, job_config  # noqa: E402
 from opensora_vae.errors import UserError, run_main  # noqa: E402
 from opensora_vae.train import Trainer  # noqa: E402
-import diffusers.models.autoencoders.autoencoder_kl  # noqa: E402,F401 - built with the model; imported here, 0.8 s less
+import diffusers.models.autoencoders.autoencoder_kl  # noqa: E402,F401 - built with the model; imported here, while gc is off
 
 gc.enable()
 
@@ -26,7 +26,7 @@ def main(argv=None) -> int:
         trainer.train()
     finally:
         trainer.close()
-    gc.freeze()  # everything is saved and closed: exit without a last full collection over torch's objects (2 s)
+    gc.freeze()  # everything is saved and closed: exit without a last full collection over torch's objects
     return 0
 
 

@@ -76,8 +76,8 @@ def _open(path: str | os.PathLike):
         raise VideoReadError(path, "no video stream")
     stream = container.streams.video[0]
     cc = stream.codec_context
-    # Decoder threads take ~1-3 ms to start per open: for thumbnails (the demo's 64-px cache) that is more than the
-    # decode itself, measured with no gain up to 256 px; from 640x272 on they pay (17 frames 91 -> 75 ms).
+    # Decoder threads take milliseconds to start per open: for thumbnails (the demo's 64-px cache) that is more than the
+    # decode itself, measured with no gain up to 256 px; from 640x272 on they pay.
     cc.thread_type = "AUTO" if (cc.width or 0) * (cc.height or 0) >= 160 * 160 else "NONE"
     return container, stream
 

@@ -53,7 +53,7 @@ def run(out: Path, settings: Settings, force: bool = False, pretrained: str | No
             say(f"[{i + 1}/{len(STAGES)}] {DESCRIPTIONS[stage]}{steps}")
             finish = runner.start(stage, previous)
             if pending is not None:
-                score(pending)  # the previous stage, while this one's torchrun starts up (12-14 s of imports)
+                score(pending)  # the previous stage, while this one's torchrun starts up (its imports take seconds)
             records[stage] = finish()
             previous, pending = runner.checkpoint(records[stage]), stage
         score(pending)

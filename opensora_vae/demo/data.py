@@ -55,7 +55,7 @@ def _cache_video(src: Path, dst: Path, size: int) -> Tuple[int, int, int, float]
     # In chunks: a 720p clip as float would take gigabytes at once.
     small = torch.cat([resize_short_side(frames[i:i + 16], size) for i in range(0, frames.shape[0], 16)])
     # Near-lossless (the cache is the ground truth from here on), every frame a keyframe: a training sample then
-    # decodes its own frames only (a random frame of the default GOP cost 20-30 ms, most of a stage-0 batch's load).
+    # decodes its own frames only (a random frame of the default GOP cost most of a stage-0 batch's load).
     fps = fps or 24.0
     write_video(dst, small, fps, crf=10, keyframe_every=1)
     return (*(small.shape[i] for i in (0, 2, 3)), fps)

@@ -7,8 +7,8 @@ Precision: squares and sums are float64. Two float32 inputs are subtracted in fl
 inputs' dtype and writes the result widened into the float64 buffer; other dtypes are converted to float64
 first). The float32 difference is correctly rounded, off by at most 2^-24 relative, and its square is exact in
 float64, so each squared term and hence the mse are off by at most 2^-23 relative, and PSNR by at most
-10 log10(1 + 2^-23) = 5.2e-7 dB (reached only by contrived frames, see the tests; 1e-8 dB on real clips). One
-pass instead of converting both inputs first: PSNR on CPU is memory-bound (bench/RESULTS.md).
+10 log10(1 + 2^-23) = 5.2e-7 dB (reached only by contrived frames, see the tests). One pass instead of converting
+both inputs first: PSNR on CPU is limited by memory traffic.
 
 Speed: frames are cut into chunks (chunks.py): on CPU one frame of up to 2^18 values (larger frames in pieces),
 differenced into a reused buffer and reduced by a BLAS dot product, on all torch threads; on GPU many frames per

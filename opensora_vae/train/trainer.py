@@ -166,7 +166,7 @@ class Trainer:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
             # ZeRO-style: each rank keeps the AdamW state of its shard of the parameters only. Bucket views: one
-            # broadcast per rank after the step, not one per parameter (stage-0 demo step 0.66-0.72 -> 0.61 s on gloo).
+            # broadcast per rank after the step, not one per parameter.
             return ZeroRedundancyOptimizer(self.params, optimizer_class=torch.optim.AdamW,
                                            parameters_as_bucket_view=True, **kwargs)
         return torch.optim.AdamW(self.params, **kwargs)
@@ -279,7 +279,7 @@ class Trainer:
 
     def train(self) -> Optional[Path]:
         # What exists now (imported code, modules, tensors' wrappers: ~0.5M objects) lives for the whole run: out of
-        # the collector's full passes, which otherwise walk it all (6% of a demo step). Unfrozen after, so that a
+        # the collector's full passes, which otherwise walk it all (a measurable part of a demo step). Unfrozen after, so that a
         # caller's later garbage can still be collected.
         gc.freeze()
         try:
