@@ -24,7 +24,7 @@ from opensora_vae.config import load_config
 from opensora_vae.data import VideoTextDataset
 from opensora_vae.data.samples import INSTALL_HINT, sample_clips
 from opensora_vae.encode import encode_dataset
-from opensora_vae.inference import load_model
+from opensora_vae.jobs import job_model
 from opensora_vae.runtime import resolve_device, resolve_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,15 +54,14 @@ def main() -> None:
         csv.write_text("path,text\n" + "".join(f"{p},clip {i}\n" for i, p in enumerate(paths)))
         options = dict(FULL_OPTIONS if args.model == "full" else {}, **{
             "dataset.data_path": str(csv), "device": str(device), "dtype": args.dtype,
-            "num_workers": args.num_workers, "shard_size_mb": 256})
-        cfg = load_config(CONFIGS[args.model], options)
+            "num_workers": args.num_workers, "shard_size_mb": 256, "save_dir": str(Path(tmp) / "latents")})
+        cfg = load_config(CONFIGS[args.model], options, job="encode")
 
         torch.manual_seed(0)
-        report = encode_dataset(cfg, None, str(Path(tmp) / "latents"), num_frames=args.frames,
-                                image_size=(args.size, args.size))
+        report = encode_dataset(cfg, num_frames=args.frames, image_size=(args.size, args.size))
         job_rate = report.encoded / report.loop_seconds
 
-        model = load_model(cfg.model, None).to(device=device, dtype=dtype).eval()
+        model = job_model(cfg.model, device, dtype)
         data = VideoTextDataset(csv, num_frames=args.frames, image_size=(args.size, args.size))
         xs = [data.load_row(i)["video"][None].to(device=device, dtype=dtype) for i in range(len(data))]
         with torch.inference_mode():

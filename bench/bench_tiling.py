@@ -2,7 +2,7 @@
 or column band (where seams would show), and time relative to untiled, side by side in one run.
 
 Methods: diffusers' AutoencoderKL tiling (spatial VAE only, per-tile statistics), and this package's tiling
-with `exact_norms` 0 (per-tile GroupNorm statistics) and all (whole-frame statistics, see models/tiling.py).
+with `exact_norms` 0 (per-tile GroupNorm statistics) and all (whole-frame statistics, see models/speed/tiling.py).
 
 python bench/bench_tiling.py                               # full-size SDXL spatial VAE, random weights
 python bench/bench_tiling.py --checkpoint DIR --frames 17  # a trained pipeline (both VAEs)

@@ -97,8 +97,8 @@ def build_trainer(name: str, args, data_csv: Path, outputs: Path):
         options["mixed_strategy"] = None
     if args.model == "tiny":
         widths = Config.fromfile(str(TINY_WIDTHS))
-        options["model.vae_2d"] = widths.tiny_vae_2d.to_dict()
-        options["model.vae_temporal"] = widths.tiny_vae_temporal.to_dict()
+        options["model.vae_2d"] = widths._tiny_vae_2d.to_dict()
+        options["model.vae_temporal"] = widths._tiny_vae_temporal.to_dict()
     options.update(lever_options(name))
     return Trainer(load_config(STAGE3, options), config_name="bench")
 

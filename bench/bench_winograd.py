@@ -18,7 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import compare  # noqa: E402
 
-from opensora_vae.models import winograd  # noqa: E402
+from opensora_vae.models.speed import winograd  # noqa: E402
 
 # (in, out, H=W) of the SDXL AutoencoderKL at a 64x64 clip (encoder and decoder), 3x3 stride 1.
 SPATIAL = [(128, 128, 64), (256, 128, 64), (256, 256, 64), (128, 256, 32), (256, 256, 32), (512, 256, 32),

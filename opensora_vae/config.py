@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Tuple,
 
 from mmengine.config import Config
 
-from .errors import UserError
+from .errors import MissingFileError, UserError
 
 logger = logging.getLogger("opensora_vae.config")
 
@@ -255,17 +255,15 @@ def _check_component(where: str, cfg: Any, registry, default_type: Optional[str]
             _check_component(f"{where}{sub}.", cfg[sub], registry, default_type=default)
 
 
-def _runtime_hints() -> Dict[str, Any]:
-    """The runtime options a model dict may carry (build_model applies them)."""
-    try:
-        from .models.speed import RUNTIME_OPTIONS, TilingConfig
-    except ImportError:  # TEMP until the move lands
-        from .models.tiling import TilingConfig
-        RUNTIME_OPTIONS = ("compile", "winograd", "subpixel", "tiling", "micro_batch_size")
+def _model_hints() -> Dict[str, Any]:
+    """What a job's model dict takes besides its type's arguments: weights (build_model loads them through the one
+    loader) and the runtime options build_model applies."""
+    from .models.speed import RUNTIME_OPTIONS, TilingConfig
 
     hints: Dict[str, Any] = {name: Any for name in RUNTIME_OPTIONS}
     hints.update(tiling=Union[bool, TilingConfig, None], winograd=Optional[bool], subpixel=Optional[bool],
-                 micro_batch_size=Union[int, bool, None], compile=Union[bool, Dict[str, Any], None])
+                 micro_batch_size=Union[int, bool, None], compile=Union[bool, Dict[str, Any], None],
+                 from_pretrained=Optional[str])
     return hints
 
 
@@ -286,7 +284,7 @@ def check_config(cfg: Config, job: str) -> Config:
         if not values.get(required):
             raise ConfigError(f"config key {required!r} is missing: a dict with a 'type' key")
     _check_component("dataset.", values["dataset"], DATASETS)
-    _check_component("model.", values["model"], MODELS, extra=_runtime_hints())
+    _check_component("model.", values["model"], MODELS, extra=_model_hints())
     defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
                 for f in dataclasses.fields(schema)}
     if job == "train":
@@ -343,7 +341,7 @@ def load_config(path: Union[str, Path], options: Optional[Union[Dict[str, object
     and fill in its defaults."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} not found")
+        raise MissingFileError(f"config file {path} not found")
     try:
         cfg = Config.fromfile(str(path))
     except (SyntaxError, NameError, KeyError, FileNotFoundError) as err:
@@ -352,12 +350,21 @@ def load_config(path: Union[str, Path], options: Optional[Union[Dict[str, object
         if not isinstance(options, dict):
             options = parse_cfg_options(options)
         # A dict given whole replaces what the config had (mmengine would merge it, or refuse a non-dict base).
-        options = {k: dict(v, _delete_=True) if isinstance(v, dict) else v for k, v in options.items()}
+        options = {k: dict(v, _delete_=True) if isinstance(v, dict) and _has(cfg, k) else v for k, v in options.items()}
         try:
             cfg.merge_from_dict(options)
         except (TypeError, KeyError) as err:
             raise ConfigError(f"--cfg-options do not fit {path}: {err}") from err
     return check_config(cfg, job) if job else cfg
+
+
+def _has(cfg: Config, dotted: str) -> bool:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def save_config(cfg: Config, path: Union[str, Path]) -> None:

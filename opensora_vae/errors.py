@@ -20,6 +20,12 @@ class RunError(UserError):
     exit_code = 1
 
 
+class MissingFileError(FileNotFoundError):
+    """A file named on the command line (config, CSV) is not there: a usage error."""
+
+    exit_code = 2
+
+
 # What a job meets that the user can fix: our own checks (UserError, and the ValueErrors the data, model and
 # metric code raise for bad input), files, folders, permissions. Other exceptions are bugs: traceback.
 USER_EXCEPTIONS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -41,4 +47,4 @@ def run_main(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Opt
             logging.shutdown()
             message = " ".join(str(err).split()) or type(err).__name__
             print(f"error: {message}", file=sys.stderr, flush=True)
-        return err.exit_code if isinstance(err, UserError) else 1
+        return getattr(err, "exit_code", 1)

@@ -1,6 +1,7 @@
 """mmengine registries, one per kind of component, and the helpers that build from config dicts."""
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from mmengine.config import Config, ConfigDict
@@ -37,33 +38,24 @@ def build_from_cfg(cfg: Any, registry: Registry, **overrides: Any) -> Any:
     return obj(**cfg)
 
 
-# Options build_model applies after construction through the model's enable_<name>() (never saved with it);
-# False calls disable_<name>() where the model has one (`subpixel` is on by default).
-RUNTIME_OPTIONS = ("compile", "winograd", "subpixel")
-
-
 def build_model(cfg: Any, **overrides: Any):
-    """Build any registered model (VideoAutoencoderKL, VAE_Temporal, OpenSoraVAE_V1_2, ...).
+    """Build any registered model (VideoAutoencoderKL, VAE_Temporal, OpenSoraVAE_V1_2, ...) from its config dict.
+    A pipeline dict's `from_pretrained` (folder, file, trainer checkpoint or hub id) loads the weights through the
+    one loader (`models.pipeline.load_pipeline` -> `VideoAutoencoderPipeline.from_pretrained`). Then the runtime
+    options (`models.speed.RUNTIME_OPTIONS`, never saved) of the dict and the keywords (which win) are applied; one
+    the type's constructor takes (micro_batch_size of OpenSoraVAE_V1_2 / VideoAutoencoderKL: config.json) goes to
+    it instead. Reference-only keys (cal_loss, force_huggingface) are dropped with a warning."""
+    from .config import drop_reference_keys
+    from .models.pipeline import PIPELINE_TYPES, load_pipeline
+    from .models.speed import RUNTIME_OPTIONS, apply_runtime_options  # (also registers the model types)
 
-    Runtime options (in the dict or as keywords; not constructor arguments, never saved): `compile` (True or a
-    dict of torch.compile options) calls `model.enable_compile(...)`, `winograd=True` `model.enable_winograd()`,
-    `subpixel=False` `model.disable_subpixel()` (diffusers' own upsampling).
-    """
-    from . import models  # noqa: F401  (registers the model types)
-
-    cfg = to_plain(cfg)
-    options = {}
-    for name in RUNTIME_OPTIONS:
-        value = overrides.pop(name, cfg.pop(name, None) if isinstance(cfg, dict) else None)
-        if value or value is False:
-            options[name] = value
-    model = build_from_cfg(cfg, MODELS, **overrides)
-    for name, value in options.items():
-        action = f"enable_{name}" if value else f"disable_{name}"
-        if not hasattr(model, action):
-            if not value:
-                continue  # nothing to turn off
-            raise TypeError(f"{type(model).__name__} has no {action}(); {name}={value!r} is not supported for it")
-        getattr(model, action)(**(to_plain(value) if isinstance(value, dict) else {}))
-    return model
-
+    cfg, options = to_plain(cfg), {}
+    if not isinstance(cfg, dict):
+        return build_from_cfg(cfg, MODELS, **overrides)
+    cfg = drop_reference_keys("model.", {**cfg, **to_plain(overrides)})
+    model_type = MODELS.get(cfg["type"]) if "type" in cfg else None
+    takes = inspect.signature(model_type).parameters if model_type is not None else {}
+    options = {k: cfg.pop(k) for k in list(cfg) if k in RUNTIME_OPTIONS and k not in takes}
+    weights = cfg.pop("from_pretrained", None) if cfg.get("type") in PIPELINE_TYPES else None
+    model = load_pipeline(dict(cfg, from_pretrained=weights)) if weights else build_from_cfg(cfg, MODELS)
+    return apply_runtime_options(model, **options)

@@ -57,12 +57,17 @@ def test_defaults_declared_once_and_filled_in():
         "type": "cosine", "min_ratio": 0.0}
 
 
-def test_reference_only_keys_warn_once_and_are_dropped(caplog):
+def test_reference_only_keys_warn_once_and_are_dropped(caplog, monkeypatch):
+    from opensora_vae import config
+
+    monkeypatch.setattr(config, "_warned", set())  # once per process: other tests may have warned already
     cfg = load_config(TINY / "inference.py", ["num_frames=3", "batch_size=1", "model.cal_loss=True"], job="inference")
     assert "num_frames" not in cfg and "batch_size" not in cfg
     warned = [r.getMessage() for r in caplog.records if "kept for reference configs" in r.getMessage()]
     assert any("num_frames" in w and "dataset.num_frames" in w for w in warned)
     assert any("model.cal_loss" in w for w in warned)
+    load_config(TINY / "inference.py", ["num_frames=3"], job="inference")
+    assert sum("num_frames" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_cfg_options_dicts_replace_and_literals_parse():

@@ -25,7 +25,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
-from opensora_vae.models import frame_attention, subpixel, tiling
+from opensora_vae.models.speed import frame_attention, subpixel, tiling
 
 # Relative to the reference's largest magnitude. Measured on the tiny model: tiled with whole-frame statistics and
 # enough overlap 0.8e-6 (encode) and 1.2e-6 (decode), frame attention 5e-8, sub-pixel 5e-7; a broken split or norm

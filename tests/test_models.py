@@ -355,7 +355,7 @@ def test_bare_weights_file_loads_into_the_configured_structure(tmp_path):
 
 @torch.no_grad()
 def test_spatial_tiling_matches_untiled_closely():
-    """spatial_vae.enable_tiling (models/tiling.py, no longer diffusers' tiles) keeps shapes and stays close to
+    """spatial_vae.enable_tiling (models/speed/tiling.py, no longer diffusers' tiles) keeps shapes and stays close to
     the untiled result; tests/test_tiling.py checks it in depth."""
     model = tiny_pipeline(seed=4)
     x = torch.rand(1, 3, 3, 64, 64) * 2 - 1

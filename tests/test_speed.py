@@ -86,7 +86,9 @@ def test_temporal_vae_onednn_path_equals_pytorchs_conv3d(batch):
     fast, fast_grads = run()
     with torch.backends.mkldnn.flags(enabled=False):
         plain, plain_grads = run()
-    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    # Two kernels' rounding (oneDNN's and PyTorch's native conv3d, each as the CPU gets it): relative to the output's
+    # scale (measured 1.9e-6 of it; outputs up to 2.6), as the gradient test below does.
+    torch.testing.assert_close(fast, plain, atol=1e-5 * float(plain.abs().max()), rtol=1e-5)
     for a, b in zip(fast_grads, plain_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
@@ -97,12 +99,12 @@ def test_temporal_vae_onednn_path_equals_pytorchs_conv3d(batch):
 @pytest.mark.parametrize("padding", [(0, 1, 1), (1, 1, 1)])
 def test_onednn_conv3d_gradients_equal_pytorchs(stride, shape, padding):
     """Input, weight and bias gradients of the oneDNN path (strides that leave input rows unused included)."""
-    from opensora_vae.models import onednn
+    from opensora_vae.models.speed import onednn
 
     torch.manual_seed(0)
     conv = torch.nn.Conv3d(shape[1], 6, 3, stride=stride, padding=padding)
     x = torch.randn(shape, requires_grad=True)
-    y = onednn.conv3d(conv, x)
+    y = onednn.forward(conv, x)
     g = torch.randn_like(y)
     fast = torch.autograd.grad(y, [x, conv.weight, conv.bias], g)
     with torch.backends.mkldnn.flags(enabled=False):

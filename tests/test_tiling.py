@@ -1,4 +1,4 @@
-"""Tiling (opensora_vae.models.tiling): one tile == untiled, tiled ~= untiled on a real clip (seams included; the
+"""Tiling (opensora_vae.models.speed.tiling): one tile == untiled, tiled ~= untiled on a real clip (seams included; the
 mid-block per tile too), exact blending, whole-frame GroupNorm statistics, odd sizes, streamed frames == whole,
 the bounded decode's whole-frame tensors, the CLI flag."""
 import sys
@@ -9,9 +9,9 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from opensora_vae.data import read_video
-from opensora_vae.inference import load_model, runtime_options
-from opensora_vae.models import tiling, winograd
-from opensora_vae.models.frame_attention import frame_attention
+from opensora_vae import build_model
+from opensora_vae.models.speed import tiling, winograd
+from opensora_vae.models.speed.frame_attention import frame_attention
 
 from helpers import ROOT, tiny_model_cfg, tiny_pipeline
 
@@ -270,35 +270,51 @@ def test_streamed_micro_batches_equal_the_whole_batch(micro, clip):
         torch.testing.assert_close(chunked.spatial_vae.decode(a), whole.spatial_vae.decode(a), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("script, entry", [("inference_vae", "reconstruct_dataset"), ("encode_latents", "encode_dataset")])
+@pytest.mark.parametrize("script, entry", [("inference_vae", "reconstruct_dataset"), ("encode_latents", "encode_dataset"),
+                                           ("train_vae", "Trainer")])
 def test_tiling_compile_and_winograd_flags_reach_the_model(monkeypatch, script, entry):
-    """Both CLIs share the runtime flags (opensora_vae.cli), applied in one place (inference.load_model)."""
+    """Every CLI shares the runtime flags (opensora_vae.cli): each sets model.<option>, which build_model applies."""
     sys.path.insert(0, str(ROOT / "scripts"))
     module = __import__(script)
 
     seen = {}
-    monkeypatch.setattr(module, entry, lambda cfg, *a, **k: seen.update(cfg=cfg))
-    config = ROOT / "configs" / "vae" / "tiny" / "inference.py"
-    module.main([str(config), "--data-path", "x.csv", "--save-dir", "out"])
-    assert seen["cfg"].get("tiling") is None and not seen["cfg"].get("compile")
-    module.main([str(config), "--data-path", "x.csv", "--save-dir", "out", "--tiling", "--tile-size", "256",
-                 "--compile", "--winograd"])
-    assert dict(seen["cfg"].tiling) == {"tile_size": 256} and seen["cfg"].compile is True
-    assert runtime_options(seen["cfg"]) == {"compile": True, "winograd": True, "subpixel": None}
-    model = load_model(tiny_model_cfg(), None, seen["cfg"].tiling)
+
+    class Job:  # records the config the script would run with
+        def __init__(self, cfg, *args, **kwargs):
+            seen.update(cfg=cfg)
+
+        train = close = lambda self: None
+
+    monkeypatch.setattr(module, entry, Job)
+    config = ROOT / "configs" / "vae" / "tiny" / ("stage1.py" if script == "train_vae" else "inference.py")
+    base = [str(config), "--data-path", "x.csv"] + ([] if script == "train_vae" else ["--save-dir", "out"])
+
+    def model_of(**replace):  # the config's model dict, built (compile is left to tests/test_speed.py)
+        return build_model(dict(seen["cfg"].model, from_pretrained=None, compile=None, **replace))
+
+    run = module.main
+    run(base)
+    assert seen["cfg"].model.get("tiling") is None and not seen["cfg"].model.get("compile")
+    run(base + ["--tiling", "--tile-size", "256", "--compile", "--winograd"])
+    assert dict(seen["cfg"].model.tiling) == {"tile_size": 256} and seen["cfg"].model.compile is True
+    assert seen["cfg"].model.winograd is True and seen["cfg"].model.get("subpixel") is None
+    model = model_of()
     assert model.spatial_vae.tiling.tile_size == model.temporal_vae.tiling.tile_size == 256
     assert not model.spatial_vae.tiling.tile_mid_block
-    module.main([str(config), "--data-path", "x.csv", "--save-dir", "out", "--tile-mid-block"])
-    assert dict(seen["cfg"].tiling) == {"tile_mid_block": True}
-    assert load_model(tiny_model_cfg(), None, seen["cfg"].tiling).spatial_vae.tiling.tile_mid_block
-    assert load_model(tiny_model_cfg(), None, None).spatial_vae.tiling is None
-    module.main([str(config), "--data-path", "x.csv", "--save-dir", "out", "--cfg-options", "subpixel=False"])
-    plain = load_model(tiny_model_cfg(), None, None, **runtime_options(seen["cfg"]))
-    assert not any(type(m).__module__ == "opensora_vae.models.subpixel" for m in plain.modules())
-    # the config's defaults leave the model dict's own runtime options alone (tiny widths: lower Winograd's rule)
+    run(base + ["--tile-mid-block"])
+    assert dict(seen["cfg"].model.tiling) == {"tile_mid_block": True}
+    assert model_of().spatial_vae.tiling.tile_mid_block
+    assert model_of(tiling=None).spatial_vae.tiling is None
+    for flags in (["--no-subpixel"], ["--cfg-options", "model.subpixel=False"]):
+        run(base + flags)
+        plain = model_of()
+        assert not any(type(m).__module__ == "opensora_vae.models.speed.subpixel" for m in plain.modules())
+    run(base + ["--tiling", "--no-tiling"])
+    assert seen["cfg"].model.tiling is False and model_of().spatial_vae.tiling is None
+    # options the flags do not set stay as the model dict says (tiny widths: lower Winograd's rule)
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
     monkeypatch.setattr(winograd, "MIN_REDUCTION", 1)
-    module.main([str(config), "--data-path", "x.csv", "--save-dir", "out"])
-    own = load_model(dict(tiny_model_cfg(), subpixel=False, winograd=True), None, None, **runtime_options(seen["cfg"]))
-    assert not any(type(m).__module__ == "opensora_vae.models.subpixel" for m in own.modules())
-    assert any(type(m).__module__ == "opensora_vae.models.winograd" for m in own.modules())
+    run(base + ["--cfg-options", "model.subpixel=False", "model.winograd=True"])
+    own = model_of()
+    assert not any(type(m).__module__ == "opensora_vae.models.speed.subpixel" for m in own.modules())
+    assert any("winograd" in getattr(m, "backends", ()) for m in own.modules())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 from pathlib import Path
@@ -11,10 +12,11 @@ import torch
 from torch import nn
 
 from ..registry import MODELS, build_from_cfg, to_plain
-from . import winograd
 from .distributions import DiagonalGaussianDistribution
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME, load_strict, read_config, read_state_dict, resolve_pretrained
 from .spatial import SDXL_VAE_HUB_ID, check_video, sdxl_vae_config
+from ..config import drop_reference_keys
+from .speed import RUNTIME_OPTIONS, RuntimeOptionsMixin, apply_runtime_options
 
 OPENSORA_V1_2_SHIFT = (-0.10, 0.34, 0.27, 0.98)
 OPENSORA_V1_2_SCALE = (3.85, 2.32, 2.33, 3.06)
@@ -34,29 +36,19 @@ def _channel_buffer(values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32).reshape(1, -1, 1, 1, 1)
 
 
-def _check_parts(parts: Union[str, Sequence[str]]) -> Tuple[str, ...]:
-    parts = (parts,) if isinstance(parts, str) else tuple(parts)
-    if not parts or set(parts) - {"spatial", "temporal"}:
-        raise ValueError(f"parts must name 'spatial' and/or 'temporal', got {list(parts)}")
-    return parts
-
-
 @MODELS.register_module()
-class VideoAutoencoderPipeline(nn.Module):
+class VideoAutoencoderPipeline(RuntimeOptionsMixin, nn.Module):
     """Constructor arguments are the saved config (config.json); see `from_pretrained` / `save_pretrained`.
 
     micro_frame_size: the temporal VAE sees chunks of this many frames, each padded on its own (None: whole clip).
-    cal_loss: kept for configs written for the reference; `forward` always returns the training tuple.
-    from_pretrained: when given, weights are loaded from it (strict names) after building from these arguments.
+    Runtime options (compile, winograd, subpixel, tiling, micro-batching): `speed.RuntimeOptionsMixin`.
     """
 
     def __init__(
         self,
         vae_2d: Optional[dict] = None,
         vae_temporal: Optional[dict] = None,
-        from_pretrained: Optional[str] = None,
         freeze_vae_2d: bool = False,
-        cal_loss: bool = False,
         micro_frame_size: Optional[int] = None,
         shift: Union[float, Sequence[float]] = 0.0,
         scale: Union[float, Sequence[float]] = 1.0,
@@ -66,8 +58,8 @@ class VideoAutoencoderPipeline(nn.Module):
             raise ValueError("VideoAutoencoderPipeline needs both vae_2d and vae_temporal config dicts")
         if micro_frame_size is not None and micro_frame_size < 1:
             raise ValueError(f"micro_frame_size must be a positive integer or None, got {micro_frame_size}")
-        self.config = dict(vae_2d=to_plain(vae_2d), vae_temporal=to_plain(vae_temporal), from_pretrained=None,
-                           freeze_vae_2d=freeze_vae_2d, cal_loss=cal_loss, micro_frame_size=micro_frame_size,
+        self.config = dict(vae_2d=to_plain(vae_2d), vae_temporal=to_plain(vae_temporal),
+                           freeze_vae_2d=freeze_vae_2d, micro_frame_size=micro_frame_size,
                            shift=to_plain(shift), scale=to_plain(scale))
         self.spatial_vae = build_from_cfg(vae_2d, MODELS)
         self.temporal_vae = build_from_cfg(vae_temporal, MODELS)
@@ -78,15 +70,11 @@ class VideoAutoencoderPipeline(nn.Module):
             )
         self.micro_frame_size = micro_frame_size
         self.freeze_vae_2d = freeze_vae_2d
-        self.cal_loss = cal_loss
         self.register_buffer("shift", _channel_buffer(shift))
         self.register_buffer("scale", _channel_buffer(scale))
         self.out_channels = self.temporal_vae.out_channels
         if freeze_vae_2d:
             self.spatial_vae.requires_grad_(False)
-        if from_pretrained is not None:
-            _, weights = resolve_pretrained(from_pretrained)
-            load_strict(self, read_state_dict(weights), str(weights))
 
     # ----- encode / decode -------------------------------------------------------------------------------
     def _chunks(self, length: int, size: Optional[int]):
@@ -186,75 +174,15 @@ class VideoAutoencoderPipeline(nn.Module):
             size[0] = (t // m) * per_chunk + (self.temporal_vae.get_latent_size([t % m])[0] if t % m else 0)
         return size
 
-    def enable_tiling(self, tile_size: int = 512, overlap: int = 64, temporal_tile_size: Optional[int] = None,
-                      temporal_overlap: Optional[int] = None, exact_norms: Optional[int] = None,
-                      tile_mid_block: bool = False) -> None:
-        """Encode/decode any resolution in bounded memory: H/W tiles through both VAEs (opensora_vae.models.tiling;
-        tile sizes in pixels, temporal_* in latent pixels). Frames within one tile give the untiled result.
-        exact_norms: GroupNorms (in call order) given the whole frame's statistics, one truncated tiled pass each
-        (None: all, about L/2 extra passes for L norms; 0: per-tile statistics, no extra pass, tiles show).
-        tile_mid_block: run the spatial decoder's mid-block per tile as well (its attention still over the whole
-        frame, keys/values recomputed per key tile): decode memory no longer grows with the frame, same result, but
-        every statistics pass recomputes the frame's first mid-block resnet per tile (slower; default: the
-        mid-block on the whole latent frame). The encoder's mid-block always runs on the whole frame."""
-        kwargs = dict(tile_size=tile_size, overlap=overlap, temporal_tile_size=temporal_tile_size,
-                      temporal_overlap=temporal_overlap, exact_norms=exact_norms, tile_mid_block=tile_mid_block)
-        self.spatial_vae.enable_tiling(**kwargs)
-        self.temporal_vae.enable_tiling(**kwargs)
-
-    def disable_tiling(self) -> None:
-        self.spatial_vae.disable_tiling()
-        self.temporal_vae.disable_tiling()
-
-    def enable_compile(self, parts: Union[str, Sequence[str]] = ("spatial", "temporal"), **options) -> None:
-        """torch.compile (in place, `nn.Module.compile`: weights and state_dict names unchanged) the networks that
-        hold the time: the encoder and decoder of the spatial VAE and/or the temporal VAE (`parts`: "spatial",
-        "temporal" or both). `options` go to torch.compile (default dynamic=False: one graph per input shape,
-        e.g. per micro-batch size). Chunking, padding and sampling stay eager. Works for training too (backward
-        through AOTAutograd). The first call per shape compiles (minutes for the full model); inductor caches the
-        result on disk (TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_$USER), so later processes on the
-        same machine reuse it. Outputs match eager to float rounding, not bitwise."""
-        options = {"dynamic": False, **options}
-        for net in self._compiled_parts(parts):
-            net.compile(**options)
-
-    def enable_winograd(self) -> None:
-        """fp32 CPU inference: the 3x3 (x time taps) convolutions of at least 128 channels of the spatial VAE and of
-        the temporal decoder through Winograd F(4x4, 3x3) (opensora_vae.models.winograd; 1.20-1.28x for the whole
-        pipeline on 2 cores, `bench/RESULTS.md`). Outputs move by float rounding: on real clips at random weights
-        they land 2-3x closer to a float64 run than eager's (3.5e-5 vs 0.75-1e-4) and 0.7-1.0e-4 from eager's. The
-        transformed weights stay cached on the modules: 2.5 GiB for the temporal decoder, plus 0.5 GiB for the
-        spatial VAE at 64x64 frames (1.1 GiB from 128x128). The temporal encoder stays plain (its 2.1 GiB would buy
-        about 0.4 s per 17 frames; `winograd.use_winograd(model.temporal_vae.encoder)` opts it in). Training,
-        other dtypes and devices keep the plain convolutions."""
-        for net in (self.spatial_vae.module, self.temporal_vae.decoder):
-            winograd.use_winograd(net)
-
-    def disable_winograd(self) -> None:
-        # The whole temporal VAE: also an encoder opted in by hand.
-        for net in (self.spatial_vae.module, self.temporal_vae):
-            winograd.use_winograd(net, enable=False)
-
-    def enable_subpixel(self) -> None:
-        """See VideoAutoencoderKL.enable_subpixel (on by default)."""
-        self.spatial_vae.enable_subpixel()
-
-    def disable_subpixel(self) -> None:
-        self.spatial_vae.disable_subpixel()
-
-    def _compiled_parts(self, parts: Union[str, Sequence[str]] = ("spatial", "temporal")):
-        parts = _check_parts(parts)
-        kl = self.spatial_vae.module
-        return (((kl.encoder, kl.decoder) if "spatial" in parts else ())
-                + ((self.temporal_vae.encoder, self.temporal_vae.decoder) if "temporal" in parts else ()))
-
     def enable_gradient_checkpointing(self, parts: Union[str, Sequence[str]] = ("spatial", "temporal")) -> None:
         """Recompute activations in backward, per res block, in the temporal VAE and/or the (trained) spatial VAE."""
-        parts = _check_parts(parts)
-        if "temporal" in parts:
-            self.temporal_vae.enable_gradient_checkpointing()
-        if "spatial" in parts and not self.freeze_vae_2d:
-            self.spatial_vae.enable_gradient_checkpointing()
+        for part, vae in self._vaes(parts):
+            if part == "temporal" or not self.freeze_vae_2d:
+                vae.enable_gradient_checkpointing()
+
+    def disable_gradient_checkpointing(self, parts: Union[str, Sequence[str]] = ("spatial", "temporal")) -> None:
+        for _, vae in self._vaes(parts):
+            vae.disable_gradient_checkpointing()
 
     @property
     def device(self) -> torch.device:
@@ -294,68 +222,81 @@ class VideoAutoencoderPipeline(nn.Module):
         cache_dir: Optional[str] = None,
         local_files_only: bool = False,
         torch_dtype: Optional[torch.dtype] = None,
-        **overrides,
+        **options,
     ) -> "VideoAutoencoderPipeline":
-        """Load a published-format folder, weights file, trainer checkpoint or hub id; `overrides` replace
-        config entries (e.g. micro_frame_size, freeze_vae_2d) and, for `micro_batch_size`, the spatial VAE's."""
+        """THE loader: a published-format folder (config.json + model.safetensors), a weights file with its
+        config.json beside it, a trainer checkpoint folder or a hub id. `options`: config entries to replace
+        (e.g. micro_frame_size, freeze_vae_2d) and runtime options (compile, winograd, subpixel, tiling,
+        micro_batch_size; `speed.apply_runtime_options`)."""
         config_path, weights = resolve_pretrained(str(path_or_id), cache_dir, local_files_only)
         if config_path is None:
-            raise FileNotFoundError(f"{CONFIG_NAME} missing beside {weights}: cannot tell the model's structure")
-        cfg = read_config(config_path)
+            raise FileNotFoundError(f"{CONFIG_NAME} missing beside {weights}: cannot tell the model's structure "
+                                    f"(give a model config with type and widths to build_model instead)")
+        runtime = {k: options.pop(k) for k in list(options) if k in RUNTIME_OPTIONS}
+        cfg = drop_reference_keys("model.", read_config(config_path))
         cfg.pop("from_pretrained", None)
-        state = read_state_dict(weights)
-        cfg["vae_2d"] = dict(cfg["vae_2d"])
-        if any(k.startswith("spatial_vae.") for k in state):
-            # The checkpoint carries the spatial weights: build the architecture locally, no hub download.
-            cfg["vae_2d"]["config"] = cfg["vae_2d"].get("config") or sdxl_vae_config()
-            cfg["vae_2d"]["from_pretrained"] = None
-        cfg["vae_temporal"] = dict(cfg["vae_temporal"], from_pretrained=None)
-        if "micro_batch_size" in overrides:
-            cfg["vae_2d"]["micro_batch_size"] = overrides.pop("micro_batch_size")
-        unknown = set(overrides) - set(cfg) - {"vae_2d", "vae_temporal"}
+        unknown = set(options) - set(cfg)
         if unknown:
-            raise TypeError(f"unknown override(s) for {cls.__name__}: {sorted(unknown)}")
-        cfg.update(overrides)
-        with torch.device("meta"):  # skip random init: every tensor comes from the checkpoint
-            model = cls(**cfg)
-        load_strict(model, state, str(weights), assign=True)
-        # Frozen parts keep their flag: assign=True replaces the parameter objects.
-        if model.freeze_vae_2d:
-            model.spatial_vae.requires_grad_(False)
-        return model.to(torch_dtype) if torch_dtype is not None else model
+            raise TypeError(f"unknown option(s) for {cls.__name__}.from_pretrained: {sorted(unknown)}")
+        cfg.update(options)
+        state = read_state_dict(weights)
+        return _assign(cls, cfg, state, str(weights), torch_dtype, runtime)
+
+
+def _assign(cls, cfg: dict, state: dict, source: str, torch_dtype, runtime: dict) -> VideoAutoencoderPipeline:
+    """Build from `cfg` on the meta device (no random init) and take every tensor from `state`."""
+    cfg["vae_2d"] = dict(cfg["vae_2d"])
+    if any(k.startswith("spatial_vae.") for k in state):
+        # The checkpoint carries the spatial weights: build the architecture locally, no hub download.
+        cfg["vae_2d"]["config"] = cfg["vae_2d"].get("config") or sdxl_vae_config()
+        cfg["vae_2d"]["from_pretrained"] = None
+    cfg["vae_temporal"] = dict(cfg["vae_temporal"], from_pretrained=None)
+    with torch.device("meta"):
+        model = cls(**cfg)
+    load_strict(model, state, source, assign=True)
+    if model.freeze_vae_2d:  # assign=True replaced the parameter objects
+        model.spatial_vae.requires_grad_(False)
+    if torch_dtype is not None:
+        model = model.to(torch_dtype)
+    apply_runtime_options(model, **runtime)
+    return model
+
+
+def load_pipeline(cfg: dict) -> VideoAutoencoderPipeline:
+    """A pipeline model dict with `from_pretrained` (build_model's weights path): the checkpoint's config.json
+    gives the structure and the dict's own entries replace it (an OpenSoraVAE_V1_2 dict: its micro_frame_size,
+    micro_batch_size and freeze_vae_2d, defaults included, as the reference's configs decide them); a bare weights
+    file loads into the structure the dict describes."""
+    cfg = dict(cfg)
+    kind, path = cfg.pop("type"), str(cfg.pop("from_pretrained"))
+    hub = {k: cfg.pop(k) for k in ("cache_dir", "local_files_only") if k in cfg}
+    config_path, weights = resolve_pretrained(path, **hub)
+    if config_path is None:  # a bare weights file: the structure is the dict's
+        cfg["vae_2d"] = dict(cfg.get("vae_2d") or {}, from_pretrained=None)
+        model = build_from_cfg(dict(cfg, type=kind, **hub), MODELS)
+        load_strict(model, read_state_dict(weights), str(weights))
+        return model
+    if kind == "OpenSoraVAE_V1_2":
+        defaults = {k: p.default for k, p in inspect.signature(OpenSoraVAE_V1_2).parameters.items()}
+        cfg = {k: cfg.get(k, defaults[k]) for k in ("micro_frame_size", "micro_batch_size", "freeze_vae_2d")}
+    else:
+        cfg = {k: v for k, v in cfg.items() if k not in ("vae_2d", "vae_temporal")}
+    return VideoAutoencoderPipeline.from_pretrained(weights, **hub, **cfg)
 
 
 @MODELS.register_module()
 def OpenSoraVAE_V1_2(
     micro_batch_size: Optional[int] = 4,
     micro_frame_size: Optional[int] = 17,
-    from_pretrained: Optional[str] = None,
-    local_files_only: bool = False,
     freeze_vae_2d: bool = False,
-    cal_loss: bool = False,
     cache_dir: Optional[str] = None,
+    local_files_only: bool = False,
     vae_2d: Optional[dict] = None,
     vae_temporal: Optional[dict] = None,
-    force_huggingface: bool = False,  # accepted for reference configs; loading always goes through from_pretrained
 ) -> VideoAutoencoderPipeline:
-    """The published Open-Sora 1.2 VAE. With `from_pretrained` (hub id, folder, file or trainer checkpoint)
-    the weights are loaded; otherwise the spatial VAE comes from `vae_2d` (default: the SDXL VAE from the hub)
-    and the temporal VAE (`vae_temporal`, default VAE_Temporal_SD) is randomly initialised."""
-    if from_pretrained is not None:
-        config_path, weights = resolve_pretrained(str(from_pretrained), cache_dir, local_files_only)
-        if config_path is not None:  # the resolved file (config.json beside it): no second hub look-up
-            return VideoAutoencoderPipeline.from_pretrained(
-                weights, cache_dir=cache_dir, local_files_only=local_files_only,
-                micro_batch_size=micro_batch_size, micro_frame_size=micro_frame_size,
-                freeze_vae_2d=freeze_vae_2d, cal_loss=cal_loss,
-            )
-        # A bare weights file: the structure is this function's (published, or as vae_2d/vae_temporal say).
-        model = OpenSoraVAE_V1_2(
-            micro_batch_size, micro_frame_size, None, local_files_only, freeze_vae_2d, cal_loss, cache_dir,
-            vae_2d=dict(vae_2d or {}, from_pretrained=None), vae_temporal=vae_temporal,
-        )
-        load_strict(model, read_state_dict(weights), str(weights))
-        return model
+    """The published Open-Sora 1.2 VAE's structure (the reference's config type name): the spatial VAE from
+    `vae_2d` (default: the SDXL VAE from the hub), the temporal VAE from `vae_temporal` (default VAE_Temporal_SD,
+    randomly initialised). Weights come through `build_model(dict(..., from_pretrained=...))` or `from_pretrained`."""
     # Partial dicts are merged onto the published parts, e.g. vae_2d=dict(from_pretrained=LOCAL_DIR).
     vae_2d = dict(
         dict(type="VideoAutoencoderKL", from_pretrained=SDXL_VAE_HUB_ID, subfolder="vae",
@@ -366,6 +307,10 @@ def OpenSoraVAE_V1_2(
     return VideoAutoencoderPipeline(
         vae_2d=vae_2d,
         vae_temporal=vae_temporal,
-        freeze_vae_2d=freeze_vae_2d, cal_loss=cal_loss, micro_frame_size=micro_frame_size,
+        freeze_vae_2d=freeze_vae_2d, micro_frame_size=micro_frame_size,
         shift=list(OPENSORA_V1_2_SHIFT), scale=list(OPENSORA_V1_2_SCALE),
     )
+
+
+# The model types whose `from_pretrained` entry build_model loads through `load_pipeline`.
+PIPELINE_TYPES = ("VideoAutoencoderPipeline", "OpenSoraVAE_V1_2")

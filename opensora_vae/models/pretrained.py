@@ -9,6 +9,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from ..errors import RunError
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 LEGACY_WEIGHTS_NAME = "pytorch_model.bin"
@@ -42,7 +44,9 @@ def resolve_pretrained(
             f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {path} or {path / 'model'}: "
             f"expected a folder written by save_pretrained or a trainer checkpoint"
         )
-    looks_local = str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") != 1
+    # "org/name" is a hub id unless "org" is a folder here (e.g. runs/model): then it is a local path that is missing.
+    looks_local = (str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") != 1
+                   or path.parent.is_dir())
     if looks_local:
         raise FileNotFoundError(f"checkpoint {path_or_id} not found (neither a file, a folder nor a hub id)")
     return _download(str(path_or_id), cache_dir, local_files_only)
@@ -91,6 +95,13 @@ def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     return sd
 
 
+class CheckpointMismatchError(KeyError, RunError):
+    """Weights whose names or shapes do not fit the model (a user error: the wrong checkpoint or config)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def _names(keys, limit=8) -> str:
     keys = sorted(keys)
     more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
@@ -115,7 +126,7 @@ def load_strict(module: nn.Module, state_dict: Dict[str, torch.Tensor], source: 
             parts.append(f"{len(unexpected)} unexpected key(s): {_names(unexpected)}")
         if shapes:
             parts.append(f"{len(shapes)} shape mismatch(es): {'; '.join(shapes[:8])}")
-        raise KeyError(f"checkpoint {source} does not fit {type(module).__name__}: " + " | ".join(parts))
+        raise CheckpointMismatchError(f"checkpoint {source} does not fit {type(module).__name__}: " + " | ".join(parts))
     module.load_state_dict(state_dict, strict=True, assign=assign)
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 import json
 import logging
 from importlib import resources
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..registry import MODELS
-from . import subpixel, tiling
 from .distributions import DiagonalGaussianDistribution
+from .speed import RuntimeOptionsMixin
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +59,13 @@ def _load_autoencoderkl(from_pretrained: str, subfolder, cache_dir, local_files_
 
 
 @MODELS.register_module()
-class VideoAutoencoderKL(nn.Module):
+class VideoAutoencoderKL(RuntimeOptionsMixin, nn.Module):
     """AutoencoderKL over frames: frames are folded into the batch, latents are scaled by `scaling_factor`.
 
     from_pretrained: hub id or local folder of a diffusers AutoencoderKL (with `subfolder`), or None to build a
     randomly initialised model from `config` (an AutoencoderKL config dict; None means the SDXL VAE architecture).
-    micro_batch_size: frames per AutoencoderKL call (bounds memory; results depend on it only through float rounding:
-    oneDNN picks its algorithm per batch size, 8e-5 on a decoded 17x64x64 clip at random weights).
-    The decoder's upsamplers run as sub-pixel convolutions (`enable_subpixel`, on by default).
+    micro_batch_size: frames per AutoencoderKL call (`enable_micro_batching`; None: all at once).
+    Fast paths (sub-pixel upsampling on by default) and runtime options: `speed.RuntimeOptionsMixin`.
     """
 
     def __init__(
@@ -86,18 +85,15 @@ class VideoAutoencoderKL(nn.Module):
             self.module = _load_autoencoderkl(from_pretrained, subfolder, cache_dir, local_files_only)
         else:
             self.module = AutoencoderKL(**(dict(config) if config is not None else sdxl_vae_config()))
-        if micro_batch_size is not None and micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be a positive integer or None, got {micro_batch_size}")
-        self.micro_batch_size = micro_batch_size
+        self.micro_batch_size: Optional[int] = None
         self.scaling_factor = scaling_factor
-        self.tiling: Optional[tiling.TilingConfig] = None
         cfg = self.module.config
         self.in_channels = cfg.in_channels
         self.out_channels = cfg.latent_channels
         # Each down block but the last halves H and W.
         factor = 2 ** (len(cfg.block_out_channels) - 1)
         self.patch_size = (1, factor, factor)
-        self.enable_subpixel()
+        self._apply_default_options(micro_batch_size=micro_batch_size)
 
     def architecture_config(self) -> dict:
         """The AutoencoderKL constructor config (for saving a pipeline that rebuilds offline)."""
@@ -129,16 +125,10 @@ class VideoAutoencoderKL(nn.Module):
         return out
 
     def _encode_frames(self, f: torch.Tensor, dest: Optional[torch.Tensor]) -> torch.Tensor:
-        if self.tiling is None:
-            y = self.module.encode(f).latent_dist.parameters
-        else:
-            y = tiling.autoencoderkl_encode(self.module, f, self.tiling)
+        y = self.module.encode(f).latent_dist.parameters
         return y if dest is None else dest.copy_(y)
 
     def _decode_frames(self, f: torch.Tensor, dest: Optional[torch.Tensor]) -> torch.Tensor:
-        # Scaled latents: the tiled decode divides tile by tile, so no whole-frame copy is made.
-        if self.tiling is not None:
-            return tiling.autoencoderkl_decode(self.module, f, self.tiling, out=dest, divisor=self.scaling_factor)
         y = self.module.decode(f / self.scaling_factor).sample
         return y if dest is None else dest.copy_(y)
 
@@ -166,26 +156,11 @@ class VideoAutoencoderKL(nn.Module):
     def get_latent_size(self, input_size: Sequence[Optional[int]]) -> list:
         return [None if n is None else n // p for n, p in zip(input_size, self.patch_size)]
 
-    def enable_tiling(self, **kwargs) -> None:
-        """Tile H/W with whole-frame GroupNorm statistics and attention (see `tiling.TilingConfig` for the
-        arguments; frames that fit one tile give the untiled result exactly)."""
-        self.tiling = tiling.TilingConfig(**kwargs)
-
-    def disable_tiling(self) -> None:
-        self.tiling = None
-
     def enable_gradient_checkpointing(self) -> None:
         self.module.enable_gradient_checkpointing()
 
-    def enable_subpixel(self) -> None:
-        """Nearest-2x upsampling + 3x3 conv as four folded 2x2 convolutions on the low-resolution input
-        (opensora_vae.models.subpixel): 4/9 of those layers' multiplies and no upsampled copy; outputs move by float
-        rounding (as close to float64 as diffusers' own path). On by default; `disable_subpixel()` restores
-        diffusers' op sequence."""
-        subpixel.use_subpixel(self.module)
-
-    def disable_subpixel(self) -> None:
-        subpixel.use_subpixel(self.module, enable=False)
+    def disable_gradient_checkpointing(self) -> None:
+        self.module.disable_gradient_checkpointing()
 
     @property
     def device(self) -> torch.device:

@@ -11,9 +11,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..registry import MODELS
-from . import onednn, tiling, winograd
 from .distributions import DiagonalGaussianDistribution
 from .spatial import check_video
+from .speed import RuntimeOptionsMixin
 
 ACTIVATIONS = {"swish": nn.SiLU, "silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -37,8 +37,6 @@ class CausalConv3d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.time_pad:
             x = F.pad(x, (0, 0, 0, 0, self.time_pad, 0))
-        if onednn.applies(x) and not winograd.takes(self.conv, x):
-            return onednn.conv3d(self.conv, x)
         return self.conv(x)
 
 
@@ -145,8 +143,11 @@ class Decoder(_Stack):
 
 
 @MODELS.register_module()
-class VAE_Temporal(nn.Module):
-    """Causal temporal VAE. Input (B, C, T, H, W); T is front-padded with zeros to a multiple of the time factor."""
+class VAE_Temporal(RuntimeOptionsMixin, nn.Module):
+    """Causal temporal VAE. Input (B, C, T, H, W); T is front-padded with zeros to a multiple of the time factor.
+    Fast paths (oneDNN convolutions on by default) and runtime options: `speed.RuntimeOptionsMixin`."""
+
+    _supported_options = ("tiling",)  # a pipeline's compile and winograd reach its networks too
 
     def __init__(
         self,
@@ -180,11 +181,11 @@ class VAE_Temporal(nn.Module):
         self.decoder = Decoder(**widths)
         self.quant_conv = CausalConv3d(2 * latent_embed_dim, 2 * embed_dim, 1)
         self.post_quant_conv = CausalConv3d(embed_dim, latent_embed_dim, 1)
-        self.tiling: Optional[tiling.TilingConfig] = None
         if from_pretrained is not None:
             from .pretrained import load_state_dict_file
 
             load_state_dict_file(self, from_pretrained, prefix="temporal_vae.")
+        self._apply_default_options()
 
     def time_padding(self, num_frames: int) -> int:
         return (self.time_downsample_factor - num_frames % self.time_downsample_factor) % self.time_downsample_factor
@@ -215,17 +216,13 @@ class VAE_Temporal(nn.Module):
         return self.decode(z, num_frames=x.shape[2]), posterior, z
 
     def _run(self, fn, x: torch.Tensor) -> torch.Tensor:
-        return fn(x) if self.tiling is None else tiling.temporal_tiled(fn, self, x, self.tiling)
-
-    def enable_tiling(self, **kwargs) -> None:
-        """Tile H/W (`tiling.TilingConfig`; the temporal_* sizes apply), GroupNorm statistics of the whole chunk."""
-        self.tiling = tiling.TilingConfig(**kwargs)
-
-    def disable_tiling(self) -> None:
-        self.tiling = None
+        return fn(x)
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = enabled
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.enable_gradient_checkpointing(False)
 
 
 @MODELS.register_module()

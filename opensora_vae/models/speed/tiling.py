@@ -1,31 +1,16 @@
 """Tiled encode/decode through both VAEs: overlapping H/W tiles, blended seams, whole-frame GroupNorm statistics.
 
-Naive tiles (diffusers' `enable_tiling`) disagree with the untiled result mostly because every tile normalises
-with its own GroupNorm statistics and attends only within itself. Here:
-
-- The AutoencoderKL encoder's mid-block (latent resolution, with the attention block) runs on the whole frame:
-  exact, with latent-sized activations (e.g. 512 x H/8 x W/8 per frame), 1/16 of the full-resolution layers'.
-  The decoder's mid-block does too by default; `tile_mid_block` runs it per tile (memory stays one tile's) with
-  exact attention: the tile's queries attend to the whole frame's keys/values, recomputed key tile by key tile
-  from the latent (conv_in + first resnet on the key tile plus a halo, whole-frame GroupNorm statistics) and
-  streamed through an online softmax (`frame_attention`); the mid-block also sees its convolutions' reach as
-  context, trimmed before the up blocks, so the result equals the whole-frame mid-block's. Cost: every pass
-  after the attention recomputes conv_in + first resnet of the whole frame once per tile (bench/RESULTS.md).
-- Full-resolution parts (the AutoencoderKL down/up blocks) and the whole temporal VAE run per tile. Each tile sees
-  `overlap / 2` extra pixels on every side of its core; outputs are blended with linear weights over the inner
-  half of the shared band (a partition of unity: constant content gives constant output), and the outer half,
-  which saw the zero padding at the tile's edge, is dropped.
-- Every GroupNorm inside a tiled part normalises with the whole frame's statistics (per frame for the spatial
-  VAE; per chunk over (C_group, T, H, W) for the temporal VAE) instead of the tile's. They are measured norm by
-  norm: pass k runs every tile up to GroupNorm k, with norms before k already exact, records its input over the
-  tile cores (mean and M2 merged across tiles in float64), and stops there. `exact_norms` caps how many norms
-  get this (None: all; later ones use the tile's statistics, 0 is diffusers' behaviour). Cost: pass k costs the
-  network up to norm k, so all norms cost about L/2 extra tiled passes for L norms; memory stays one tile.
-  Measured and dropped (bench/RESULTS.md): statistics from one pass over the frame area-downsampled to a tile
-  (feature variance depends on scale: worse than per-tile), and refinement passes that reuse a previous pass's
-  statistics for all norms at once (inconsistent across layers: they diverge). Exact statistics in one pass
-  would need every layer's whole-frame activation at once (memory that grows with the frame).
-When the frame fits in one tile the plain path runs unchanged, so results equal untiled exactly.
+Naive tiles (diffusers' `enable_tiling`) differ from the untiled result mostly because each tile normalises with its
+own GroupNorm statistics and attends only within itself. Here the AutoencoderKL's mid-blocks (latent resolution,
+with the attention) run on the whole frame, or per tile with exact attention (`tile_mid_block`: the tile's queries
+over the whole frame's keys/values, recomputed key tile by key tile, `frame_attention`). The full-resolution blocks
+and the temporal VAE run per tile, each tile seeing `overlap / 2` more pixels on every side; outputs are blended
+linearly over the inner half of the shared band (a partition of unity) and the outer half, which saw the padding,
+is dropped. Every GroupNorm in a tiled part normalises with the whole frame's statistics, measured norm by norm:
+pass k runs every tile up to GroupNorm k (earlier norms already exact), records its input over the tile cores and
+stops (about L/2 extra passes for L norms, memory one tile's; `exact_norms` caps how many). Cheaper estimates
+(one pass over a downsampled frame, reusing a previous pass's statistics) measured worse. A frame that fits one
+tile runs the plain path: the untiled result exactly. Options and measurements: docs/speed.md.
 """
 from __future__ import annotations
 
@@ -44,18 +29,21 @@ from .frame_attention import frame_attention
 
 @dataclass(frozen=True)
 class TilingConfig:
-    """tile_size / overlap: pixels of the spatial VAE's frames (multiples of 16); neighbouring tiles share
-    `overlap` pixels. temporal_*: the same for the temporal VAE, in latent pixels (None: tile_size // 4 and
-    about tile_size // 16; the temporal VAE holds up to 512 channels x T per latent pixel)."""
+    """`enable_tiling`'s arguments. tile_size / overlap: pixels of the spatial VAE's frames (multiples of 16; overlap
+    None: tile_size // 8 rounded down to a multiple of 16). temporal_*: the same for the temporal VAE in latent pixels
+    (None: tile_size // 4, about tile_size // 16). exact_norms: GroupNorms given whole-frame statistics, one pass each
+    (None: all; 0: each tile's own). tile_mid_block: the spatial decoder's mid-block per tile too (same result)."""
 
     tile_size: int = 512
-    overlap: int = 64
+    overlap: Optional[int] = None
     temporal_tile_size: Optional[int] = None
     temporal_overlap: Optional[int] = None
-    exact_norms: Optional[int] = None  # None: all
-    tile_mid_block: bool = False  # AutoencoderKL decoder mid-block per tile too (exact attention; bounded memory)
+    exact_norms: Optional[int] = None
+    tile_mid_block: bool = False
 
     def __post_init__(self):
+        if self.overlap is None:
+            object.__setattr__(self, "overlap", self.tile_size // 8 // 16 * 16)
         if self.exact_norms is not None and self.exact_norms < 0:
             raise ValueError(f"exact_norms must be >= 0, got {self.exact_norms}")
         if self.tile_size % 16 or self.overlap % 16 or self.overlap < 0:

@@ -1,11 +1,8 @@
-"""fp32 CPU Conv3d through oneDNN, forward and backward.
+"""fp32 CPU Conv3d through oneDNN, forward and backward: a backend of `speed.Conv3d`, on by default.
 
-PyTorch's backend heuristic sends batch-1 clips with N*C*T*H <= 20480 (the temporal VAE on the latents of a 64x64
-video: the demo, small benchmarks) to its native conv3d, and its backward to the native kernels even when the forward
-ran in oneDNN. Measured on one core (32 channels, 19x16x16): native forward 56 ms / input gradient 104 ms; oneDNN
-17 / 19 ms. The weight gradient runs as a oneDNN convolution too (input and output gradient with batch and channels
-swapped): 5-10x faster than ATen's for the demo's shapes. Outputs agree to float rounding.
-`torch.backends.mkldnn.flags(enabled=False)` restores PyTorch's choice.
+PyTorch's heuristic sends small batch-1 clips (N*C*T*H <= 20480) to its slower native conv3d, and the backward to the
+native kernels even after a oneDNN forward; the weight gradient runs as a oneDNN convolution too (batch and channels
+swapped). Outputs agree to float rounding; `torch.backends.mkldnn.flags(enabled=False)` restores PyTorch's choice.
 """
 from __future__ import annotations
 
@@ -13,6 +10,10 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+
+def wins(conv: nn.Module) -> bool:
+    return isinstance(conv, nn.Conv3d)
 
 
 def applies(x: torch.Tensor) -> bool:
@@ -50,7 +51,7 @@ class _Conv3d(torch.autograd.Function):
                 grad_x = torch.ops.aten.mkldnn_convolution(spread, flipped, None, pad, ones, ones, 1)
             if need_w:
                 # The weight gradient: the input correlated with the output gradient (dilated by the stride), batch
-                # and channels swapped so the batch is summed; 5-10x faster than ATen's path for these shapes.
+                # and channels swapped so the batch is summed (faster than ATen's path for these shapes).
                 grad_w = torch.ops.aten.mkldnn_convolution(
                     x.transpose(0, 1), grad.transpose(0, 1), None, padding, ones, list(stride), 1)
                 grad_w = grad_w[..., :kernel[0], :kernel[1], :kernel[2]].transpose(0, 1)
@@ -65,6 +66,6 @@ class _Conv3d(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
-def conv3d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+def forward(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     bias: Optional[torch.Tensor] = conv.bias
     return _Conv3d.apply(x, conv.weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)

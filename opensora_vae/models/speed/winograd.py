@@ -1,21 +1,13 @@
-"""Winograd F(4x4, 3x3) convolution for fp32 CPU inference.
+"""Winograd F(4x4, 3x3) convolution for fp32 CPU inference: a backend of `speed.Conv2d` / `speed.Conv3d`.
 
 A 3x3 stride-1 convolution over 4x4 output tiles needs 36 multiplies per tile and channel pair instead of 144
-(Lavin & Gray, 2015). The tiles are processed in chunks of about 256 (cache-sized: one whole-tensor transform
-ran MKL's small-matmul path 3x slower); per chunk, each transform is one batched matmul with a Kronecker matrix
-over the gathered 6x6 tiles and the channel mixing is one batched GEMM over the 36 tile elements. A Conv3d with
-kernel (kt, 3, 3) is the same over H/W with its kt time taps accumulated into the GEMM. `use_winograd(module)`
-opts a module's Conv2d/Conv3d in where it measured faster (`wins`), for fp32 CPU inference only (`applies`). The
-pipeline exposes it as `enable_winograd()` (the spatial VAE and the temporal decoder; `winograd=True` in
-`build_model`, `--winograd` in the CLIs). Opt-in for its memory: the transformed weights are kept on the modules
-(4x the weights of each convolution used). Outputs move by float rounding, not bitwise; on real clips at random
-weights the pipeline's land closer to a float64 run than eager's (`bench/RESULTS.md`: 1.20-1.28x for the whole
-pipeline on a 2-core CPU); `bench/bench_winograd.py` times each conv shape, `bench/bench_vae.py --levers
-winograd` the pipeline.
+(Lavin & Gray, 2015). Per cache-sized chunk of tiles, each transform is one batched matmul with a Kronecker matrix
+and the channel mixing one batched GEMM over the 36 tile elements; a (kt, 3, 3) Conv3d accumulates its time taps in
+the GEMM. Used where it measured faster (`wins`), for fp32 CPU inference (`applies`); opt-in for its memory (the
+transformed weights, 4x each convolution's, stay cached on it). Outputs move by float rounding, not bitwise.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -68,21 +60,6 @@ def _mats(device: torch.device):
         _MATS[device] = (torch.kron(bt, bt).float().to(device), torch.kron(g, g),  # G stays float64 (weights)
                          torch.kron(at, at).float().to(device))
     return _MATS[device]
-
-
-enabled = True
-
-
-@contextlib.contextmanager
-def flags(enabled: bool):
-    """`with winograd.flags(enabled=False):` runs the plain convolutions (like `torch.backends.*.flags`); the
-    module attribute `enabled` is the global default."""
-    prev = globals()["enabled"]
-    globals()["enabled"] = enabled
-    try:
-        yield
-    finally:
-        globals()["enabled"] = prev
 
 
 def transform_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -155,10 +132,9 @@ def conv2d(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor]
 
 
 def applies(x: torch.Tensor) -> bool:
-    """Inference only (training keeps the plain convolutions and their autograd), fp32 CPU, eager, and for a Conv2d
-    call at least `MIN_TILES` output tiles. Conv3d calls have no minimum: each transformed time tap serves every
-    output frame, and the temporal VAE's smallest calls (512 channels, 5 frames of 8x8) still gained 1.3x."""
-    return (enabled and x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
+    """Inference only (training keeps the plain convolutions), fp32 CPU, eager; a Conv2d call with `MIN_TILES` output
+    tiles or more (a Conv3d's transformed time taps serve every output frame: no minimum)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
             and not torch.is_grad_enabled() and not x.is_mkldnn and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling() and (x.ndim == 5 or _tiles(x) >= MIN_TILES))
 
@@ -169,10 +145,8 @@ def _tiles(x: torch.Tensor) -> int:
 
 
 def wins(conv: nn.Module) -> bool:
-    """The shapes where it measured faster than PyTorch's own convolution on an AVX2 CPU
-    (`bench/bench_winograd.py`): 3x3 (x kt time taps) stride-1 kernels, padding 1 on H/W, at least 128 channels
-    in and out and kt * C_in * C_out >= 2^15 (`MIN_CHANNELS`, `MIN_REDUCTION`: below that the transforms cost more
-    than the GEMM saves)."""
+    """Where it measured faster than PyTorch's convolution (`bench/bench_winograd.py`): 3x3 (x kt) stride-1 kernels,
+    padding 1 on H/W, `MIN_CHANNELS` in and out, kt * C_in * C_out >= `MIN_REDUCTION` (else transforms cost more)."""
     if not isinstance(conv, (nn.Conv2d, nn.Conv3d)) or conv.groups != 1 or conv.padding_mode != "zeros":
         return False
     ks, stride, pad, dil = conv.kernel_size, conv.stride, conv.padding, conv.dilation
@@ -183,50 +157,8 @@ def wins(conv: nn.Module) -> bool:
             and kt * conv.in_channels * conv.out_channels >= MIN_REDUCTION)
 
 
-def forward(conv: nn.Module, x: torch.Tensor, cache: bool = True) -> torch.Tensor:
-    """`conv(x)` through Winograd (`applies(x)` and `wins(conv)` must hold). With `cache`, the transformed weights
-    (4x the weight's size) are kept on the module and recomputed when the weight changes (in place or replaced);
-    without, they are transformed on each call."""
+def forward(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)` through Winograd (`applies(x)` must hold), the transformed weights kept on the module (recomputed
+    when the weight changes in place or is replaced)."""
     fn = conv2d if isinstance(conv, nn.Conv2d) else conv3d
-    return fn(x, derived.cached(conv, CACHE, transform_weight) if cache else transform_weight(conv.weight), conv.bias)
-
-
-def takes(conv: nn.Module, x: torch.Tensor) -> bool:
-    """Whether `conv(x)` runs through Winograd: a swapped-in convolution (`use_winograd`), a batched input, and
-    `applies(x)`."""
-    return isinstance(conv, _Winograd) and x.ndim == len(conv.kernel_size) + 2 and applies(x)
-
-
-class _Winograd:
-    """Forward of the swapped-in convolutions: Winograd where `takes`, the parent's forward otherwise."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return forward(self, x) if takes(self, x) else super().forward(x)
-
-
-class Conv2d(_Winograd, nn.Conv2d):
-    pass
-
-
-class Conv3d(_Winograd, nn.Conv3d):
-    pass
-
-
-_SWAP = {nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
-
-
-def use_winograd(module: nn.Module, enable: bool = True) -> int:
-    """Make each nn.Conv2d / nn.Conv3d of `module` where Winograd wins (`wins`) a `Conv2d` / `Conv3d` (same
-    parameters and state dict; only the class changes), or with `enable=False` back, dropping the cached weights.
-    Returns how many were swapped."""
-    back = {v: k for k, v in _SWAP.items()}
-    n = 0
-    for m in module.modules():
-        if enable and type(m) in _SWAP and wins(m):
-            m.__class__ = _SWAP[type(m)]
-            n += 1
-        elif not enable and type(m) in back:
-            m.__class__ = back[type(m)]
-            derived.drop(m, CACHE)
-            n += 1
-    return n
+    return fn(x, derived.cached(conv, CACHE, transform_weight), conv.bias)

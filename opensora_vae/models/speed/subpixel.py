@@ -3,9 +3,8 @@
 In the upsampled map every 3x3 window covers only 2x2 distinct input pixels, so for each output phase (row and
 column parity) the 3x3 kernel folds into a 2x2 kernel whose taps are the sums of the taps that read the same pixel.
 All four phases are one 2x2 convolution with 4x the output channels, interleaved back by one strided copy: 4/9 of
-the multiplies, and no upsampled copy of the input. Each output sums fewer rounded products, so it sits as close
-to float64 as the plain path or closer (`bench/RESULTS.md`). The spatial decoder's `Upsample2D` modules (diffusers)
-use it by default (`VideoAutoencoderKL.enable_subpixel`); parameters and state dict names are unchanged.
+the multiplies, and no upsampled copy of the input; each output sums fewer rounded products, so it sits as close
+to float64 as the plain path or closer. On by default for the spatial decoder's `Upsample2D` modules (diffusers).
 """
 from __future__ import annotations
 
