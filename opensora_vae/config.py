@@ -262,7 +262,7 @@ def _model_hints() -> Dict[str, Any]:
 
     hints: Dict[str, Any] = {name: Any for name in RUNTIME_OPTIONS}
     hints.update(tiling=Union[bool, TilingConfig, None], winograd=Optional[bool], subpixel=Optional[bool],
-                 micro_batch_size=Union[int, bool, None], compile=Union[bool, Dict[str, Any], None],
+                 micro_batch_size=Union[int, Literal[False], None], compile=Union[bool, Dict[str, Any], None],
                  from_pretrained=Optional[str])
     return hints
 

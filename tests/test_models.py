@@ -367,3 +367,26 @@ def test_spatial_tiling_matches_untiled_closely():
     # Only the convolutions' context beyond the overlap differs.
     assert torch.nn.functional.cosine_similarity(tiled.flatten(), whole.flatten(), dim=0) > 0.99
     assert not torch.equal(tiled, whole)  # tiles really were used
+
+
+def test_one_loader_takes_overrides_and_runtime_options(tmp_path):
+    """opensora_vae.from_pretrained and build_model's from_pretrained reach the same loader, with config overrides and
+    runtime options; reference-only keys of an old config.json are dropped."""
+    import json
+
+    import opensora_vae
+
+    model = tiny_pipeline(seed=3)
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, cal_loss=False, from_pretrained=None)))
+    a = opensora_vae.from_pretrained(tmp_path, micro_frame_size=5, micro_batch_size=2, tiling=dict(tile_size=128))
+    b = build_model(tiny_model_cfg(from_pretrained=str(tmp_path), micro_frame_size=5, micro_batch_size=2,
+                                   tiling=dict(tile_size=128)))
+    for m in (a, b):
+        assert m.micro_frame_size == 5 and m.spatial_vae.micro_batch_size == 2
+        assert m.spatial_vae.tiling.tile_size == 128 and m.spatial_vae.tiling.overlap == 16
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, m.state_dict()[k]), k
+    with pytest.raises(TypeError, match="unknown option"):
+        opensora_vae.from_pretrained(tmp_path, micro_frame_sise=5)

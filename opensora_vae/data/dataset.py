@@ -116,11 +116,6 @@ class VideoTextDataset(Dataset):
 
     # ------------------------------------------------------------------ construction
 
-    @property
-    def span(self) -> int:
-        """Frames a video must have to hold one clip (the reference's minimum)."""
-        return self.num_frames
-
     def _load_csv(self) -> pd.DataFrame:
         csv = self.data_path
         if not os.path.isfile(csv):
@@ -143,15 +138,15 @@ class VideoTextDataset(Dataset):
         if "num_frames" in df.columns:
             known = pd.to_numeric(df["num_frames"], errors="coerce")
             is_img = df["path"].map(is_image_path)
-            short = (~is_img) & known.notna() & (known < self.span)
+            short = (~is_img) & known.notna() & (known < self.num_frames)
             if short.any():
                 logger.info(
                     "%s: dropped %d of %d rows shorter than %d frames (num_frames column)",
-                    csv, int(short.sum()), len(df), self.span,
+                    csv, int(short.sum()), len(df), self.num_frames,
                 )
                 df = df[~short]
             if len(df) == 0:
-                raise ValueError(f"dataset CSV {csv}: every row is shorter than {self.span} frames "
+                raise ValueError(f"dataset CSV {csv}: every row is shorter than {self.num_frames} frames "
                                  f"(num_frames={self.num_frames}, frame_interval={self.frame_interval})")
         df = df.reset_index(drop=True)
 
@@ -236,8 +231,8 @@ class VideoTextDataset(Dataset):
             total = total or info.num_frames
             fps = fps or info.fps
         total = int(total)
-        if total < self.span:
-            raise VideoReadError(path, f"has {total} frames, a clip needs {self.span}")
+        if total < self.num_frames:
+            raise VideoReadError(path, f"has {total} frames, a clip needs {self.num_frames}")
         indices = self.clip_indices(total, g)
         return read_frames(path, indices), (fps or 0.0) / self.frame_interval, indices
 

@@ -8,16 +8,13 @@ import torch
 
 
 class DiagonalGaussianDistribution:
-    def __init__(self, parameters: torch.Tensor, deterministic: bool = False):
+    def __init__(self, parameters: torch.Tensor):
         self.parameters = parameters
         self.mean, logvar = torch.chunk(parameters, 2, dim=1)
         # Same clamp as the reference: keeps exp() finite for untrained encoders.
         self.logvar = torch.clamp(logvar, -30.0, 20.0)
-        self.deterministic = deterministic
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
-        if deterministic:
-            self.std = self.var = torch.zeros_like(self.mean)
 
     @classmethod
     def cat(cls, parts: Sequence["DiagonalGaussianDistribution"], dim: int = 2) -> "DiagonalGaussianDistribution":
@@ -26,7 +23,7 @@ class DiagonalGaussianDistribution:
             return parts[0]
         means = torch.cat([p.mean for p in parts], dim=dim)
         logvars = torch.cat([p.logvar for p in parts], dim=dim)
-        return cls(torch.cat([means, logvars], dim=1), deterministic=parts[0].deterministic)
+        return cls(torch.cat([means, logvars], dim=1))
 
     def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         noise = torch.randn(
@@ -42,8 +39,6 @@ class DiagonalGaussianDistribution:
 
     def kl(self, other: Optional["DiagonalGaussianDistribution"] = None) -> torch.Tensor:
         """KL divergence per batch element, summed over all non-batch dimensions."""
-        if self.deterministic:
-            return torch.zeros(self.mean.shape[0], device=self.mean.device, dtype=self.mean.dtype)
         dims = self._reduce_dims()
         if other is None:
             return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=dims)
@@ -54,7 +49,5 @@ class DiagonalGaussianDistribution:
 
     def nll(self, sample: torch.Tensor) -> torch.Tensor:
         """Negative log-likelihood of `sample` per batch element."""
-        if self.deterministic:
-            return torch.zeros(self.mean.shape[0], device=self.mean.device, dtype=self.mean.dtype)
         log2pi = math.log(2.0 * math.pi)
         return 0.5 * torch.sum(log2pi + self.logvar + (sample - self.mean).pow(2) / self.var, dim=self._reduce_dims())
