@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Tuple,
 from mmengine.config import Config
 
 from .errors import MissingFileError, UserError
+from .runtime import DTYPES
 
 logger = logging.getLogger("opensora_vae.config")
 
@@ -31,6 +32,9 @@ class ConfigError(UserError):
 
 
 # ----- the declared keys ----------------------------------------------------------------------------------------
+DtypeName = Literal[tuple(DTYPES)]
+
+
 @dataclass
 class LRSchedule:
     type: Literal["constant", "cosine"] = "constant"  # cosine: decay to min_ratio * lr at max_steps
@@ -50,7 +54,7 @@ class JobConfig:
     dataset: Dict[str, Any] = field(default_factory=dict)  # a DATASETS type and its arguments
     model: Dict[str, Any] = field(default_factory=dict)  # a MODELS type, its arguments and runtime options
     device: str = "auto"  # auto: CUDA when available, else CPU
-    dtype: str = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    dtype: Union[Literal["auto"], DtypeName] = "auto"  # auto: bf16 on a GPU that has it, else fp32
     seed: int = 42
     num_workers: int = 0  # data-loading processes
 
@@ -60,7 +64,7 @@ class TrainConfig(JobConfig):
     """The published recipe's shared settings; stage configs state what differs. Loss keys are VAELoss's
     arguments (opensora_vae/losses.py), declared there."""
 
-    dtype: str = "bf16"
+    dtype: Union[Literal["auto"], DtypeName] = "bf16"
     batch_size: int = 1  # per rank
     sampler_seed: int = 0  # the reference's sampler is seeded with 0 whatever `seed` is
     precision: Literal["autocast", "params"] = "autocast"  # params: parameters and AdamW state in `dtype` too
@@ -103,7 +107,7 @@ class EncodeConfig(JobConfig):
     save_dir: Optional[str] = None
     buckets: Optional[List[Tuple[int, int, int]]] = None  # (num_frames, height, width); None: the dataset's
     shard_size_mb: float = 256.0  # a shard is written once its latents reach this size
-    save_dtype: Literal["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"] = "fp32"
+    save_dtype: DtypeName = "fp32"
 
 
 JOBS = {"train": TrainConfig, "inference": InferenceConfig, "encode": EncodeConfig}
@@ -206,7 +210,9 @@ def _unknown(where: str, name: str, known: Iterable[str]) -> ConfigError:
 
 def _check_value(where: str, name: str, value: Any, tp: Any) -> None:
     if not _fits(value, tp):
-        raise ConfigError(f"config key {where}{name}={value!r} has the wrong type: expected {_type_name(tp)}")
+        choices = all(typing.get_origin(a) is Literal for a in (typing.get_args(tp) if _is_union(tp) else (tp,)))
+        what = "is not one of" if choices else "has the wrong type: expected"
+        raise ConfigError(f"config key {where}{name}={value!r} {what} {_type_name(tp)}")
 
 
 def _check_fields(where: str, values: Mapping[str, Any], hints: Mapping[str, Any]) -> None:

@@ -29,6 +29,7 @@ from .data.latents import INDEX_COLUMNS, META_NAME, SHARD_DIR, read_meta, read_s
 from .config import check_config
 from .distributed import barrier, init_distributed
 from .errors import UserError
+from .models.speed import RUNTIME_OPTIONS
 from .jobs import RowReader, check_output_folder, job_model, rank_share, report_skips
 from .registry import DATASETS, build_from_cfg, to_plain
 from .runtime import DTYPES, resolve_dtype
@@ -225,7 +226,8 @@ def _reduce(values: List[float], device: torch.device, op=dist.ReduceOp.SUM) -> 
 
 
 def _job_meta(cfg, dataset, buckets: List[Bucket], dtype: torch.dtype, model) -> Dict[str, Any]:
-    model_cfg = to_plain(cfg.model)
+    # How the model runs (compile, Winograd, tiling, ...) may change between restarts; what it is may not.
+    model_cfg = {k: v for k, v in to_plain(cfg.model).items() if k not in RUNTIME_OPTIONS or k == "micro_batch_size"}
     return {
         "checkpoint": model_cfg.get("from_pretrained"),
         "model": model_cfg,  # build_model(meta["model"]) rebuilds the encoder

@@ -22,7 +22,8 @@ TINY = CFG / "tiny"
     ("train", "stage1.py", "max_steps=abc", "max_steps='abc' has the wrong type: expected int or None"),
     ("train", "stage1.py", "ckpt_every=abc", "ckpt_every='abc' has the wrong type: expected int"),
     ("train", "stage1.py", "lr_schedule=dict(typ='cosine')", "'lr_schedule.typ' (did you mean lr_schedule.type?)"),
-    ("train", "stage1.py", "lr_schedule=dict(type='linear')", "lr_schedule.type='linear' has the wrong type"),
+    ("train", "stage1.py", "lr_schedule=dict(type='linear')", "lr_schedule.type='linear' is not one of 'constant'"),
+    ("train", "stage1.py", "dtype='bf61'", "dtype='bf61' is not one of 'auto' or 'fp32'"),
     ("train", "stage1.py", "warmup_step=100", "(did you mean warmup_steps"),
     ("train", "stage1.py", "model.micro_frame_sise=3", "'model.micro_frame_sise' (did you mean model.micro_frame_size"),
     ("train", "stage1.py", "dataset.num_frame=3", "'dataset.num_frame' (did you mean dataset.num_frames"),
@@ -32,7 +33,7 @@ TINY = CFG / "tiny"
     ("train", "stage1.py", "model.tiling=dict(tile_sise=64)", "'model.tiling.tile_sise' (did you mean model.tiling.tile_size"),
     ("inference", "inference.py", "crff=40", "(did you mean crf?)"),
     ("inference", "inference.py", "crf=high", "crf='high' has the wrong type: expected int"),
-    ("encode", "latents.py", "save_dtype='int8'", "save_dtype='int8' has the wrong type"),
+    ("encode", "latents.py", "save_dtype='int8'", "save_dtype='int8' is not one of"),
 ])
 def test_a_misspelt_key_or_wrong_type_is_refused_naming_it(job, config, option, message):
     with pytest.raises(ConfigError) as err:

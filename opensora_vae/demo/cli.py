@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli import ArgumentParser
+from ..errors import run_main
 from .data import build_cache, write_csv
 from .report import write_report
 from .stages import (CONFIGS, DESCRIPTIONS, SPLITS, STAGES, TRAIN_STAGES, Settings, StageFailed, StageRunner,
@@ -97,7 +99,7 @@ def parse_steps(text: str, parser: argparse.ArgumentParser) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_outputs", help="output folder (default: demo_outputs)")
     parser.add_argument("--force", action="store_true", help="redo every stage (finished stages are skipped)")
     parser.add_argument("--pretrained", metavar="ID_OR_DIR",
@@ -127,4 +129,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))
