@@ -159,9 +159,7 @@ class VAELoss(nn.Module):
         with _fp32_region(device):
             if posterior.mean.dtype != torch.float32:
                 posterior = DiagonalGaussianDistribution(
-                    torch.cat([posterior.mean.float(), posterior.logvar.float()], dim=1),
-                    deterministic=posterior.deterministic,
-                )
+                    torch.cat([posterior.mean.float(), posterior.logvar.float()], dim=1))
             kl = posterior.kl().float()
             return kl.sum() / kl.shape[0] * self.kl_loss_weight
 
