@@ -16,5 +16,5 @@ tensorboard = False
 epochs = 100000
 ckpt_every = 0
 lr = 1e-3
-max_steps = 100
+max_steps = 292  # the temporal VAE is the pipeline's bottleneck, and its steps are the demo's cheapest
 warmup_steps = 10

@@ -15,7 +15,7 @@ allow_missing_lpips = True
 tensorboard = False
 epochs = 100000
 ckpt_every = 0
-lr = 1e-3
-max_steps = 120
+lr = 1e-4  # stage 2 ends near the spatial VAE's score: a gentle rate keeps it (1e-3 undid it)
+max_steps = 51  # its time went to stage 1
 warmup_steps = 8
 lr_schedule = dict(type="cosine", min_ratio=0.05)  # minutes of training end far better annealed
