@@ -388,5 +388,7 @@ def test_one_loader_takes_overrides_and_runtime_options(tmp_path):
         assert m.spatial_vae.tiling.tile_size == 128 and m.spatial_vae.tiling.overlap == 16
         for k, v in model.state_dict().items():
             assert torch.equal(v, m.state_dict()[k]), k
+    whole = build_model(tiny_model_cfg(from_pretrained=str(tmp_path), micro_batch_size=None))
+    assert whole.spatial_vae.micro_batch_size is None  # as OpenSoraVAE_V1_2(micro_batch_size=None): all frames
     with pytest.raises(TypeError, match="unknown option"):
         opensora_vae.from_pretrained(tmp_path, micro_frame_sise=5)

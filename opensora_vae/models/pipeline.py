@@ -279,6 +279,8 @@ def load_pipeline(cfg: dict) -> VideoAutoencoderPipeline:
     if kind == "OpenSoraVAE_V1_2":
         defaults = {k: p.default for k, p in inspect.signature(OpenSoraVAE_V1_2).parameters.items()}
         cfg = {k: cfg.get(k, defaults[k]) for k in ("micro_frame_size", "micro_batch_size", "freeze_vae_2d")}
+        if cfg["micro_batch_size"] is None:  # the constructor's None (all frames at once) as a runtime option
+            cfg["micro_batch_size"] = False
     else:
         cfg = {k: v for k, v in cfg.items() if k not in ("vae_2d", "vae_temporal")}
     return VideoAutoencoderPipeline.from_pretrained(weights, **hub, **cfg)
