@@ -129,8 +129,6 @@ REFERENCE_KEYS = {
         "force_huggingface": "nothing: every checkpoint loads through from_pretrained",
     },
 }
-# Keys that moved: a hint in the unknown-key error.
-MOVED = {name: f"model.{name}" for name in ("compile", "winograd", "subpixel", "tiling", "micro_batch_size")}
 _warned: set = set()
 
 
@@ -204,7 +202,9 @@ def _nearest(name: str, known: Iterable[str], where: str = "") -> str:
 
 
 def _unknown(where: str, name: str, known: Iterable[str]) -> ConfigError:
-    hint = f" (it is now {MOVED[name]})" if not where and name in MOVED else _nearest(name, known, where)
+    from .models.speed import RUNTIME_OPTIONS  # top-level runtime options moved into the model dict
+
+    hint = f" (it is now model.{name})" if not where and name in RUNTIME_OPTIONS else _nearest(name, known, where)
     return ConfigError(f"unknown config key '{where}{name}'{hint}")
 
 
