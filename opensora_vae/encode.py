@@ -209,7 +209,7 @@ def write_index(save_dir: Path) -> Tuple[Path, int]:
 class EncodeReport:
     encoded: int = 0  # clips (row x bucket) encoded by this run, all ranks
     existing: int = 0  # clips found stored by earlier runs
-    skipped: Dict[str, str] = field(default_factory=dict)  # "path [bucket]" -> reason
+    skipped: Dict[str, str] = field(default_factory=dict)  # "path [row N, bucket]" -> reason
     bytes_written: int = 0
     shards_written: int = 0
     stored: int = 0  # clips in the index at the end
@@ -277,8 +277,8 @@ def _encode_rows(model, loader, paths: List[str], writer: ShardWriter, device, d
     for entry in bar:
         row, name = entry["row"]
         if "error" in entry:
-            skipped[f"{paths[row]} [{name}]"] = entry["error"]
-            logger.warning("skipping %s [%s]: %s", paths[row], name, entry["error"])
+            skipped[f"{paths[row]} [row {row}, {name}]"] = entry["error"]
+            logger.warning("skipping %s [row %d, %s]: %s", paths[row], row, name, entry["error"])
             continue
         item = entry["item"]
         x = item["video"][None].to(device=device, dtype=dtype)
@@ -307,7 +307,7 @@ def encode_dataset(cfg, num_frames: Optional[int] = None, image_size: Optional[S
         raise UserError("no output folder: pass --save-dir DIR (or set save_dir in the config)")
     out = Path(cfg.save_dir)
     check_output_folder(out)
-    info = init_distributed(cfg.device)
+    info = init_distributed(cfg.device, cfg.dist_timeout)
     device = info.device
     dtype = resolve_dtype(cfg.dtype, device)
     if device.type == "cuda":
@@ -342,7 +342,7 @@ def encode_dataset(cfg, num_frames: Optional[int] = None, image_size: Optional[S
     loop_seconds = time.perf_counter() - loop_start
 
     report = EncodeReport(existing=len(keys) - len(units))
-    report.skipped = report_skips(skipped, info.is_main)
+    report.skipped = report_skips(skipped, info.is_main, unit="clip(s) (row x bucket)")
     report.encoded, report.bytes_written, report.shards_written = (
         int(v) for v in _reduce([encoded, writer.bytes_written, writer.shards], device))
     report.loop_seconds = _reduce([loop_seconds], device, dist.ReduceOp.MAX)[0]

@@ -78,7 +78,7 @@ class LatentStats:
 class InferenceReport:
     written: List[str] = field(default_factory=list)
     existing: List[str] = field(default_factory=list)
-    skipped: Dict[str, str] = field(default_factory=dict)  # path -> reason
+    skipped: Dict[str, str] = field(default_factory=dict)  # "path [row N]" -> reason
     stats: Optional[Dict[str, Any]] = None
 
 
@@ -104,7 +104,7 @@ def reconstruct_dataset(cfg, overwrite: bool = False, stats_path: Optional[str] 
     base = Path(cfg.save_dir)
     folders = {k: base.parent / f"{base.name}_{k}" for k in FOLDERS}
     check_output_folder(base.parent)
-    info = init_distributed(cfg.device)
+    info = init_distributed(cfg.device, cfg.dist_timeout)
     device = info.device
     dtype = resolve_dtype(cfg.dtype, device)
     dataset = build_from_cfg(cfg.dataset, DATASETS)
@@ -132,8 +132,8 @@ def reconstruct_dataset(cfg, overwrite: bool = False, stats_path: Optional[str] 
     for entry in tqdm(loader, total=len(todo), desc="reconstruct", disable=not info.is_main):
         row = entry["row"]
         if "error" in entry:
-            report.skipped[paths[row]] = entry["error"]
-            logger.warning("skipping %s: %s", paths[row], entry["error"])
+            report.skipped[f"{paths[row]} [row {row}]"] = entry["error"]
+            logger.warning("skipping %s [row %d]: %s", paths[row], row, entry["error"])
             continue
         item = entry["item"]
         x = item["video"][None].to(device=device, dtype=dtype)

@@ -56,13 +56,14 @@ class RowReader(Dataset):
             return {"row": key, "error": err.reason or str(err)}
 
 
-def report_skips(skipped: Dict[str, str], is_main: bool) -> Dict[str, str]:
-    """Every rank's skipped rows (name -> reason), listed once by rank 0."""
+def report_skips(skipped: Dict[str, str], is_main: bool, unit: str = "row(s)") -> Dict[str, str]:
+    """Every rank's skipped rows (name -> reason), listed once by rank 0. Names are one per row (the row number in
+    them), so that rows of one file count one each."""
     if dist.is_available() and dist.is_initialized():
         parts: List[Dict[str, str]] = [{} for _ in range(dist.get_world_size())]
         dist.all_gather_object(parts, skipped)
         skipped = {k: v for p in parts for k, v in p.items()}
     if is_main and skipped:
-        logger.warning("skipped %d row(s):\n%s", len(skipped),
+        logger.warning("skipped %d %s:\n%s", len(skipped), unit,
                        "\n".join(f"  {p}: {r}" for p, r in sorted(skipped.items())))
     return skipped

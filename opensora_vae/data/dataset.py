@@ -13,7 +13,7 @@ from torch.utils.data import Dataset, default_collate
 
 from ..registry import DATASETS
 from .transforms import center_crop_image, resize_crop, to_model_range
-from .video import VideoReadError, is_image_path, probe_video, read_frames, read_image
+from .video import ShortVideoError, VideoReadError, is_image_path, probe_video, read_frames, read_image
 
 __all__ = ["VideoTextDataset", "apply_mixed_strategy", "collate_clips", "MIXED_STRATEGIES"]
 
@@ -21,6 +21,7 @@ logger = logging.getLogger("opensora_vae.data")
 
 MIXED_STRATEGIES = (None, "mixed_video_image", "mixed_video_random")
 IMAGE_FRAMES = ("repeat", "single")
+_warned_overstated: set[str] = set()  # paths whose overstated frame count this process has logged
 
 
 def _generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -77,6 +78,11 @@ class VideoTextDataset(Dataset):
     Bad rows (missing, unreadable or too-short files) are logged once per path on the
     `opensora_vae.data` logger, recorded in `bad_rows` (path -> reason) and replaced by the next
     good row, (idx + 1) % len. Counters are per process (each DataLoader worker has its own).
+
+    A video whose header (or `num_frames` column) overstates its length: a window reaching past the frames that
+    decode is drawn again within those (the same generator state, so a row's window does not depend on which row
+    found the file out); the count is logged once per file and kept in `decodable` (path -> frames), and such
+    files are read by a plain decode. Only a file with fewer than `num_frames` decodable frames is a bad row.
     """
 
     def __init__(
@@ -111,6 +117,7 @@ class VideoTextDataset(Dataset):
         self.permute_channels = float(permute_channels)
         self.epoch = 0
         self.bad_rows: dict[str, str] = {}
+        self.decodable: dict[str, int] = {}  # frames that decode, for files whose header says more
         self.num_skipped = 0
         self.data = self._load_csv()
 
@@ -225,6 +232,7 @@ class VideoTextDataset(Dataset):
 
     def _read_clip(self, path: str, row: pd.Series, g: torch.Generator) -> tuple[torch.Tensor, float, list[int]]:
         total = _opt_float(row.get("num_frames"))
+        source = "the header" if total is None else "the num_frames column"
         fps = _opt_float(row.get("fps"))
         if total is None or fps is None:
             info = probe_video(path)
@@ -233,8 +241,28 @@ class VideoTextDataset(Dataset):
         total = int(total)
         if total < self.num_frames:
             raise VideoReadError(path, f"has {total} frames, a clip needs {self.num_frames}")
+        state = g.get_state()
         indices = self.clip_indices(total, g)
-        return read_frames(path, indices), (fps or 0.0) / self.frame_interval, indices
+        fps = (fps or 0.0) / self.frame_interval
+        decodable = self.decodable.get(path)
+        if decodable is None:
+            try:
+                return read_frames(path, indices), fps, indices
+            except ShortVideoError as e:
+                decodable = e.decoded if e.decoded is not None else probe_video(path, decode=True).num_frames
+            self.decodable[path] = decodable
+            if decodable >= self.num_frames and path not in _warned_overstated:  # too few: the skip says so
+                _warned_overstated.add(path)
+                logger.warning("%s: %s says %d frames, %d decode; clips are drawn within those",
+                               path, source, total, decodable)
+        if decodable < self.num_frames:
+            raise VideoReadError(path, f"has {decodable} decodable frames ({source} says {total}), "
+                                       f"a clip needs {self.num_frames}")
+        if max(indices) >= decodable:
+            g.set_state(state)  # the draw this row gets whenever the count is known, so any reader agrees
+            indices = self.clip_indices(decodable, g)
+        # a plain decode: the pts of such files (e.g. AVI with empty chunks) are spread over the longer timeline
+        return read_frames(path, indices, seek=False), fps, indices
 
     def clip_indices(self, total: int, generator: torch.Generator) -> list[int]:
         """The reference's temporal window over a video of `total` frames (see the class docstring)."""

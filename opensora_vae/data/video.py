@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "ShortVideoError",
     "VideoInfo",
     "VideoReadError",
     "ensure_uint8_video",
@@ -45,6 +46,18 @@ class VideoReadError(RuntimeError):
 
     def __reduce__(self):  # keep it picklable across DataLoader workers
         return type(self), (self.path, self.reason)
+
+
+class ShortVideoError(VideoReadError):
+    """Fewer frames decode than a read asked for. `decoded`: how many do (counted from the start), or None when
+    the read did not start at frame 0 or stopped at the container's frame count."""
+
+    def __init__(self, path: str | os.PathLike, reason: str | None = None, decoded: int | None = None):
+        super().__init__(path, reason)
+        self.decoded = decoded
+
+    def __reduce__(self):
+        return type(self), (self.path, self.reason, self.decoded)
 
 
 @dataclass
@@ -94,12 +107,16 @@ def _count_packets(container, stream) -> int:
     return sum(1 for p in container.demux(stream) if p.size > 0)
 
 
-def probe_video(path: str | os.PathLike) -> VideoInfo:
+def probe_video(path: str | os.PathLike, decode: bool = False) -> VideoInfo:
+    """Frame count, fps and size. The count is the container's, else the number of packets; `decode=True` counts
+    the frames that actually decode instead (a full decode, no pixel conversion), for files whose header
+    overstates it."""
     container, stream = _open(path)
     try:
-        n = stream.frames
-        if not n:
-            n = _count_packets(container, stream)
+        if decode:
+            n = sum(1 for _ in _decode(container, stream, path))
+        else:
+            n = stream.frames or _count_packets(container, stream)
         rate = _rate(stream)
         cc = stream.codec_context
         return VideoInfo(num_frames=int(n), fps=float(rate) if rate else 0.0, height=cc.height, width=cc.width)
@@ -124,24 +141,36 @@ def _decode(container, stream, path) -> Iterator:
         raise VideoReadError(path, f"decoding failed ({type(e).__name__}: {e})") from e
 
 
-def _collect(frames_iter, first_index: int, wanted: set[int], last: int, path) -> dict[int, np.ndarray]:
-    """Frame i of the iterator is frame `first_index + i` of the video; keep the wanted ones."""
+def _collect(frames_iter, first_index: int, wanted: set[int], last: int, path,
+             pts_index=None) -> dict[int, np.ndarray] | None:
+    """Frame i of the iterator is frame `first_index + i` of the video; keep the wanted ones.
+
+    `pts_index` (after a seek: pts -> frame index): None is returned when a frame's pts is more than a frame away
+    from its count, i.e. the timestamps do not step one frame per frame (spread or variable), so the anchor the
+    count started from cannot be trusted either.
+    """
     out: dict[int, np.ndarray] = {}
     idx = first_index - 1
     for idx, frame in enumerate(frames_iter, start=first_index):
+        if pts_index is not None and frame.pts is not None and abs(pts_index(frame.pts) - idx) > 1:
+            return None
         if idx in wanted:
             out[idx] = _to_rgb(frame)
         if idx >= last:
             return out
-    raise VideoReadError(path, f"has only {idx + 1} frames, asked for frame index {last}")
+    decoded = idx + 1 if pts_index is None else None  # counted from frame 0 only without a seek anchor
+    raise ShortVideoError(path, f"has only {idx + 1} frames, asked for frame index {last}", decoded=decoded)
 
 
-def read_frames(path: str | os.PathLike, indices: Sequence[int]) -> torch.Tensor:
+def read_frames(path: str | os.PathLike, indices: Sequence[int], seek: bool = True) -> torch.Tensor:
     """The frames at 0-based `indices` as uint8 (T, C, H, W) RGB, in the order given.
 
     Seeks to the keyframe at or before the first wanted frame and decodes forward only to the last
     one. The first decoded frame after the seek is located from its pts (stream time_base and
-    average rate); later frames are counted from it, so indices match a decode from the start.
+    average rate); later frames are counted from it, so indices match a decode from the start. Where the
+    timestamps do not step one frame per frame, it decodes from the start instead, as `seek=False` always does.
+
+    Raises ShortVideoError when fewer frames decode than the largest index needs.
     """
     path = str(path)
     indices = [int(i) for i in indices]
@@ -153,8 +182,11 @@ def read_frames(path: str | os.PathLike, indices: Sequence[int]) -> torch.Tensor
     container, stream = _open(path)
     try:
         if stream.frames and last >= stream.frames:
-            raise VideoReadError(path, f"has only {stream.frames} frames, asked for frame index {last}")
-        frames = _read_seeking(container, stream, first, last, wanted, path)
+            raise ShortVideoError(path, f"has only {stream.frames} frames, asked for frame index {last}")
+        if seek:
+            frames = _read_seeking(container, stream, first, last, wanted, path)
+        else:
+            frames = _collect(_decode(container, stream, path), 0, wanted, last, path)
     except av.FFmpegError as e:
         raise VideoReadError(path, f"decoding failed ({type(e).__name__}: {e})") from e
     finally:
@@ -182,7 +214,10 @@ def _read_seeking(container, stream, first: int, last: int, wanted: set[int], pa
             break  # nothing to anchor on: fall back to a plain decode from the start
         anchor = pts_to_index(head.pts)
         if anchor <= first:
-            return _collect(_chain(head, it), anchor, wanted, last, path)
+            frames = _collect(_chain(head, it), anchor, wanted, last, path, pts_to_index)
+            if frames is None:
+                break  # timestamps spread over a longer timeline than the frames (e.g. AVI with empty chunks)
+            return frames
         if seek_pts == start:
             break
         # the demuxer's index is dts-based, so with B-frames the keyframe found may start after the target
