@@ -1,7 +1,11 @@
 """Process group from the torchrun environment, model wrapping, rank-0 helpers."""
 from __future__ import annotations
 
+import ctypes
+import datetime
 import os
+import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +32,21 @@ class DistInfo:
         return dist.is_available() and dist.is_initialized()
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """NCCL on GPU, gloo on CPU; a plain single process when not launched by torchrun."""
+def exit_with_launcher() -> None:
+    """Under torchrun, have the kernel kill this worker when its agent dies (Linux parent-death signal): after a
+    kill -9 of the agent no worker trains on, holds a GPU or writes into a run folder that a requeued job uses.
+    Its DataLoader processes follow within seconds (they poll their parent)."""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    if os.getppid() == 1:  # the agent died before the call: nobody will send the signal
+        os._exit(1)
+
+
+def init_distributed(device: str = "auto", timeout: float = 600.0) -> DistInfo:
+    """NCCL on GPU, gloo on CPU; a plain single process when not launched by torchrun. `timeout`: seconds a
+    collective waits for a peer that died or hangs before this rank fails (torch's default is 10-30 minutes)."""
     use_cuda = resolve_device(device).type == "cuda"
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -38,8 +55,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(dev)
     if "RANK" in os.environ and not dist.is_initialized():
+        exit_with_launcher()
         kwargs = {"device_id": dev} if use_cuda else {}
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", **kwargs)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=float(timeout)), **kwargs)
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
 
 

@@ -66,3 +66,13 @@ def empty_hub(monkeypatch, tmp_path):
     hub = tmp_path / "hub"
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
     return hub
+
+
+@pytest.fixture
+def clip_csv(tmp_path, sample_videos):
+    """Four real clips for training runs."""
+    rows = [sample_videos["carphone_pristine"], sample_videos["bikes"], sample_videos["carphone_distorted"],
+            sample_videos["bigbuckbunny"]]
+    path = tmp_path / "clips.csv"
+    path.write_text("path\n" + "\n".join(str(r) for r in rows) + "\n")
+    return path

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -12,7 +15,11 @@ from opensora_vae import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
-TINY_MODEL_CONFIG = ROOT / "configs" / "vae" / "tiny" / "model.py"
+TINY = ROOT / "configs" / "vae" / "tiny"
+TINY_MODEL_CONFIG = TINY / "model.py"
+# Deterministic training settings so runs can be compared number for number.
+EXACT = {"mixed_strategy": None, "sample_posterior": False, "dataset.image_size": (16, 16),
+         "dataset.num_frames": 5, "tensorboard": False}
 
 
 def tiny_model_cfg(**overrides) -> dict:
@@ -31,3 +38,41 @@ def reference_fixture():
 
     meta = json.loads((DATA / "tiny_pipeline.json").read_text())
     return meta, load_file(str(DATA / "tiny_pipeline.safetensors")), load_file(str(DATA / "tiny_pipeline_io.safetensors"))
+
+
+# ----- training runs -------------------------------------------------------------------------------------------
+def metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_in_process(config, csv, outputs, load=None, **options):
+    from opensora_vae.config import load_config
+    from opensora_vae.train import Trainer
+
+    cfg = load_config(config, {"dataset.data_path": str(csv), "outputs": str(outputs), **options})
+    trainer = Trainer(cfg, config_name=Path(config).stem, load=load)
+    try:
+        saved = trainer.train()
+    finally:
+        trainer.close()
+    return trainer.run_dir, saved
+
+
+def torchrun_command(nproc, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            str(ROOT / "scripts" / "train_vae.py"), *map(str, args)]
+
+
+def torchrun_env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+
+def torchrun(nproc, *args, timeout=300):
+    proc = subprocess.run(torchrun_command(nproc, *args), env=torchrun_env(), cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def options(d):
+    return [f"{k}={v!r}" if not isinstance(v, (int, float, type(None))) else f"{k}={v}" for k, v in d.items()]

@@ -1,4 +1,4 @@
-"""A DistributedSampler that can resume in the middle of an epoch."""
+"""A DistributedSampler that resumes in the middle of an epoch, on the same or another number of ranks."""
 from __future__ import annotations
 
 import math
@@ -14,14 +14,18 @@ __all__ = ["ResumableDistributedSampler"]
 class ResumableDistributedSampler(Sampler[int]):
     """DistributedSampler semantics (same permutation, padding and rank split) plus mid-epoch resume.
 
-    Progress is counted by the trainer, not by iteration: DataLoader workers prefetch ahead of
-    training, so the sampler cannot know what was actually consumed. After each completed step the
-    trainer calls `advance(batch_size)` (samples of *this rank*); `state_dict()` then records
-    `{"epoch", "consumed"}`, and after `load_state_dict` the next `__iter__` starts right after the
-    consumed samples of that epoch. `set_epoch(e)` with a new epoch resets `consumed` to 0; with the
-    current epoch (the usual call right after resuming) it keeps it. `__len__` is what remains.
+    Rank r takes every `num_replicas`-th index of the epoch's order, so after k steps of b samples on every rank
+    the samples trained on are exactly the first k * b * num_replicas of that order: progress is one global
+    `position`, whatever the number of ranks. A checkpoint from N ranks therefore resumes on M ranks with the rest
+    of the epoch, each row once: the remaining rows are split over the M ranks and padded (repeating the order's
+    first rows, as DistributedSampler does) to a multiple of M. At an unchanged world size the indices are
+    DistributedSampler's.
 
-    `consumed` is per rank, so resume with the same world size to get exactly the same samples.
+    Progress is counted by the trainer, not by iteration: DataLoader workers prefetch ahead of training, so the
+    sampler cannot know what was actually consumed. After each completed step every rank calls
+    `advance(batch_size)` (samples of *this rank*). `set_epoch(e)` with a new epoch starts it from its beginning;
+    with the current epoch (the usual call right after resuming) it keeps the position. `__len__` is what remains
+    on this rank.
     """
 
     def __init__(
@@ -46,56 +50,68 @@ class ResumableDistributedSampler(Sampler[int]):
         self.seed = int(seed)
         self.drop_last = drop_last
         self.epoch = 0
-        self.consumed = 0
+        self.start = 0  # global position at which this rank's current share begins (epoch start or resume)
+        self.consumed = 0  # samples this rank finished since `start`
         n = len(dataset)
         if n == 0:
             raise ValueError("cannot sample from an empty dataset")
-        if drop_last and n % self.num_replicas:
-            self.num_samples = n // self.num_replicas
-        else:
-            self.num_samples = math.ceil(n / self.num_replicas)
+        self.num_samples = self._share(0)  # per rank, in a whole epoch
         if self.num_samples == 0:
             raise ValueError(f"drop_last with {n} samples leaves nothing for {self.num_replicas} ranks")
-        self.total_size = self.num_samples * self.num_replicas
+
+    def _share(self, start: int) -> int:
+        """Samples per rank from global position `start` to the epoch's end (padded, or cut with drop_last)."""
+        left = max(0, len(self.dataset) - start)
+        return left // self.num_replicas if self.drop_last else math.ceil(left / self.num_replicas)
+
+    def _order(self) -> list[int]:
+        n = len(self.dataset)
+        if not self.shuffle:
+            return list(range(n))
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        return torch.randperm(n, generator=g).tolist()
 
     def epoch_indices(self) -> list[int]:
-        """All indices this rank gets in the current epoch, consumed ones included."""
-        n = len(self.dataset)
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed + self.epoch)
-            indices = torch.randperm(n, generator=g).tolist()
-        else:
-            indices = list(range(n))
-        if len(indices) < self.total_size:
-            # pad by repeating from the front so every rank gets the same count
-            pad = self.total_size - len(indices)
-            indices += (indices * math.ceil(pad / len(indices)))[:pad]
-        else:
-            indices = indices[: self.total_size]
-        return indices[self.rank : self.total_size : self.num_replicas]
+        """This rank's indices from `start` to the end of the epoch, the consumed ones included."""
+        order = self._order()
+        end = self.start + self._share(self.start) * self.num_replicas
+        cycled = order * math.ceil(end / len(order))  # padding repeats the order from its front
+        return cycled[self.start + self.rank : end : self.num_replicas]
+
+    @property
+    def position(self) -> int:
+        """Samples of this epoch trained on by all ranks together."""
+        return self.start + self.consumed * self.num_replicas
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.epoch_indices()[self.consumed :])
 
     def __len__(self) -> int:
-        return self.num_samples - self.consumed
+        return self._share(self.start) - self.consumed
 
     def set_epoch(self, epoch: int) -> None:
         epoch = int(epoch)
         if epoch != self.epoch:
             self.epoch = epoch
-            self.consumed = 0
+            self.start = self.consumed = 0
 
     def advance(self, n: int) -> None:
         """Record that this rank finished training on `n` more samples of the current epoch."""
         if n < 0:
             raise ValueError(f"advance expects n >= 0, got {n}")
-        self.consumed = min(self.num_samples, self.consumed + int(n))
+        self.consumed = min(self._share(self.start), self.consumed + int(n))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "consumed": self.consumed}
+        return {"epoch": self.epoch, "position": self.position, "world_size": self.num_replicas}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at the saved global position, with this sampler's number of ranks. States written before the
+        position was global hold a per-rank `consumed`: with their `world_size` it gives the same position."""
         self.epoch = int(state["epoch"])
-        self.consumed = max(0, min(self.num_samples, int(state["consumed"])))
+        if "position" in state:
+            position = int(state["position"])
+        else:
+            position = int(state["consumed"]) * int(state.get("world_size", self.num_replicas))
+        self.start = max(0, min(len(self.dataset), position))
+        self.consumed = 0

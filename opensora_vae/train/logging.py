@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -17,16 +18,40 @@ def setup_logging(rank: int) -> None:
     logging.basicConfig(level=level, format=f"[%(asctime)s rank{rank}] %(levelname)s %(name)s: %(message)s")
 
 
+def superseded(path: Path, step: int) -> None:
+    """Resuming at `step`: records after it belong to the history that was lost (written after the checkpoint,
+    before a stop). They move to `metrics.superseded.jsonl`, so `metrics.jsonl` holds one line per step."""
+    if not path.is_file():
+        return
+    keep, moved = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            later = int(json.loads(line)["step"]) > step
+        except (ValueError, KeyError, TypeError):  # a line cut by a kill: not a record
+            later = True
+        (moved if later else keep).append(line)
+    if moved:
+        with open(path.with_name("metrics.superseded.jsonl"), "a") as f:
+            f.writelines(line if line.endswith("\n") else line + "\n" for line in moved)
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+        logger.info("moved %d record(s) after step %d to %s", len(moved), step, path.with_name("metrics.superseded.jsonl"))
+
+
 class RunLogger:
     """Does nothing on ranks other than 0, so callers need no rank checks."""
 
     def __init__(self, run_dir: Path, enabled: bool, total_steps: Optional[int], initial_step: int = 0,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, resumed: bool = False):
         self.enabled = enabled
         self.bar = self.writer = self.jsonl = None
         if not enabled:
             return
-        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
+        path = Path(run_dir) / "metrics.jsonl"
+        if resumed:
+            superseded(path, initial_step)
+        self.jsonl = open(path, "a")
         self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
         if tensorboard:
             try:

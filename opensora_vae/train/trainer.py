@@ -1,9 +1,11 @@
 """The VAE trainer: set-up, `train_step`, `train`; every stateful part saves through the checkpoint module."""
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -23,6 +25,7 @@ from ..runtime import resolve_dtype
 from . import checkpoint as ckpt
 from ..distributed import any_rank, close_distributed, init_distributed, unwrap, wrap_model
 from .logging import RunLogger, setup_logging
+from .signals import StopSignals, ignore_in_worker
 
 logger = logging.getLogger("opensora_vae.train")
 
@@ -72,27 +75,76 @@ def lr_factor(warmup: int, schedule: Optional[dict], max_steps: Optional[int]):
     return factor
 
 
-def _next_run_dir(outputs: Path, name: str) -> Path:
+_RUN_DIR = re.compile(r"^(\d+)-(.+)$")
+
+
+def _runs(outputs: Path):
+    return [(int(m.group(1)), m.group(2), p) for p in (outputs.iterdir() if outputs.is_dir() else [])
+            if (m := _RUN_DIR.match(p.name)) and p.is_dir()]
+
+
+def new_run_dir(outputs: Path, name: str) -> Path:
+    """`OUTPUTS/NNN-name`, NNN one above the highest in use, created atomically: two jobs starting together, or a
+    folder deleted before, never make two runs share a folder."""
     outputs.mkdir(parents=True, exist_ok=True)
-    index = len([p for p in outputs.iterdir() if p.is_dir()])
-    return outputs / f"{index:03d}-{name}"
+    index = 1 + max((i for i, _, _ in _runs(outputs)), default=-1)
+    while True:
+        path = outputs / f"{index:03d}-{name}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            index += 1
+
+
+def find_resume(outputs: Path, name: str, load: Optional[str]):
+    """(run folder, checkpoint) to continue from `--load`, or (None, None) for a new run.
+
+    `--load auto`: the newest complete checkpoint of the newest run folder of this name, or a new run when it has
+    none (so the identical command can be requeued). `--load RUN_DIR`: that folder's newest complete checkpoint.
+    `--load CHECKPOINT`: that checkpoint."""
+    if load is None:
+        return None, None
+    if load == "auto":
+        runs = [(i, p) for i, n, p in _runs(outputs) if n == name]
+        newest = max(runs)[1] if runs else None
+        found = ckpt.latest_checkpoint(newest) if newest is not None else None
+        if found is None:
+            logger.info("--load auto: no checkpoint of a run named %r in %s: starting a new run", name, outputs)
+            return None, None
+        return newest, found
+    path = Path(load)
+    if (path / ckpt.RUNNING_STATES).is_file():
+        return path.resolve().parent, path
+    if path.is_dir():
+        found = ckpt.latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"--load {path}: not a training checkpoint (no {ckpt.RUNNING_STATES}) and no "
+                                    f"complete checkpoint in it; to start from weights only, use --ckpt-path")
+        return path.resolve(), found
+    hint = " (--load auto resumes the newest run of this config)" if load in ("latest", "last") else ""
+    raise FileNotFoundError(f"--load {path}: no such folder{hint}; to start from weights only, use --ckpt-path")
 
 
 class Trainer:
     def __init__(self, cfg, config_name: str = "run", load: Optional[str] = None):
         self.cfg = cfg
         self.config_name = config_name
-        self.load_path = Path(load) if load else None
+        self.load = load
+        self.preempted: Optional[str] = None  # the stop signal's name once the run stopped on one
         self.setup()
 
     # ----- set-up -------------------------------------------------------------------------------------------
     def setup(self) -> None:
         self.cfg = cfg = check_config(self.cfg, "train")
-        if self.load_path is not None and not (self.load_path / ckpt.RUNNING_STATES).is_file():
-            what = "no such folder" if not self.load_path.exists() else f"not a training checkpoint (no {ckpt.RUNNING_STATES})"
-            raise FileNotFoundError(f"--load {self.load_path}: {what}; to start from weights only, use --ckpt-path")
-        self.dist = init_distributed(cfg.device)
+        for key in ("keep_last", "keep_every"):
+            if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+                raise UserError(f"{key} must be a positive number of checkpoints/steps or None, got {getattr(cfg, key)}")
+        self.dist = init_distributed(cfg.device, cfg.dist_timeout)
         setup_logging(self.dist.rank)
+        self.run_name = cfg.run_name or self.config_name
+        # Decided on rank 0 (it may rename a recovered checkpoint) and sent to all, errors included.
+        run_dir, self.load_path = self._on_rank0(find_resume, Path(cfg.outputs), self.run_name, self.load)
         self.device = self.dist.device
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.precision = cfg.precision
@@ -141,7 +193,7 @@ class Trainer:
         self.epoch = self.global_step = 0
         self.skipped_rows = 0
 
-        self.run_dir = self._resolve_run_dir()
+        self.run_dir = run_dir or self._on_rank0(new_run_dir, Path(cfg.outputs), self.run_name)
         if self.load_path is not None:
             self._resume(self.load_path)
         if self.dist.is_main:
@@ -149,14 +201,16 @@ class Trainer:
             logger.info("run folder %s; %d rows; %d rank(s); %s %s; device %s", self.run_dir, len(self.dataset),
                         self.dist.world_size, self.dtype, self.precision, self.device)
         self.max_steps = cfg.max_steps
-        steps_per_epoch = len(self.sampler.epoch_indices()) // self.batch_size
+        steps_per_epoch = self.sampler.num_samples // self.batch_size
         if steps_per_epoch == 0:
             raise ValueError(f"batch_size {self.batch_size} is larger than this rank's share of the data set "
-                             f"({len(self.sampler.epoch_indices())} rows)")
+                             f"({self.sampler.num_samples} rows)")
         total = steps_per_epoch * cfg.epochs
         self.total_steps = min(total, self.max_steps) if self.max_steps else total
         self.run_logger = RunLogger(self.run_dir, self.dist.is_main, self.total_steps, self.global_step,
-                                    tensorboard=cfg.tensorboard)
+                                    tensorboard=cfg.tensorboard, resumed=self.load_path is not None)
+        self.sample_rows: list = []  # (step, this rank's rows) since the last log, with log_samples
+        self._ckpt_bytes: Optional[int] = None
 
     def _build_optimizer(self):
         cfg = self.cfg
@@ -171,17 +225,21 @@ class Trainer:
                                            parameters_as_bucket_view=True, **kwargs)
         return torch.optim.AdamW(self.params, **kwargs)
 
-    def _resolve_run_dir(self) -> Path:
-        if self.load_path is not None:
-            run_dir = self.load_path.resolve().parent  # resuming continues the same run
-        else:
-            run_dir = _next_run_dir(Path(self.cfg.outputs), self.cfg.run_name or self.config_name)
+    def _on_rank0(self, fn, *args):
+        """fn(*args) on rank 0, its result (or its error, raised alike) on every rank."""
+        result = error = None
+        if self.dist.is_main:
+            try:
+                result = fn(*args)
+            except (OSError, ValueError) as err:
+                error = err
         if self.dist.enabled:
-            holder = [str(run_dir)]
+            holder = [result, error]
             dist.broadcast_object_list(holder, src=0)
-            run_dir = Path(holder[0])
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return run_dir
+            result, error = holder
+        if error is not None:
+            raise error
+        return result
 
     # ----- state -------------------------------------------------------------------------------------------
     def running_states(self) -> Dict[str, Any]:
@@ -190,13 +248,29 @@ class Trainer:
                 "skipped_rows": self.skipped_rows, "scheduler": self.scheduler.state_dict()}
 
     def save(self) -> Path:
+        cfg = self.cfg
+        if self.dist.is_main:  # warn while there is still room to act
+            warning = ckpt.free_space_warning(self.run_dir, self._ckpt_bytes or self._estimated_checkpoint_bytes())
+            if warning:
+                logger.warning(warning)
         path = ckpt.save_checkpoint(
             self.run_dir, self.epoch, self.global_step, self.dist.rank, unwrap(self.model),
             self.loss_fn.state_dict(), ckpt.consolidated_optimizer_state(self.optimizer), self.running_states(),
             ckpt.rng_state({"data": self.data_gen, "noise": self.noise_gen}),
         )
         logger.info("saved checkpoint %s", path)
+        if self.dist.is_main:
+            self._ckpt_bytes = ckpt.checkpoint_bytes(path)
+            deleted = ckpt.prune_checkpoints(self.run_dir, cfg.keep_last, cfg.keep_every)
+            if deleted:
+                logger.info("deleted %s (keep_last=%s, keep_every=%s)", ", ".join(p.name for p in deleted),
+                            cfg.keep_last, cfg.keep_every)
         return path
+
+    def _estimated_checkpoint_bytes(self) -> int:
+        """Before the first save: the weights plus AdamW's two moments per trainable value."""
+        weights = sum(t.numel() * t.element_size() for t in unwrap(self.model).state_dict().values())
+        return weights + sum(2 * p.numel() * p.element_size() for p in self.params)
 
     def _resume(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path, self.dist.rank)
@@ -209,16 +283,33 @@ class Trainer:
                            float(self.loss_fn.logvar))
         self.optimizer.load_state_dict(state["optimizer"])
         running = state["running_states"]
-        if running["world_size"] != self.dist.world_size or running["batch_size"] != self.batch_size:
-            logger.warning("resuming with %d rank(s) x batch %d; the checkpoint ran %d x %d: the data order differs",
-                           self.dist.world_size, self.batch_size, running["world_size"], running["batch_size"])
         self.epoch, self.global_step = running["epoch"], running["global_step"]
         self.skipped_rows = running.get("skipped_rows", 0)
-        self.sampler.load_state_dict(running["sampler"])
+        self._rescale_batch(running["world_size"], running["batch_size"])
+        # The sampler's global position continues the epoch on any number of ranks (older states: per rank).
+        self.sampler.load_state_dict({"world_size": running["world_size"], **running["sampler"]})
         self.scheduler.load_state_dict(running["scheduler"])
+        generators = {"data": self.data_gen, "noise": self.noise_gen}
         if state["rng"] is not None:
-            ckpt.set_rng_state(state["rng"], {"data": self.data_gen, "noise": self.noise_gen})
-        logger.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.global_step)
+            ckpt.set_rng_state(state["rng"], generators)
+        else:  # a rank the checkpoint did not have: the shared data stream from rank 0, its own noise stream
+            rank0 = torch.load(path / "rng" / "rank0.pt", map_location="cpu", weights_only=True)
+            self.data_gen.set_state(rank0["generators"]["data"])
+        logger.info("resumed from %s at epoch %d, step %d (sample %d of the epoch)", path, self.epoch,
+                    self.global_step, self.sampler.position)
+
+    def _rescale_batch(self, world: int, batch: int) -> None:
+        """On another number of ranks, keep the checkpoint's global batch when the per-rank batch allows it."""
+        if world == self.dist.world_size:
+            return
+        old_global = world * batch
+        if self.cfg.keep_global_batch and self.batch_size == batch and old_global % self.dist.world_size == 0:
+            self.batch_size = old_global // self.dist.world_size
+        new_global = self.batch_size * self.dist.world_size
+        if self.dist.is_main:
+            logger.warning("resuming a %d-rank run on %d rank(s): batch %d -> %d per rank, global batch %d -> %d; "
+                           "the epoch continues with the rows not yet trained on", world, self.dist.world_size,
+                           batch, self.batch_size, old_global, new_global)
 
     # ----- loop --------------------------------------------------------------------------------------------
     def train_step(self, batch: Dict[str, Any]) -> Dict[str, float]:
@@ -232,8 +323,9 @@ class Trainer:
         loss = terms["loss"]
         if any_rank(not bool(torch.isfinite(loss)), self.device):
             raise NonFiniteLossError(
-                f"non-finite loss at step {self.global_step + 1} (epoch {self.epoch}); nothing was saved for this "
-                f"step, the last checkpoint in {self.run_dir} is intact. Terms: "
+                f"non-finite loss at step {self.global_step + 1} (epoch {self.epoch}) on rows "
+                f"{self._gather(batch['index'].tolist())}; nothing was saved for this step, the last checkpoint in "
+                f"{self.run_dir} is intact. Terms: "
                 + ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
             )
         loss.backward()
@@ -247,15 +339,28 @@ class Trainer:
         out["frames"] = torch.tensor(float(x.shape[2]), device=self.device)
         return out
 
+    def _gather(self, value):
+        """Every rank's `value`, in rank order (collective)."""
+        if not self.dist.enabled:
+            return [value]
+        parts = [None] * self.dist.world_size
+        dist.all_gather_object(parts, value)
+        return parts
+
     def _log(self, metrics: Dict[str, torch.Tensor], seconds: float, steps: int) -> None:
         local = {k: float(v) for k, v in metrics.items()}
         local["skipped_rows"] = float(self.skipped_rows)
+        if self.cfg.log_samples:
+            local["rows"], self.sample_rows = self.sample_rows, []
         parts = [local]
         if self.dist.enabled:
             # Ranks may report different terms (the identity term exists only on single-frame steps).
             parts = [None] * self.dist.world_size
             dist.all_gather_object(parts, local)
         record: Dict[str, Any] = {"step": self.global_step, "epoch": self.epoch}
+        if self.cfg.log_samples:  # {step: [rows of rank 0, rows of rank 1, ...]}: the rows behind each step
+            rows = [dict(p.pop("rows")) for p in parts]
+            record["rows"] = {str(step): [r[step] for r in rows] for step in rows[0]}
         for key in sorted({k for p in parts for k in p}):
             values = [p[key] for p in parts if key in p]
             record[key] = sum(values) if key == "skipped_rows" else sum(values) / len(values)
@@ -291,33 +396,71 @@ class Trainer:
         cfg = self.cfg
         log_every, ckpt_every, epochs = cfg.log_every, cfg.ckpt_every, cfg.epochs
         last_saved: Optional[Path] = None
-        tick, steps_since = time.perf_counter(), 0
-        while self.epoch < epochs and not self._done():
-            self.sampler.set_epoch(self.epoch)
-            self.dataset.set_epoch(self.epoch)
-            loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
-                                collate_fn=collate_clips,
-                                num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda")
-            for batch in loader:
-                self._count_skips(batch)
-                metrics = self.train_step(batch)
-                self.global_step += 1
-                steps_since += 1
-                self.sampler.advance(self.batch_size)
-                self.run_logger.step()
-                if self.global_step % log_every == 0:
-                    self._log(metrics, time.perf_counter() - tick, steps_since)
-                    tick, steps_since = time.perf_counter(), 0
-                if ckpt_every and self.global_step % ckpt_every == 0:
-                    last_saved = self.save()
-                if self._done():
-                    break
-            else:
-                self.epoch += 1
+        self._tick, self._steps_since = time.perf_counter(), 0
+        stop = self._stop_signals = StopSignals(cfg.stop_signals).install()
+        worker_init = functools.partial(ignore_in_worker, tuple(cfg.stop_signals))
+        try:
+            while self.epoch < epochs and not self._done():
+                self.sampler.set_epoch(self.epoch)
+                self.dataset.set_epoch(self.epoch)
+                loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
+                                    collate_fn=collate_clips, num_workers=cfg.num_workers,
+                                    worker_init_fn=worker_init if cfg.num_workers else None,
+                                    pin_memory=self.device.type == "cuda")
+                for batch in loader:
+                    self._count_skips(batch)
+                    metrics = self.train_step(batch)
+                    self.global_step += 1
+                    self._steps_since += 1
+                    self.sampler.advance(self.batch_size)
+                    if cfg.log_samples:
+                        self.sample_rows.append((self.global_step, batch["index"].tolist()))
+                    self.run_logger.step()
+                    if self.global_step % log_every == 0:
+                        self._log_since(metrics)
+                    if ckpt_every and self.global_step % ckpt_every == 0:
+                        last_saved = self.save()
+                    # One all-reduce: every rank stops after the same step, even if only one was signalled.
+                    if any_rank(stop.received is not None, self.device):
+                        self._log_since(metrics)
+                        return self._stop(stop, last_saved)
+                    if self._done():
+                        break
+                else:
+                    self.epoch += 1
+            if self._steps_since:
+                self._log_since(metrics)
+            if last_saved is None or not last_saved.name.endswith(f"global_step{self.global_step}"):
+                last_saved = self.save()
+            return last_saved
+        finally:
+            if self.preempted is None:
+                stop.restore()
+
+    def _log_since(self, metrics: Dict[str, torch.Tensor]) -> None:
+        if self._steps_since:
+            self._log(metrics, time.perf_counter() - self._tick, self._steps_since)
+            self._tick, self._steps_since = time.perf_counter(), 0
+
+    def _stop(self, stop: StopSignals, last_saved: Optional[Path]) -> Path:
+        """Checkpoint at the agreed step and return; the script exits with EXIT_PREEMPTED."""
+        name = stop.name or "a stop signal on another rank"
+        if self.dist.is_main:
+            logger.warning("%s: stopping after step %d to checkpoint (%.1f s after the signal)", name,
+                           self.global_step, stop.seconds_since())
+        started = time.perf_counter()
         if last_saved is None or not last_saved.name.endswith(f"global_step{self.global_step}"):
             last_saved = self.save()
+        stop.ignore()
+        self.preempted = name
+        if self.dist.is_main:
+            logger.warning("%s: checkpoint %s written in %.1f s; exiting %.1f s after the signal; rerun the same "
+                           "command with --load auto to continue", name, last_saved, time.perf_counter() - started,
+                           stop.seconds_since())
         return last_saved
 
     def close(self) -> None:
         self.run_logger.close()
         close_distributed()
+        if getattr(self, "_stop_signals", None) is not None:  # ignored during the close after a stop
+            self._stop_signals.restore()

@@ -1,0 +1,60 @@
+"""Stop signals: a scheduler's "checkpoint now and exit" (SLURM and Kubernetes send SIGTERM or SIGUSR1).
+
+The handler only records the signal; the trainer checks it after every step (all ranks agree through one
+all-reduce), writes a checkpoint at that step and exits with `EXIT_PREEMPTED`. A second signal ends the process at
+once. Duplicates within `DUPLICATE_S` seconds are one signal: when the whole process group is signalled, the
+torchrun agent forwards the same signal to its workers right after they got it themselves.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Iterable, Optional, Tuple
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the run stopped early with a checkpoint; rerun the same command to continue
+DUPLICATE_S = 2.0
+
+
+class StopSignals:
+    def __init__(self, names: Iterable[str]):
+        self.signals = [signal.Signals[name] for name in names]
+        self.received: Optional[Tuple[signal.Signals, float]] = None  # (signal, monotonic time)
+        self._previous = {}
+
+    def install(self) -> "StopSignals":
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self.received is None:
+            self.received = (signal.Signals(signum), now)
+        elif now - self.received[1] > DUPLICATE_S:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    @property
+    def name(self) -> Optional[str]:
+        return self.received[0].name if self.received else None
+
+    def seconds_since(self) -> float:
+        return time.monotonic() - self.received[1] if self.received else 0.0
+
+    def ignore(self) -> None:
+        """Once the checkpoint is written: a late signal (the agent's forward) must not turn the exit into a crash."""
+        for sig in self.signals:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+
+def ignore_in_worker(names: Tuple[str, ...], _worker_id: int) -> None:
+    """DataLoader `worker_init_fn` (with functools.partial): data-loading processes ignore the stop signals
+    (torchrun signals a worker's whole process group), so that the trainer, not a dead loader, decides when to stop."""
+    for name in names:
+        signal.signal(signal.Signals[name], signal.SIG_IGN)
