@@ -75,7 +75,10 @@ def test_sigterm_to_the_agent_checkpoints_and_the_same_command_continues_exactly
         assert (a["loss"], a["frames_per_rank"]) == (b["loss"], b["frames_per_rank"]), (a, b)
 
 
-def test_sigusr1_to_one_worker_stops_every_rank_at_the_same_step(tmp_path, clip_csv):
+@pytest.mark.parametrize("target", ["one worker", "every process"])
+def test_a_stop_signal_stops_every_rank_at_the_same_step(tmp_path, clip_csv, target):
+    """SIGUSR1 to one worker (the others learn it through the step's all-reduce), or SIGTERM to the agent, the
+    workers and their data-loading processes at once (how SLURM signals a job step)."""
     out = tmp_path / "out"
     opts = {**EXACT, "max_steps": 400, "ckpt_every": 0, "num_workers": 1}
     with open(tmp_path / "log.txt", "w") as log:
@@ -83,10 +86,21 @@ def test_sigusr1_to_one_worker_stops_every_rank_at_the_same_step(tmp_path, clip_
         wait_for_steps(out, 2, proc)
         workers = children(proc.pid)
         assert len(workers) == 2
-        os.kill(workers[1], signal.SIGUSR1)  # one rank only: the other learns it through the step's all-reduce
+        if target == "one worker":
+            os.kill(workers[1], signal.SIGUSR1)
+        else:
+            for pid in [proc.pid] + workers + [c for w in workers for c in children(w)]:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:  # a DataLoader process that ended with its epoch
+                    pass
         rc = proc.wait(timeout=120)
     text = (tmp_path / "log.txt").read_text()
-    assert rc != 0 and f"exitcode  : {EXIT_PREEMPTED}" in text, text[-3000:]
+    assert rc != 0, text[-3000:]
+    if target == "one worker":
+        assert f"exitcode  : {EXIT_PREEMPTED}" in text, text[-3000:]
+    else:
+        assert "SIGTERM: checkpoint" in text and "DataLoader worker" not in text, text[-3000:]
     run_dir = next(out.iterdir())
     steps = [r["step"] for r in metrics(run_dir)]
     assert latest_checkpoint(run_dir).name.endswith(f"global_step{steps[-1]}") and steps[-1] < 400
@@ -94,9 +108,11 @@ def test_sigusr1_to_one_worker_stops_every_rank_at_the_same_step(tmp_path, clip_
     assert state["global_step"] == steps[-1] and len(list((latest_checkpoint(run_dir) / "rng").iterdir())) == 2
 
 
-def test_killing_the_agent_leaves_no_worker_alive(tmp_path, clip_csv):
+@pytest.mark.parametrize("victim", ["agent", "peer"])
+def test_killing_the_agent_or_a_peer_leaves_no_worker_alive(tmp_path, clip_csv, victim):
     """kill -9 of torchrun's agent: its workers die at once (parent-death signal), their data-loading processes
-    within about 5 s (they poll their parent). Bound asserted: 15 s."""
+    within about 5 s (they poll their parent). kill -9 of one worker: the other fails on its next collective and
+    the agent ends the job. Bound asserted: everything gone within 30 s."""
     out = tmp_path / "out"
     opts = {**EXACT, "max_steps": 5000, "ckpt_every": 0, "num_workers": 1}
     proc = start(2, clip_csv, out, opts, log=subprocess.DEVNULL)
@@ -109,10 +125,10 @@ def test_killing_the_agent_leaves_no_worker_alive(tmp_path, clip_csv):
                 break
             time.sleep(0.05)
         assert len(workers) == 2 and len(family) >= 3, family  # two ranks and their DataLoader processes
-        proc.kill()
-        proc.wait()
         killed = time.monotonic()
-        while any(map(alive, family)) and time.monotonic() - killed < 15:
+        os.kill(proc.pid if victim == "agent" else workers[1], signal.SIGKILL)
+        proc.wait(timeout=60)
+        while any(map(alive, family)) and time.monotonic() - killed < 30:
             time.sleep(0.1)
         assert not [p for p in family if alive(p)], "orphaned workers still running"
     finally:

@@ -284,6 +284,7 @@ def test_tiling_compile_and_winograd_flags_reach_the_model(monkeypatch, script, 
             seen.update(cfg=cfg)
 
         train = close = lambda self: None
+        preempted = None
 
     monkeypatch.setattr(module, entry, Job)
     config = ROOT / "configs" / "vae" / "tiny" / ("stage1.py" if script == "train_vae" else "inference.py")

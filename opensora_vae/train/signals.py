@@ -7,6 +7,7 @@ torchrun agent forwards the same signal to its workers right after they got it t
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -53,8 +54,23 @@ class StopSignals:
         self._previous.clear()
 
 
+@contextlib.contextmanager
+def blocked(names: Iterable[str]):
+    """Hold the stop signals back while DataLoader processes start: they inherit the mask, so a signal cannot kill
+    one before `ignore_in_worker` runs (torch's worker set-up makes SIGTERM fatal). Held signals arrive after."""
+    sigs = {signal.Signals[name] for name in names}
+    signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
+
+
 def ignore_in_worker(names: Tuple[str, ...], _worker_id: int) -> None:
     """DataLoader `worker_init_fn` (with functools.partial): data-loading processes ignore the stop signals
-    (torchrun signals a worker's whole process group), so that the trainer, not a dead loader, decides when to stop."""
-    for name in names:
-        signal.signal(signal.Signals[name], signal.SIG_IGN)
+    (torchrun signals a worker's whole process group), so that the trainer, not a dead loader, decides when to
+    stop. Started with them blocked (`blocked`); ignoring discards any held back."""
+    sigs = {signal.Signals[name] for name in names}
+    for sig in sigs:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)

@@ -25,6 +25,7 @@ from ..runtime import resolve_dtype
 from . import checkpoint as ckpt
 from ..distributed import any_rank, close_distributed, init_distributed, unwrap, wrap_model
 from .logging import RunLogger, setup_logging
+from . import signals
 from .signals import StopSignals, ignore_in_worker
 
 logger = logging.getLogger("opensora_vae.train")
@@ -407,7 +408,9 @@ class Trainer:
                                     collate_fn=collate_clips, num_workers=cfg.num_workers,
                                     worker_init_fn=worker_init if cfg.num_workers else None,
                                     pin_memory=self.device.type == "cuda")
-                for batch in loader:
+                with signals.blocked(cfg.stop_signals):  # the loader's processes start here
+                    batches = iter(loader)
+                for batch in batches:
                     self._count_skips(batch)
                     metrics = self.train_step(batch)
                     self.global_step += 1
