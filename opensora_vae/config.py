@@ -58,6 +58,8 @@ class JobConfig:
     seed: int = 42
     num_workers: int = 0  # data-loading processes
     dist_timeout: float = 600.0  # seconds a collective waits for a dead or hung peer before the job fails
+    stop_signals: List[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"]] = field(
+        default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # finish the step/clip, save, exit 75 (docs/cluster.md)
 
 
 @dataclass
@@ -90,8 +92,6 @@ class TrainConfig(JobConfig):
     ckpt_every: int = 1000  # 0: only at the end
     keep_last: Optional[int] = None  # keep the K newest checkpoints (None: all); older ones go once a newer is complete
     keep_every: Optional[int] = None  # also keep every checkpoint whose step is a multiple of this
-    stop_signals: List[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"]] = field(
-        default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # finish the step, checkpoint, exit 75 (docs/cluster.md)
     keep_global_batch: bool = True  # resumed on another number of ranks: rescale batch_size when it divides
     log_samples: bool = False  # each step's dataset rows (per rank) in metrics.jsonl
     outputs: str = "outputs"

@@ -28,6 +28,7 @@ from .data import is_image_path
 from .data.latents import INDEX_COLUMNS, META_NAME, SHARD_DIR, read_meta, read_shard_records
 from .config import check_config
 from .distributed import barrier, init_distributed
+from .signals import StopSignals, start_loader, worker_init
 from .errors import UserError
 from .models.speed import RUNTIME_OPTIONS
 from .jobs import RowReader, check_output_folder, job_model, rank_share, report_skips
@@ -216,6 +217,7 @@ class EncodeReport:
     seconds: float = 0.0  # the whole job, model loading included
     loop_seconds: float = 0.0  # reading, encoding and writing (slowest rank)
     index: Optional[str] = None
+    preempted: Optional[str] = None  # the stop signal that ended the run early (what it encoded is stored)
 
 
 def _reduce(values: List[float], device: torch.device, op=dist.ReduceOp.SUM) -> List[float]:
@@ -270,11 +272,15 @@ def _open_folder(out: Path, meta: Dict[str, Any], is_main: bool) -> None:
 
 
 def _encode_rows(model, loader, paths: List[str], writer: ShardWriter, device, dtype, show: bool,
-                 skipped: Dict[str, str]) -> int:
-    """Encode each (row, bucket) the loader gives into the writer; bad rows go to `skipped`. Returns the count."""
+                 skipped: Dict[str, str], stop: StopSignals) -> int:
+    """Encode each (row, bucket) the loader gives into the writer, until a stop signal; bad rows go to `skipped`.
+    Returns the count."""
     encoded = 0
-    bar = tqdm(loader, total=len(loader), desc="encode (rank 0)", unit="clip", disable=not show, smoothing=0.1)
+    bar = tqdm(start_loader(loader, stop.names), total=len(loader), desc="encode (rank 0)", unit="clip",
+               disable=not show, smoothing=0.1)
     for entry in bar:
+        if stop.received:
+            break
         row, name = entry["row"]
         if "error" in entry:
             skipped[f"{paths[row]} [row {row}, {name}]"] = entry["error"]
@@ -335,11 +341,21 @@ def encode_dataset(cfg, num_frames: Optional[int] = None, image_size: Optional[S
     writer = ShardWriter(out / SHARD_DIR, f"run{run:03d}-rank{info.rank:03d}", cfg.shard_size_mb * 2**20,
                          DTYPES[cfg.save_dtype])
     loader = DataLoader(RowReader(BucketLoader(cfg.dataset, all_buckets), mine), batch_size=None,
-                        num_workers=cfg.num_workers)
+                        num_workers=cfg.num_workers, worker_init_fn=worker_init(cfg.stop_signals))
     skipped: Dict[str, str] = {}
     loop_start = time.perf_counter()
-    encoded = _encode_rows(model, loader, paths, writer, device, dtype, info.is_main, skipped)
+    stop = StopSignals(cfg.stop_signals).install()
+    try:
+        encoded = _encode_rows(model, loader, paths, writer, device, dtype, info.is_main, skipped, stop)
+    finally:
+        stop.restore()
     loop_seconds = time.perf_counter() - loop_start
+    if stop.received:  # ranks stop on their own: no collective, the next run lists the shards and writes the index
+        logger.warning("%s: rank %d stopped after %d clip(s), all written to shards; rerun the same command to "
+                       "continue", stop.name, info.rank, encoded)
+        return EncodeReport(encoded=encoded, existing=len(keys) - len(units), skipped=skipped,
+                            bytes_written=writer.bytes_written, shards_written=writer.shards,
+                            loop_seconds=loop_seconds, preempted=stop.name)
 
     report = EncodeReport(existing=len(keys) - len(units))
     report.skipped = report_skips(skipped, info.is_main, unit="clip(s) (row x bucket)")

@@ -21,6 +21,7 @@ from .errors import UserError
 from .jobs import RowReader, check_output_folder, job_model, rank_share, report_skips
 from .registry import DATASETS, build_from_cfg
 from .runtime import resolve_dtype
+from .signals import StopSignals, start_loader, worker_init
 
 logger = logging.getLogger("opensora_vae.inference")
 FOLDERS = ("ori", "rec", "spatial")
@@ -80,6 +81,32 @@ class InferenceReport:
     existing: List[str] = field(default_factory=list)
     skipped: Dict[str, str] = field(default_factory=dict)  # "path [row N]" -> reason
     stats: Optional[Dict[str, Any]] = None
+    preempted: Optional[str] = None  # the stop signal that ended the run early (finished clips are written)
+
+
+def _reconstruct_rows(cfg, model, loader, total: int, paths, names, folders, device, dtype, rank: int,
+                      stats: LatentStats, report: InferenceReport, stop: StopSignals) -> None:
+    """Reconstruct and write each row the loader gives, until a stop signal."""
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)
+    for entry in tqdm(loader, total=total, desc="reconstruct", disable=rank != 0):
+        if stop.received:
+            return
+        row = entry["row"]
+        if "error" in entry:
+            report.skipped[f"{paths[row]} [row {row}]"] = entry["error"]
+            logger.warning("skipping %s [row %d]: %s", paths[row], row, entry["error"])
+            continue
+        item = entry["item"]
+        x = item["video"][None].to(device=device, dtype=dtype)
+        with torch.inference_mode():
+            out = model(x, sample_posterior=cfg.sample_posterior, generator=generator)
+            spatial = model.spatial_vae.decode(out.x_z)
+        if cfg.cal_stats:
+            stats.add(out.z.float())
+        fps = float(cfg.fps or item.get("fps") or 24.0)  # config/--fps, else the source clip's rate
+        for key, video in (("ori", x[0]), ("rec", out.x_rec[0]), ("spatial", spatial[0])):
+            _write(folders[key], names[row], video.float(), fps, cfg.crf)
+        report.written.append(paths[row])
 
 
 def _write(folder: Path, name: str, video: torch.Tensor, fps: float, crf: int) -> Path:
@@ -126,26 +153,20 @@ def reconstruct_dataset(cfg, overwrite: bool = False, stats_path: Optional[str] 
     if report.existing:
         logger.info("%d clip(s) already reconstructed: kept (pass --overwrite to redo them)", len(report.existing))
 
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + info.rank)
     stats = LatentStats()
-    loader = DataLoader(RowReader(dataset.load_row, todo), batch_size=None, num_workers=cfg.num_workers)
-    for entry in tqdm(loader, total=len(todo), desc="reconstruct", disable=not info.is_main):
-        row = entry["row"]
-        if "error" in entry:
-            report.skipped[f"{paths[row]} [row {row}]"] = entry["error"]
-            logger.warning("skipping %s [row %d]: %s", paths[row], row, entry["error"])
-            continue
-        item = entry["item"]
-        x = item["video"][None].to(device=device, dtype=dtype)
-        with torch.inference_mode():
-            out = model(x, sample_posterior=cfg.sample_posterior, generator=generator)
-            spatial = model.spatial_vae.decode(out.x_z)
-        if cfg.cal_stats:
-            stats.add(out.z.float())
-        fps = float(cfg.fps or item.get("fps") or 24.0)  # config/--fps, else the source clip's rate
-        for key, video in (("ori", x[0]), ("rec", out.x_rec[0]), ("spatial", spatial[0])):
-            _write(folders[key], names[row], video.float(), fps, cfg.crf)
-        report.written.append(paths[row])
+    loader = DataLoader(RowReader(dataset.load_row, todo), batch_size=None, num_workers=cfg.num_workers,
+                        worker_init_fn=worker_init(cfg.stop_signals))
+    stop = StopSignals(cfg.stop_signals).install()
+    try:
+        _reconstruct_rows(cfg, model, start_loader(loader, cfg.stop_signals), len(todo), paths, names, folders,
+                          device, dtype, info.rank, stats, report, stop)
+    finally:
+        stop.restore()
+    if stop.received:  # ranks stop on their own: no collective; a rerun keeps what is written
+        logger.warning("%s: rank %d stopped after %d clip(s); rerun the same command to continue", stop.name,
+                       info.rank, len(report.written))
+        report.preempted = stop.name
+        return report
 
     if cfg.cal_stats:
         stats.reduce(device)

@@ -2,7 +2,8 @@
 
 torchrun --standalone --nproc_per_node=N scripts/encode_latents.py configs/vae/inference/latents.py \
     --ckpt-path CKPT --data-path CSV --save-dir DIR
-Rerun the same command to resume: stored clips are skipped, with any number of ranks.
+Rerun the same command to resume: stored clips are skipped, with any number of ranks. SIGTERM/SIGUSR1: each rank
+writes what it encoded and exits 75.
 """
 import argparse
 import os
@@ -12,6 +13,7 @@ from opensora_vae.cli import ArgumentParser, add_clip_arguments, add_job_argumen
 from opensora_vae.distributed import close_distributed
 from opensora_vae.encode import encode_dataset
 from opensora_vae.errors import run_main
+from opensora_vae.signals import EXIT_PREEMPTED
 from opensora_vae.train.logging import setup_logging
 
 
@@ -24,10 +26,10 @@ def main(argv=None) -> int:
     cfg = job_config(args, "encode", clip_options(args))
     setup_logging(int(os.environ.get("RANK", 0)))
     try:
-        encode_dataset(cfg, num_frames=args.num_frames, image_size=image_size(args.image_size))
+        report = encode_dataset(cfg, num_frames=args.num_frames, image_size=image_size(args.image_size))
     finally:
         close_distributed()
-    return 0
+    return EXIT_PREEMPTED if report.preempted else 0
 
 
 if __name__ == "__main__":

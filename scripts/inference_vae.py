@@ -9,6 +9,7 @@ import sys
 from opensora_vae.cli import ArgumentParser, add_clip_arguments, add_job_arguments, clip_options, job_config
 from opensora_vae.distributed import close_distributed
 from opensora_vae.errors import run_main
+from opensora_vae.signals import EXIT_PREEMPTED
 from opensora_vae.inference import reconstruct_dataset
 from opensora_vae.train.logging import setup_logging
 
@@ -33,10 +34,10 @@ def main(argv=None) -> int:
     cfg = job_config(args, "inference", options)
     setup_logging(0)
     try:
-        reconstruct_dataset(cfg, overwrite=args.overwrite, stats_path=args.stats_path)
+        report = reconstruct_dataset(cfg, overwrite=args.overwrite, stats_path=args.stats_path)
     finally:
         close_distributed()
-    return 0
+    return EXIT_PREEMPTED if report.preempted else 0
 
 
 if __name__ == "__main__":

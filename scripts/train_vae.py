@@ -7,7 +7,7 @@ gc.disable()  # the imports create ~0.5M long-lived objects: collecting while th
 from opensora_vae.cli import ArgumentParser, add_job_arguments, job_config  # noqa: E402
 from opensora_vae.errors import UserError, run_main  # noqa: E402
 from opensora_vae.train import Trainer  # noqa: E402
-from opensora_vae.train.signals import EXIT_PREEMPTED  # noqa: E402
+from opensora_vae.signals import EXIT_PREEMPTED  # noqa: E402
 import diffusers.models.autoencoders.autoencoder_kl  # noqa: E402,F401 - built with the model; imported here, while gc is off
 
 gc.enable()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from opensora_vae.train.checkpoint import latest_checkpoint
-from opensora_vae.train.signals import EXIT_PREEMPTED
+from opensora_vae.signals import EXIT_PREEMPTED
 from opensora_vae.train.trainer import new_run_dir
 
 from helpers import EXACT, ROOT, TINY, metrics, options, run_in_process, torchrun, torchrun_command, torchrun_env
@@ -205,7 +205,7 @@ def test_keep_last_and_keep_every_leave_only_what_they_name(tmp_path, clip_csv):
 def test_a_second_signal_ends_at_once_and_a_forwarded_duplicate_does_not(tmp_path):
     script = """
 import os, signal, time
-from opensora_vae.train import signals
+from opensora_vae import signals
 stop = signals.StopSignals(["SIGTERM"]).install()
 os.kill(os.getpid(), signal.SIGTERM)
 os.kill(os.getpid(), signal.SIGTERM)  # the agent's forward of a group-wide signal: the same request

@@ -68,3 +68,13 @@ def test_cfg_options_parse_literals_and_dotted_keys(tmp_path):
         parse_cfg_options(["lr"])
     with pytest.raises(FileNotFoundError, match="nope.py"):
         load_config(tmp_path / "nope.py")
+
+
+def test_every_declared_key_is_documented():
+    import dataclasses
+
+    from opensora_vae.config import JOBS
+
+    text = (ROOT / "docs" / "config.md").read_text()
+    missing = {f.name for job in JOBS.values() for f in dataclasses.fields(job) if f"`{f.name}`" not in text}
+    assert not missing, f"keys missing from docs/config.md: {sorted(missing)}"

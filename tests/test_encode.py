@@ -178,3 +178,28 @@ def test_parse_buckets():
     assert parse_buckets([(17, 256, 256)], image_size=(128, 96)) == [(17, 128, 96)]
     with pytest.raises(ValueError):
         parse_buckets([(17, 256)])
+
+
+def test_a_stop_signal_keeps_what_was_encoded_and_a_rerun_completes_it(whole, job, tmp_path, monkeypatch, one_thread):
+    import signal
+
+    from opensora_vae.models import VideoAutoencoderPipeline
+    from opensora_vae.signals import EXIT_PREEMPTED
+
+    encode, calls = VideoAutoencoderPipeline.encode_posterior, []
+
+    def signalled(self, x):  # SIGTERM while the third clip is encoding: that clip is finished and written
+        calls.append(x.shape)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return encode(self, x)
+
+    monkeypatch.setattr(VideoAutoencoderPipeline, "encode_posterior", signalled)
+    assert encode_latents.main(args(job, tmp_path / "out")) == EXIT_PREEMPTED
+    assert len(stored_keys(tmp_path / "out")) == 3
+    monkeypatch.undo()
+    assert encode_latents.main(args(job, tmp_path / "out")) == 0
+    assert sorted(stored_keys(tmp_path / "out")) == EXPECTED
+    assert list(read_index(tmp_path / "out")["key"]) == EXPECTED
+    mine, ref = tensors(tmp_path / "out"), tensors(whole)
+    assert all(torch.equal(mine[k], ref[k]) for k in ref)

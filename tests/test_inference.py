@@ -136,3 +136,25 @@ def test_protocol_options_num_samples_crf_fps_and_sampling(tmp_path, csv, ckpt):
 
 def test_output_names_are_unique():
     assert output_names(["/a/x.mp4", "/b/x.mp4", "/c/y.mp4"]) == ["x-0", "x-1", "y"]
+
+
+def test_a_stop_signal_ends_after_the_current_clip_and_a_rerun_writes_the_rest(tmp_path, csv, ckpt, monkeypatch):
+    import signal
+
+    from opensora_vae.models import VideoAutoencoderPipeline
+    from opensora_vae.signals import EXIT_PREEMPTED
+
+    forward = VideoAutoencoderPipeline.forward
+
+    def signalled(self, *args, **kwargs):  # the scheduler's SIGTERM arrives while the first clip is running
+        os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(VideoAutoencoderPipeline, "forward", signalled)
+    argv = [str(CONFIG), "--ckpt-path", str(ckpt), "--data-path", str(csv), "--save-dir", str(tmp_path / "r"),
+            "--num-frames", "5"]
+    assert inference_vae.main(argv) == EXIT_PREEMPTED
+    assert [len(list((tmp_path / f"r_{k}").iterdir())) for k in ("ori", "rec", "spatial")] == [1, 1, 1]
+    monkeypatch.undo()
+    assert inference_vae.main(argv) == 0
+    assert sorted(p.stem for p in (tmp_path / "r_rec").iterdir()) == ["bikes", "carphone_pristine", "still"]

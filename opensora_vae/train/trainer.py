@@ -1,7 +1,6 @@
 """The VAE trainer: set-up, `train_step`, `train`; every stateful part saves through the checkpoint module."""
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 import math
@@ -25,8 +24,7 @@ from ..runtime import resolve_dtype
 from . import checkpoint as ckpt
 from ..distributed import any_rank, close_distributed, init_distributed, unwrap, wrap_model
 from .logging import RunLogger, setup_logging
-from . import signals
-from .signals import StopSignals, ignore_in_worker
+from ..signals import StopSignals, start_loader, worker_init
 
 logger = logging.getLogger("opensora_vae.train")
 
@@ -399,18 +397,15 @@ class Trainer:
         last_saved: Optional[Path] = None
         self._tick, self._steps_since = time.perf_counter(), 0
         stop = self._stop_signals = StopSignals(cfg.stop_signals).install()
-        worker_init = functools.partial(ignore_in_worker, tuple(cfg.stop_signals))
         try:
             while self.epoch < epochs and not self._done():
                 self.sampler.set_epoch(self.epoch)
                 self.dataset.set_epoch(self.epoch)
                 loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
                                     collate_fn=collate_clips, num_workers=cfg.num_workers,
-                                    worker_init_fn=worker_init if cfg.num_workers else None,
+                                    worker_init_fn=worker_init(cfg.stop_signals),
                                     pin_memory=self.device.type == "cuda")
-                with signals.blocked(cfg.stop_signals):  # the loader's processes start here
-                    batches = iter(loader)
-                for batch in batches:
+                for batch in start_loader(loader, cfg.stop_signals):
                     self._count_skips(batch)
                     metrics = self.train_step(batch)
                     self.global_step += 1

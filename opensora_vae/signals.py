@@ -1,13 +1,15 @@
 """Stop signals: a scheduler's "checkpoint now and exit" (SLURM and Kubernetes send SIGTERM or SIGUSR1).
 
-The handler only records the signal; the trainer checks it after every step (all ranks agree through one
-all-reduce), writes a checkpoint at that step and exits with `EXIT_PREEMPTED`. A second signal ends the process at
+The handler only records the signal. The trainer checks it after every step (all ranks agree through one
+all-reduce), writes a checkpoint at that step and exits with `EXIT_PREEMPTED`; inference and latent encoding finish
+the current clip, write what they hold and exit the same way (a rerun continues). A second signal ends the process at
 once. Duplicates within `DUPLICATE_S` seconds are one signal: when the whole process group is signalled, the
 torchrun agent forwards the same signal to its workers right after they got it themselves.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import time
@@ -19,7 +21,8 @@ DUPLICATE_S = 2.0
 
 class StopSignals:
     def __init__(self, names: Iterable[str]):
-        self.signals = [signal.Signals[name] for name in names]
+        self.names = tuple(names)
+        self.signals = [signal.Signals[name] for name in self.names]
         self.received: Optional[Tuple[signal.Signals, float]] = None  # (signal, monotonic time)
         self._previous = {}
 
@@ -64,6 +67,17 @@ def blocked(names: Iterable[str]):
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
+
+
+def start_loader(loader, names: Iterable[str]):
+    """`iter(loader)` with the stop signals held back while its processes start (see `blocked`)."""
+    with blocked(names):
+        return iter(loader)
+
+
+def worker_init(names: Iterable[str]):
+    """The DataLoader `worker_init_fn` that makes its processes ignore the stop signals."""
+    return functools.partial(ignore_in_worker, tuple(names))
 
 
 def ignore_in_worker(names: Tuple[str, ...], _worker_id: int) -> None:
