@@ -368,15 +368,19 @@ def _remove(path: Path) -> bool:
         return False
 
 
+def check_retention(keep_last: Optional[int], keep_every: Optional[int]) -> None:
+    for name, value in (("keep_last", keep_last), ("keep_every", keep_every)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UserError(f"{name} must be an integer >= 1 (or None), got {value!r}")
+
+
 def prune_checkpoints(run_dir: Path, keep_last: Optional[int], keep_every: Optional[int] = None) -> List[Path]:
     """Delete old complete checkpoints: keep the `keep_last` newest (by step) and those whose step is a multiple
     of `keep_every`; `keep_last=None` keeps all. Call it after a save succeeded, on one rank: the newest is never
     deleted. Each goes through `.del-NAME` first, so a kill mid-delete never leaves a half-deleted folder under a
     checkpoint name; leftover `.del-*` folders and stale `.old-NAME` (NAME complete) are removed too.
     Returns what was deleted, under the names it had (a failed delete is logged, not raised)."""
-    for name, value, minimum in (("keep_last", keep_last, 1), ("keep_every", keep_every, 1)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-            raise UserError(f"{name} must be an integer >= {minimum} (or None), got {value!r}")
+    check_retention(keep_last, keep_every)
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []

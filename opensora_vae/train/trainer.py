@@ -136,9 +136,7 @@ class Trainer:
     # ----- set-up -------------------------------------------------------------------------------------------
     def setup(self) -> None:
         self.cfg = cfg = check_config(self.cfg, "train")
-        for key in ("keep_last", "keep_every"):
-            if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
-                raise UserError(f"{key} must be a positive number of checkpoints/steps or None, got {getattr(cfg, key)}")
+        ckpt.check_retention(cfg.keep_last, cfg.keep_every)
         self.dist = init_distributed(cfg.device, cfg.dist_timeout)
         setup_logging(self.dist.rank)
         self.run_name = cfg.run_name or self.config_name
