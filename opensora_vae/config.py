@@ -85,6 +85,10 @@ class TrainConfig(JobConfig):
     mixed_image_ratio: float = 0.0
     sample_posterior: bool = True
     train_spatial_only: bool = False  # fit the spatial VAE alone (the demo's stage 0)
+    trainable: Literal["all", "decoder"] = "all"  # decoder: both encoders frozen, so the latents never change
+    ema_decay: Optional[float] = None  # an fp32 moving average of the trained weights, saved as ema/ (None: none)
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or skips the update everywhere
+    max_nonfinite_in_a_row: int = 10  # with "skip": this many non-finite steps in a row stop the run
     find_unused_parameters: Optional[bool] = None  # None: when the spatial decoder gets no gradient
     epochs: int = 100
     max_steps: Optional[int] = None

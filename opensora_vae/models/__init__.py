@@ -1,4 +1,5 @@
 """Models, registered in `opensora_vae.registry.MODELS` under the published type names."""
+from .discriminator import DISCRIMINATOR_3D, N_Layer_DISCRIMINATOR_3D, NLayerDiscriminator
 from .distributions import DiagonalGaussianDistribution
 from .pipeline import OpenSoraVAE_V1_2, PipelineOutput, VideoAutoencoderPipeline
 from .spatial import VideoAutoencoderKL, sdxl_vae_config

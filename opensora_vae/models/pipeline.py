@@ -6,7 +6,7 @@ import inspect
 import json
 import os
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -174,6 +174,11 @@ class VideoAutoencoderPipeline(RuntimeOptionsMixin, nn.Module):
             size[0] = (t // m) * per_chunk + (self.temporal_vae.get_latent_size([t % m])[0] if t % m else 0)
         return size
 
+    def encoder_modules(self) -> Tuple[nn.Module, ...]:
+        """Everything before the latent: both encoders and their posterior convolutions."""
+        spatial = self.spatial_vae.module
+        return spatial.encoder, spatial.quant_conv, self.temporal_vae.encoder, self.temporal_vae.quant_conv
+
     def enable_gradient_checkpointing(self, parts: Union[str, Sequence[str]] = ("spatial", "temporal")) -> None:
         """Recompute activations in backward, per res block, in the temporal VAE and/or the (trained) spatial VAE."""
         for part, vae in self._vaes(parts):
@@ -193,8 +198,9 @@ class VideoAutoencoderPipeline(RuntimeOptionsMixin, nn.Module):
         return next(self.parameters()).dtype
 
     # ----- published format --------------------------------------------------------------------------------
-    def save_pretrained(self, folder: Union[str, os.PathLike]) -> None:
-        """Write config.json + model.safetensors (the published layout); each file is replaced atomically."""
+    def save_pretrained(self, folder: Union[str, os.PathLike], state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """Write config.json + model.safetensors (the published layout); each file is replaced atomically.
+        `state_dict`: the weights to write instead of this model's (e.g. their moving average)."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
@@ -203,7 +209,7 @@ class VideoAutoencoderPipeline(RuntimeOptionsMixin, nn.Module):
         # Record the spatial architecture so loading rebuilds it offline.
         cfg["vae_2d"]["config"] = self.spatial_vae.architecture_config()
         cfg.update(architectures=["VideoAutoencoderPipeline"], model_type="VideoAutoencoderPipeline")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
         tmp = folder / (CONFIG_NAME + ".tmp")
         tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True))
         os.replace(tmp, folder / CONFIG_NAME)

@@ -1,8 +1,9 @@
 """Training checkpoints: `OUTPUTS/<run>/epochE-global_stepS/`, written durably and pruned on request.
 
 Layout: `model/` (published format, loadable by VideoAutoencoderPipeline.from_pretrained), `optimizer.pt`,
-`loss.pt` (the learned logvar), `running_states.json` (epoch, step, sampler position, ...) and
-`rng/rank{R}.pt` (each rank's random states).
+`loss.pt` (the learned logvar), `running_states.json` (epoch, step, sampler position, ...),
+`rng/rank{R}.pt` (each rank's random states), and the optional parts a run has: `ema/` (published format, the
+weights' moving average), `discriminator.pt` and `discriminator_optimizer.pt`.
 
 Durability: everything is written under `.tmp-NAME`, fsynced (files and folder), then renamed, and the run folder
 is fsynced, so neither a kill nor a power loss leaves a half-written folder under a checkpoint name. Replacing an
@@ -253,9 +254,12 @@ def save_checkpoint(
     optimizer_state: Optional[Dict[str, Any]],
     running_states: Dict[str, Any],
     rng: Dict[str, Any],
+    extras: Optional[Dict[str, Any]] = None,
 ) -> Path:
     """Called on every rank (collective). Rank 0 writes the shared parts; each rank writes its RNG state.
-    Raises CheckpointSaveError on every rank when any rank fails to write; the previous checkpoint is kept."""
+    `extras` (rank 0): name -> a callable writing that file or folder at the path it is given, or an object
+    written with torch.save. Raises CheckpointSaveError on every rank when any rank fails to write; the previous
+    checkpoint is kept."""
     run_dir = Path(run_dir)
     final = run_dir / checkpoint_name(epoch, step)
     tmp = run_dir / f"{TMP_PREFIX}{final.name}"
@@ -270,6 +274,11 @@ def save_checkpoint(
             model.save_pretrained(tmp / "model")
             _torch_save(optimizer_state, tmp / "optimizer.pt")
             _torch_save(loss_state, tmp / "loss.pt")
+            for name, part in (extras or {}).items():
+                if callable(part):
+                    part(tmp / name)
+                else:
+                    _torch_save(part, tmp / name)
             (tmp / RUNNING_STATES).write_text(json.dumps(running_states, indent=2))
 
     def publish() -> None:

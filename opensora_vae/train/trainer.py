@@ -18,11 +18,12 @@ from ..config import check_config, save_config
 from ..errors import RunError, UserError
 from ..data import ResumableDistributedSampler, apply_mixed_strategy, collate_clips
 from ..losses import build_loss
-from ..models.pretrained import load_state_dict_file
+from ..models.pretrained import WEIGHTS_NAME, load_state_dict_file, read_state_dict
 from ..registry import DATASETS, build_from_cfg, build_model
 from ..runtime import resolve_dtype
 from . import checkpoint as ckpt
 from ..distributed import any_rank, close_distributed, init_distributed, unwrap, wrap_model
+from .ema import EMA
 from .logging import RunLogger, setup_logging
 from ..signals import StopSignals, start_loader, worker_init
 
@@ -170,6 +171,9 @@ class Trainer:
             if not cfg.use_real_rec_loss:
                 raise UserError("train_spatial_only needs the pixel losses: set use_real_rec_loss=True")
             self.model.temporal_vae.requires_grad_(False)
+        if cfg.trainable == "decoder":  # fine-tuned weights encode every clip to the same latents as before
+            for module in self.model.encoder_modules():
+                module.requires_grad_(False)
         self.loss_fn = build_loss(cfg).to(self.device)
         self.step_module = TrainStep(self.model, self.loss_fn, cfg.sample_posterior, spatial_only).train()
         # The spatial decoder gets no gradient when only latents are reconstructed.
@@ -189,6 +193,8 @@ class Trainer:
         self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 1000 * self.dist.rank + 1)
         self.epoch = self.global_step = 0
         self.skipped_rows = 0
+        self.nonfinite_steps = self.nonfinite_in_a_row = 0
+        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay is not None else None
 
         self.run_dir = run_dir or self._on_rank0(new_run_dir, Path(cfg.outputs), self.run_name)
         if self.load_path is not None:
@@ -242,7 +248,8 @@ class Trainer:
     def running_states(self) -> Dict[str, Any]:
         return {"epoch": self.epoch, "global_step": self.global_step, "sampler": self.sampler.state_dict(),
                 "world_size": self.dist.world_size, "batch_size": self.batch_size,
-                "skipped_rows": self.skipped_rows, "scheduler": self.scheduler.state_dict()}
+                "skipped_rows": self.skipped_rows, "nonfinite_steps": self.nonfinite_steps,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row, "scheduler": self.scheduler.state_dict()}
 
     def save(self) -> Path:
         cfg = self.cfg
@@ -253,7 +260,7 @@ class Trainer:
         path = ckpt.save_checkpoint(
             self.run_dir, self.epoch, self.global_step, self.dist.rank, unwrap(self.model),
             self.loss_fn.state_dict(), ckpt.consolidated_optimizer_state(self.optimizer), self.running_states(),
-            ckpt.rng_state({"data": self.data_gen, "noise": self.noise_gen}),
+            ckpt.rng_state({"data": self.data_gen, "noise": self.noise_gen}), self._checkpoint_extras(),
         )
         logger.info("saved checkpoint %s", path)
         if self.dist.is_main:
@@ -263,6 +270,13 @@ class Trainer:
                 logger.info("deleted %s (keep_last=%s, keep_every=%s)", ", ".join(p.name for p in deleted),
                             cfg.keep_last, cfg.keep_every)
         return path
+
+    def _checkpoint_extras(self) -> Dict[str, Any]:
+        model = unwrap(self.model)
+        extras: Dict[str, Any] = {}
+        if self.ema is not None:  # the published format: loadable by --ckpt-path RUN/epochE-global_stepS/ema
+            extras["ema"] = lambda folder: model.save_pretrained(folder, state_dict=self.ema.full_state_dict(model))
+        return extras
 
     def _estimated_checkpoint_bytes(self) -> int:
         """Before the first save: the weights plus AdamW's two moments per trainable value."""
@@ -282,6 +296,13 @@ class Trainer:
         running = state["running_states"]
         self.epoch, self.global_step = running["epoch"], running["global_step"]
         self.skipped_rows = running.get("skipped_rows", 0)
+        self.nonfinite_steps = running.get("nonfinite_steps", 0)
+        self.nonfinite_in_a_row = running.get("nonfinite_in_a_row", 0)
+        if self.ema is not None:
+            if (path / "ema").is_dir():
+                self.ema.load_state_dict(read_state_dict(path / "ema" / WEIGHTS_NAME))
+            else:
+                logger.warning("%s has no EMA: the average starts from its weights", path)
         self._rescale_batch(running["world_size"], running["batch_size"])
         # The sampler's global position continues the epoch on any number of ranks (older states: per rank).
         self.sampler.load_state_dict({"world_size": running["world_size"], **running["sampler"]})
@@ -318,23 +339,42 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=use_autocast):
             terms = self.wrapped(x, self.noise_gen)
         loss = terms["loss"]
+        out = {k: v.detach().float() for k, v in terms.items()}
+        out["frames"] = torch.tensor(float(x.shape[2]), device=self.device)
         if any_rank(not bool(torch.isfinite(loss)), self.device):
-            raise NonFiniteLossError(
-                f"non-finite loss at step {self.global_step + 1} (epoch {self.epoch}) on rows "
-                f"{self._gather(batch['index'].tolist())}; nothing was saved for this step, the last checkpoint in "
-                f"{self.run_dir} is intact. Terms: "
-                + ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
-            )
+            self._nonfinite(batch, terms)
+            self.scheduler.step()  # the schedule follows the step count, updates or not
+            out["grad_norm"] = torch.tensor(float("nan"), device=self.device)
+            return out
+        self.nonfinite_in_a_row = 0
         loss.backward()
         clip = self.cfg.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model_params, float(clip) if clip else float("inf"))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        out = {k: v.detach().float() for k, v in terms.items()}
+        if self.ema is not None:
+            self.ema.update(unwrap(self.model))
         out["grad_norm"] = grad_norm.detach().float()
-        out["frames"] = torch.tensor(float(x.shape[2]), device=self.device)
         return out
+
+    def _nonfinite(self, batch: Dict[str, Any], terms: Dict[str, torch.Tensor]) -> None:
+        """A NaN/inf loss on any rank: stop (the default), or with on_nonfinite="skip" skip this update on every
+        rank and stop only after max_nonfinite_in_a_row such steps in a row."""
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        where = (f"non-finite loss at step {self.global_step + 1} (epoch {self.epoch}) on rows "
+                 f"{self._gather(batch['index'].tolist())}")
+        values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+        skip, limit = self.cfg.on_nonfinite == "skip", self.cfg.max_nonfinite_in_a_row
+        if not skip or self.nonfinite_in_a_row >= limit:
+            why = f" ({self.nonfinite_in_a_row} in a row, max_nonfinite_in_a_row={limit})" if skip else ""
+            raise NonFiniteLossError(f"{where}{why}; nothing was saved for this step, the last checkpoint in "
+                                     f"{self.run_dir} is intact. Terms: {values}")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.dist.is_main:
+            logger.warning("%s: update skipped (%d in a row, %d in all). Terms: %s", where, self.nonfinite_in_a_row,
+                           self.nonfinite_steps, values)
 
     def _gather(self, value):
         """Every rank's `value`, in rank order (collective)."""
@@ -347,6 +387,7 @@ class Trainer:
     def _log(self, metrics: Dict[str, torch.Tensor], seconds: float, steps: int) -> None:
         local = {k: float(v) for k, v in metrics.items()}
         local["skipped_rows"] = float(self.skipped_rows)
+        local["nonfinite_steps"] = float(self.nonfinite_steps)
         if self.cfg.log_samples:
             local["rows"], self.sample_rows = self.sample_rows, []
         parts = [local]
@@ -362,6 +403,7 @@ class Trainer:
             values = [p[key] for p in parts if key in p]
             record[key] = sum(values) if key == "skipped_rows" else sum(values) / len(values)
         record["skipped_rows"] = int(record["skipped_rows"])
+        record["nonfinite_steps"] = int(record["nonfinite_steps"])  # the same count on every rank
         record["frames_per_rank"] = [p["frames"] for p in parts]  # the mixed-strategy draw each rank took
         record.update(lr=self.optimizer.param_groups[0]["lr"], sec_per_step=seconds / steps,
                       samples_per_sec=steps * self.batch_size * self.dist.world_size / max(seconds, 1e-9))
