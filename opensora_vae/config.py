@@ -65,7 +65,7 @@ class JobConfig:
 @dataclass
 class TrainConfig(JobConfig):
     """The published recipe's shared settings; stage configs state what differs. Loss keys are VAELoss's
-    arguments (opensora_vae/losses.py), declared there."""
+    arguments (opensora_vae/losses.py) and AdversarialLoss's (opensora_vae/adversarial.py), declared there."""
 
     dtype: Union[Literal["auto"], DtypeName] = "bf16"
     batch_size: int = 1  # per rank
@@ -89,6 +89,7 @@ class TrainConfig(JobConfig):
     ema_decay: Optional[float] = None  # an fp32 moving average of the trained weights, saved as ema/ (None: none)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or skips the update everywhere
     max_nonfinite_in_a_row: int = 10  # with "skip": this many non-finite steps in a row stop the run
+    discriminator: Optional[Dict[str, Any]] = None  # a discriminator (MODELS type) turns the adversarial loss on
     find_unused_parameters: Optional[bool] = None  # None: when the spatial decoder gets no gradient
     epochs: int = 100
     max_steps: Optional[int] = None
@@ -288,13 +289,15 @@ def check_config(cfg: Config, job: str) -> Config:
     """Validate `cfg` against the job's declared keys (raises ConfigError naming the key) and fill in defaults;
     the file's `_` variables are dropped. Idempotent."""
     from . import data, models  # noqa: F401  (register the dataset and model types)
+    from .adversarial import AdversarialLoss
     from .losses import VAELoss
     from .registry import DATASETS, MODELS
 
     schema = JOBS[job]
     hints = typing.get_type_hints(schema)
-    if job == "train":
-        hints.update(signature_hints(VAELoss))
+    losses = (VAELoss, AdversarialLoss) if job == "train" else ()
+    for loss in losses:
+        hints.update(signature_hints(loss))
     values = cfg.to_dict()
     _check_fields("", values, hints)
     for required in ("dataset", "model"):
@@ -302,10 +305,12 @@ def check_config(cfg: Config, job: str) -> Config:
             raise ConfigError(f"config key {required!r} is missing: a dict with a 'type' key")
     _check_component("dataset.", values["dataset"], DATASETS)
     _check_component("model.", values["model"], MODELS, extra=_model_hints())
+    if values.get("discriminator") is not None:
+        _check_component("discriminator.", values["discriminator"], MODELS)
     defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
                 for f in dataclasses.fields(schema)}
-    if job == "train":
-        defaults.update({n: p.default for n, p in inspect.signature(VAELoss).parameters.items() if n != "self"})
+    for loss in losses:
+        defaults.update({n: p.default for n, p in inspect.signature(loss).parameters.items() if n != "self"})
     filled = {k: v for k, v in values.items() if k in hints}
     for name, default in defaults.items():
         if name not in filled:

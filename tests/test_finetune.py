@@ -1,5 +1,6 @@
 """Fine-tuning options: decoder-only training keeps the latents, the EMA of the weights, non-finite steps skipped
 in lockstep (tiny configs, CPU, gloo)."""
+import json
 import subprocess
 
 import pytest
@@ -11,7 +12,7 @@ from opensora_vae.models import VideoAutoencoderPipeline
 from opensora_vae.train import NonFiniteLossError, Trainer
 from opensora_vae.train.checkpoint import latest_checkpoint
 
-from helpers import EXACT, ROOT, TINY, metrics, options, run_in_process, torchrun_env
+from helpers import EXACT, ROOT, TINY, metrics, options, run_in_process, torchrun, torchrun_env
 
 
 def weights(path):
@@ -105,3 +106,50 @@ def test_too_many_nonfinite_steps_in_a_row_stop_with_the_last_checkpoint_intact(
         trainer.close()
     assert latest_checkpoint(trainer.run_dir).name == "epoch0-global_step4"  # steps 3-4 skipped, then saved
     VideoAutoencoderPipeline.from_pretrained(latest_checkpoint(trainer.run_dir))
+
+
+DISC = {"dataset.image_size": (32, 32), "discriminator": dict(type="NLayerDiscriminator", ndf=8, n_layers=2)}
+
+
+def disc_weights(ckpt):
+    return torch.load(ckpt / "discriminator.pt", weights_only=True)["model"]
+
+
+def test_nothing_adversarial_acts_before_discriminator_start(tmp_path, clip_csv):
+    opts = {**EXACT, **DISC, "max_steps": 3, "ckpt_every": 1, "discriminator_start": 2}
+    run_dir, _ = run_in_process(TINY / "stage3.py", clip_csv, tmp_path / "adv", **opts)
+    plain_opts = {k: v for k, v in opts.items() if k not in ("discriminator", "discriminator_start")}
+    plain_dir, _ = run_in_process(TINY / "stage3.py", clip_csv, tmp_path / "plain", **plain_opts)
+    rows, plain = metrics(run_dir), metrics(plain_dir)
+    assert [("adversarial" in r, "disc_loss" in r) for r in rows] == [(False, False), (False, False), (True, True)]
+    assert [r["loss"] for r in rows[:2]] == [r["loss"] for r in plain[:2]]  # the same VAE steps as without it
+    ckpts = [next(run_dir.glob(f"epoch*-global_step{s}")) for s in (1, 2, 3)]
+    first, second, third = map(disc_weights, ckpts)
+    assert all(torch.equal(first[k], second[k]) for k in first)  # untouched, BatchNorm statistics included
+    assert any(not torch.equal(second[k], third[k]) for k in second)
+    a, b = weights(ckpts[1]), weights(next(plain_dir.glob("epoch*-global_step2")))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_rank_adversarial_run_with_lecam_resumes_exactly(tmp_path, clip_csv):
+    opts = {**EXACT, **DISC, "max_steps": 4, "ckpt_every": 2, "discriminator_start": 0, "lecam_loss_weight": 0.1,
+            "shard_optimizer": True, "mixed_strategy": "mixed_video_random", "sample_posterior": True,
+            "dataset.num_frames": 9}
+    torchrun(2, TINY / "stage3.py", "--data-path", clip_csv, "--outputs", tmp_path, "--cfg-options", *options(opts))
+    run_dir = next(p for p in tmp_path.iterdir() if p.is_dir())
+    end = next(run_dir.glob("epoch*-global_step4"))
+    first_disc, first_vae = disc_weights(end), weights(end)
+    first_lecam = torch.load(end / "discriminator.pt", weights_only=True)["loss"]
+    torchrun(2, TINY / "stage3.py", "--data-path", clip_csv, "--load", next(run_dir.glob("epoch*-global_step2")),
+             "--cfg-options", *options(opts))
+    lost = [json.loads(line) for line in (run_dir / "metrics.superseded.jsonl").read_text().splitlines()]
+    resumed = metrics(run_dir)[2:]
+    keys = ("loss", "adversarial", "d_weight", "disc_loss", "lecam", "frames_per_rank")
+    assert [[r[k] for k in keys] for r in lost] == [[r[k] for k in keys] for r in resumed]
+    assert all(r["lecam"] > 0 for r in resumed)
+    again = disc_weights(end)
+    assert all(torch.equal(first_disc[k], again[k]) for k in first_disc)
+    assert all(torch.equal(v, torch.load(end / "discriminator.pt", weights_only=True)["loss"][k])
+               for k, v in first_lecam.items())
+    vae = weights(end)
+    assert all(torch.equal(first_vae[k], vae[k]) for k in vae)

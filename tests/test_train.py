@@ -244,10 +244,14 @@ def test_published_stage_configs_run_one_step_full_size(tmp_path, clip_csv, stag
 
 @pytest.mark.parametrize("precision", ["autocast", "params"])
 def test_bf16_training_runs_and_checkpoints(tmp_path, clip_csv, precision):
+    """With the adversarial loss too: the discriminator runs under the same precision."""
     run_dir, saved = run_in_process(TINY / "stage3.py", clip_csv, tmp_path, **{**EXACT, "max_steps": 2,
-                                    "dtype": "bf16", "precision": precision, "ckpt_every": 0})
+                                    "dtype": "bf16", "precision": precision, "ckpt_every": 0,
+                                    "dataset.image_size": (32, 32), "discriminator_start": 1,
+                                    "discriminator": dict(type="NLayerDiscriminator", ndf=8, n_layers=2)})
     rows = metrics(run_dir)
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert torch.isfinite(torch.tensor([rows[1]["adversarial"], rows[1]["disc_loss"]])).all()
     weights = VideoAutoencoderPipeline.from_pretrained(saved).temporal_vae.decoder.conv_out.conv.weight
     assert weights.dtype == (torch.bfloat16 if precision == "params" else torch.float32)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import inspect
 import logging
 import math
 import re
@@ -11,6 +12,7 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
+from einops import rearrange
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -18,11 +20,13 @@ from ..config import check_config, save_config
 from ..errors import RunError, UserError
 from ..data import ResumableDistributedSampler, apply_mixed_strategy, collate_clips
 from ..losses import build_loss
-from ..models.pretrained import WEIGHTS_NAME, load_state_dict_file, read_state_dict
-from ..registry import DATASETS, build_from_cfg, build_model
+from ..models.pretrained import WEIGHTS_NAME, load_state_dict_file, load_strict, read_state_dict
+from ..registry import DATASETS, MODELS, build_from_cfg, build_model
 from ..runtime import resolve_dtype
 from . import checkpoint as ckpt
 from ..distributed import any_rank, close_distributed, init_distributed, unwrap, wrap_model
+from ..adversarial import AdversarialLoss
+from ..models.discriminator import NLayerDiscriminator
 from .ema import EMA
 from .logging import RunLogger, setup_logging
 from ..signals import StopSignals, start_loader, worker_init
@@ -30,26 +34,71 @@ from ..signals import StopSignals, start_loader, worker_init
 logger = logging.getLogger("opensora_vae.train")
 
 
+DISCRIMINATOR, DISCRIMINATOR_OPTIMIZER = "discriminator.pt", "discriminator_optimizer.pt"
+
+
 class NonFiniteLossError(RunError):
     pass
 
 
-class TrainStep(nn.Module):
-    """Model + loss in one module, so DDP also averages logvar's gradient when it is learned."""
+def frames_for(discriminator: nn.Module, video: torch.Tensor) -> torch.Tensor:
+    """A clip as the discriminator takes it: the 2D PatchGAN sees its frames as a batch, (b t) c h w, as the
+    reference does; the 3D ones the clip."""
+    return rearrange(video, "b c t h w -> (b t) c h w") if isinstance(discriminator, NLayerDiscriminator) else video
 
-    def __init__(self, model: nn.Module, loss: nn.Module, sample_posterior: bool = True, spatial_only: bool = False):
+
+class TrainStep(nn.Module):
+    """Model + loss in one module, so DDP also averages logvar's gradient when it is learned. With a
+    discriminator, the adversarial term joins the loss; the discriminator and AdversarialLoss stay outside this
+    module (their own DDP and optimizer), its weights frozen while the VAE's graph is built."""
+
+    def __init__(self, model: nn.Module, loss: nn.Module, sample_posterior: bool = True, spatial_only: bool = False,
+                 discriminator: Optional[nn.Module] = None, adversarial: Optional[AdversarialLoss] = None):
         super().__init__()
         self.model, self.loss = model, loss
         self.sample_posterior = sample_posterior
         self.spatial_only = spatial_only
+        object.__setattr__(self, "discriminator", discriminator)  # not a submodule: not in this DDP
+        object.__setattr__(self, "adversarial", adversarial)
 
-    def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None, global_step: int = 0):
+        """(loss terms, the detached reconstruction when the adversarial terms act at this step, else None)."""
+        adversarial = self.adversarial is not None and self.adversarial.active(global_step)
         if self.spatial_only:
             out = self.model.forward_spatial(x, sample_posterior=self.sample_posterior, generator=generator)
         else:
             out = self.model(x, sample_posterior=self.sample_posterior, generator=generator,
-                             decode_pixels=self.loss.use_real_rec_loss)
-        return self.loss(x, out)
+                             decode_pixels=self.loss.use_real_rec_loss or adversarial)
+        terms = self.loss(x, out)
+        if not adversarial:
+            return terms, None
+        # The NLL the adaptive weight balances: the pixel one with its perceptual term, as the reference.
+        nll = terms["rec_nll"] if "rec_nll" in terms else self.loss.nll(x, out.x_rec, perceptual=True)
+        fake_logits = self.discriminator(frames_for(self.discriminator, out.x_rec))
+        last_layer = self.model.temporal_vae.decoder.conv_out.conv.weight  # the reference's get_temporal_last_layer
+        gen = self.adversarial.generator_loss(fake_logits, nll, last_layer, global_step)
+        terms.update(g_loss=gen["g_loss"], d_weight=gen["d_weight"], adversarial=gen["adversarial"].detach(),
+                     loss=terms["loss"] + gen["adversarial"])
+        return terms, out.x_rec.detach()
+
+
+class DiscriminatorStep(nn.Module):
+    """D(real) and D(fake) as two calls (BatchNorm sees each alone, as in the reference) and the discriminator's
+    loss, in one module so that DDP sees one forward per backward."""
+
+    def __init__(self, discriminator: nn.Module, adversarial: AdversarialLoss):
+        super().__init__()
+        self.discriminator = discriminator
+        object.__setattr__(self, "adversarial", adversarial)
+
+    def forward(self, real: torch.Tensor, fake: torch.Tensor, global_step: int) -> Dict[str, torch.Tensor]:
+        real, fake = frames_for(self.discriminator, real), frames_for(self.discriminator, fake)
+        penalty = bool(self.adversarial.gradient_penalty_loss_weight)
+        if penalty:
+            real = real.detach().requires_grad_(True)
+        real_logits, fake_logits = self.discriminator(real), self.discriminator(fake)
+        return self.adversarial.discriminator_loss(real_logits, fake_logits, global_step,
+                                                   real_input=real if penalty else None)
 
 
 def lr_factor(warmup: int, schedule: Optional[dict], max_steps: Optional[int]):
@@ -175,7 +224,9 @@ class Trainer:
             for module in self.model.encoder_modules():
                 module.requires_grad_(False)
         self.loss_fn = build_loss(cfg).to(self.device)
-        self.step_module = TrainStep(self.model, self.loss_fn, cfg.sample_posterior, spatial_only).train()
+        self._setup_discriminator()
+        self.step_module = TrainStep(self.model, self.loss_fn, cfg.sample_posterior, spatial_only,
+                                     self.discriminator, self.adversarial).train()
         # The spatial decoder gets no gradient when only latents are reconstructed.
         unused = not self.loss_fn.use_real_rec_loss and any(p.requires_grad for p in self.model.spatial_vae.parameters())
         find_unused = unused if cfg.find_unused_parameters is None else cfg.find_unused_parameters
@@ -183,7 +234,7 @@ class Trainer:
         # logvar is optimised only with learn_logvar (the reference never optimises it); clipping covers the model.
         self.params = [p for p in self.step_module.parameters() if p.requires_grad]
         self.model_params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = self._build_optimizer()
+        self.optimizer = self._build_optimizer(self.params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(cfg.warmup_steps, cfg.lr_schedule, cfg.max_steps))
 
@@ -215,7 +266,22 @@ class Trainer:
         self.sample_rows: list = []  # (step, this rank's rows) since the last log, with log_samples
         self._ckpt_bytes: Optional[int] = None
 
-    def _build_optimizer(self):
+    def _setup_discriminator(self) -> None:
+        """`discriminator=dict(type=...)`: the adversarial loss, the discriminator (its own DDP) and its AdamW (the
+        VAE's lr and settings, as the reference)."""
+        cfg = self.cfg
+        self.discriminator = self.adversarial = self.disc_optimizer = None
+        if cfg.discriminator is None:
+            return
+        names = [n for n in inspect.signature(AdversarialLoss).parameters if n != "self"]
+        self.adversarial = AdversarialLoss(**{k: cfg[k] for k in names}).to(self.device)
+        self.discriminator = build_from_cfg(cfg.discriminator, MODELS).to(self.device).train()
+        if self.precision == "params":
+            self.discriminator.to(self.dtype)
+        self.disc_wrapped = wrap_model(DiscriminatorStep(self.discriminator, self.adversarial), self.dist)
+        self.disc_optimizer = self._build_optimizer([p for p in self.discriminator.parameters() if p.requires_grad])
+
+    def _build_optimizer(self, params):
         cfg = self.cfg
         kwargs = dict(lr=float(cfg.lr), weight_decay=float(cfg.weight_decay), betas=tuple(cfg.adam_betas),
                       eps=float(cfg.adam_eps), **cfg.optimizer)
@@ -224,9 +290,9 @@ class Trainer:
 
             # ZeRO-style: each rank keeps the AdamW state of its shard of the parameters only. Bucket views: one
             # broadcast per rank after the step, not one per parameter.
-            return ZeroRedundancyOptimizer(self.params, optimizer_class=torch.optim.AdamW,
+            return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW,
                                            parameters_as_bucket_view=True, **kwargs)
-        return torch.optim.AdamW(self.params, **kwargs)
+        return torch.optim.AdamW(params, **kwargs)
 
     def _on_rank0(self, fn, *args):
         """fn(*args) on rank 0, its result (or its error, raised alike) on every rank."""
@@ -272,10 +338,14 @@ class Trainer:
         return path
 
     def _checkpoint_extras(self) -> Dict[str, Any]:
+        """Collective (the sharded discriminator optimizer is gathered on rank 0)."""
         model = unwrap(self.model)
         extras: Dict[str, Any] = {}
         if self.ema is not None:  # the published format: loadable by --ckpt-path RUN/epochE-global_stepS/ema
             extras["ema"] = lambda folder: model.save_pretrained(folder, state_dict=self.ema.full_state_dict(model))
+        if self.discriminator is not None:
+            extras[DISCRIMINATOR] = {"model": self.discriminator.state_dict(), "loss": self.adversarial.state_dict()}
+            extras[DISCRIMINATOR_OPTIMIZER] = ckpt.consolidated_optimizer_state(self.disc_optimizer)
         return extras
 
     def _estimated_checkpoint_bytes(self) -> int:
@@ -298,6 +368,15 @@ class Trainer:
         self.skipped_rows = running.get("skipped_rows", 0)
         self.nonfinite_steps = running.get("nonfinite_steps", 0)
         self.nonfinite_in_a_row = running.get("nonfinite_in_a_row", 0)
+        if self.discriminator is not None:
+            if (path / DISCRIMINATOR).is_file():
+                saved = torch.load(path / DISCRIMINATOR, map_location=self.device, weights_only=True)
+                load_strict(self.discriminator, saved["model"], str(path / DISCRIMINATOR))
+                self.adversarial.load_state_dict(saved["loss"])
+                self.disc_optimizer.load_state_dict(
+                    torch.load(path / DISCRIMINATOR_OPTIMIZER, map_location="cpu", weights_only=True))
+            else:
+                logger.warning("%s has no discriminator: it starts from its initial weights", path)
         if self.ema is not None:
             if (path / "ema").is_dir():
                 self.ema.load_state_dict(read_state_dict(path / "ema" / WEIGHTS_NAME))
@@ -336,13 +415,17 @@ class Trainer:
         use_autocast = self.precision == "autocast" and self.dtype != torch.float32
         if self.precision == "params":
             x = x.to(self.dtype)
+        if self.discriminator is not None:
+            self.discriminator.requires_grad_(False)  # the generator's loss trains the VAE only
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=use_autocast):
-            terms = self.wrapped(x, self.noise_gen)
+            terms, x_rec = self.wrapped(x, self.noise_gen, self.global_step)
+        disc_terms = self._discriminator_forward(x, x_rec, use_autocast)
         loss = terms["loss"]
-        out = {k: v.detach().float() for k, v in terms.items()}
+        out = {k: v.detach().float() for k, v in {**terms, **disc_terms}.items()}
         out["frames"] = torch.tensor(float(x.shape[2]), device=self.device)
-        if any_rank(not bool(torch.isfinite(loss)), self.device):
-            self._nonfinite(batch, terms)
+        finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(v)) for v in disc_terms.values())
+        if any_rank(not finite, self.device):
+            self._nonfinite(batch, {**terms, **disc_terms})
             self.scheduler.step()  # the schedule follows the step count, updates or not
             out["grad_norm"] = torch.tensor(float("nan"), device=self.device)
             return out
@@ -355,8 +438,32 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(unwrap(self.model))
+        if disc_terms:
+            self._discriminator_update(disc_terms["disc_total"])
         out["grad_norm"] = grad_norm.detach().float()
         return out
+
+    def _discriminator_forward(self, x: torch.Tensor, x_rec: Optional[torch.Tensor], use_autocast: bool):
+        """The discriminator's loss on this step's clips and their reconstructions (before the VAE's update, as in
+        the reference); {} while the adversarial terms do not act."""
+        self._lecam = []
+        if x_rec is None:
+            return {}
+        self.discriminator.requires_grad_(True)
+        self._lecam = [b.clone() for b in self.adversarial.buffers()]  # restored if the step is skipped
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=use_autocast):
+            d = self.disc_wrapped(x.detach(), x_rec, self.global_step)
+        return {"disc_loss": d["disc_loss"], "lecam": d["lecam"], "gradient_penalty": d["gradient_penalty"],
+                "disc_total": d["total"]}
+
+    def _discriminator_update(self, total: torch.Tensor) -> None:
+        total.backward()
+        self.disc_optimizer.step()
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        if self.dist.enabled:  # the LeCAM averages of every rank's logits, so that one saved copy resumes them all
+            for b in self.adversarial.buffers():
+                dist.all_reduce(b)
+                b.div_(self.dist.world_size)
 
     def _nonfinite(self, batch: Dict[str, Any], terms: Dict[str, torch.Tensor]) -> None:
         """A NaN/inf loss on any rank: stop (the default), or with on_nonfinite="skip" skip this update on every
@@ -372,6 +479,10 @@ class Trainer:
             raise NonFiniteLossError(f"{where}{why}; nothing was saved for this step, the last checkpoint in "
                                      f"{self.run_dir} is intact. Terms: {values}")
         self.optimizer.zero_grad(set_to_none=True)
+        if self.disc_optimizer is not None:
+            self.disc_optimizer.zero_grad(set_to_none=True)
+            for b, saved in zip(self.adversarial.buffers(), getattr(self, "_lecam", [])):
+                b.copy_(saved)
         if self.dist.is_main:
             logger.warning("%s: update skipped (%d in a row, %d in all). Terms: %s", where, self.nonfinite_in_a_row,
                            self.nonfinite_steps, values)
