@@ -14,6 +14,10 @@ Levers (config options; `plain` is the published config as is):
   ckpt_spatial      grad_checkpoint = "spatial"
   no_ckpt           grad_checkpoint = False           (keep all activations)
   no_subpixel       model.subpixel = False            (diffusers' upsampling instead of the default sub-pixel one)
+  adversarial       discriminator = NLayerDiscriminator (the reference's PatchGAN), from step 0, LeCAM 1e-3
+                    (the generator pass with its adaptive weight, the discriminator's two passes and its AdamW)
+  decoder_only      trainable = "decoder"            (both encoders frozen: what decoder fine-tuning costs)
+  ema               ema_decay = 0.999                (an fp32 average of the trained weights)
   fused+compile_temporal, ...: "+" joins levers.
 
 Memory per variant: its parameters and AdamW state plus the rise of the device's allocation during its step over
@@ -24,6 +28,7 @@ The published strategy draws a random clip length every step (`mixed_video_rando
 
 python bench/bench_train.py --device cuda --frames 33 --size 256 --steps 4 --levers fused compile_temporal no_ckpt
 python bench/bench_train.py --device cpu --model tiny --dtype fp32 --frames 17 --size 64 --threads 2
+python bench/bench_train.py --device cpu --model tiny --dtype fp32 --frames 9 --size 64 --levers adversarial decoder_only ema
 """
 from __future__ import annotations
 
@@ -55,6 +60,10 @@ LEVERS = {
     "ckpt_spatial": {"grad_checkpoint": "spatial"},
     "no_ckpt": {"grad_checkpoint": False},
     "no_subpixel": {"model.subpixel": False},
+    "adversarial": {"discriminator": dict(type="NLayerDiscriminator"), "discriminator_start": 0,
+                    "lecam_loss_weight": 1e-3},
+    "decoder_only": {"trainable": "decoder"},
+    "ema": {"ema_decay": 0.999},
 }
 
 
@@ -77,9 +86,15 @@ def _current_gib(device: torch.device) -> float:
 
 
 def _static_gib(trainer) -> float:
-    """Parameters (model + loss) and the optimizer's state tensors."""
+    """Parameters (model + loss, discriminator) and the optimizers' state tensors, the EMA's copy."""
     tensors = list(trainer.step_module.parameters())
-    tensors += [v for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    optimizers = [trainer.optimizer]
+    if trainer.discriminator is not None:
+        tensors += list(trainer.discriminator.parameters())
+        optimizers.append(trainer.disc_optimizer)
+    tensors += [v for o in optimizers for s in o.state.values() for v in s.values() if torch.is_tensor(v)]
+    if trainer.ema is not None:
+        tensors += list(trainer.ema.state_dict().values())
     return sum(t.numel() * t.element_size() for t in tensors) / 2**30
 
 

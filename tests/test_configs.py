@@ -78,3 +78,11 @@ def test_every_declared_key_is_documented():
     text = (ROOT / "docs" / "config.md").read_text()
     missing = {f.name for job in JOBS.values() for f in dataclasses.fields(job) if f"`{f.name}`" not in text}
     assert not missing, f"keys missing from docs/config.md: {sorted(missing)}"
+
+
+def test_decoder_fine_tuning_config():
+    cfg = load_config(CFG / "train" / "finetune_decoder.py", job="train")
+    assert cfg.model.from_pretrained == "hpcai-tech/OpenSora-VAE-v1.2" and cfg.model.micro_frame_size == 17
+    assert (cfg.trainable, cfg.discriminator.type, cfg.discriminator_start) == ("decoder", "NLayerDiscriminator", 0)
+    assert (cfg.generator_loss_type, cfg.discriminator_loss_type, cfg.generator_factor) == ("hinge", "hinge", 0.5)
+    assert cfg.use_real_rec_loss and (cfg.ema_decay, cfg.on_nonfinite) == (0.999, "skip")

@@ -153,3 +153,20 @@ def test_two_rank_adversarial_run_with_lecam_resumes_exactly(tmp_path, clip_csv)
                for k, v in first_lecam.items())
     vae = weights(end)
     assert all(torch.equal(first_vae[k], vae[k]) for k in vae)
+
+
+def test_the_decoder_fine_tuning_config_keeps_the_latents_and_trains_adversarially(tmp_path, clip_csv, sample_videos):
+    start_dir, start = run_in_process(TINY / "stage3.py", clip_csv, tmp_path / "s", **{**EXACT, "max_steps": 1,
+                                      "ckpt_every": 0, "dataset.image_size": (32, 32)})
+    run_dir, end = run_in_process(TINY / "finetune_decoder.py", clip_csv, tmp_path / "f",
+                                  **{"model.from_pretrained": str(start), "tensorboard": False})
+    rows = metrics(run_dir)
+    assert len(rows) == 4 and all("adversarial" in r and "disc_loss" in r for r in rows)
+    x = clip(sample_videos)
+    before, after = VideoAutoencoderPipeline.from_pretrained(start), VideoAutoencoderPipeline.from_pretrained(end)
+    ema = VideoAutoencoderPipeline.from_pretrained(end / "ema")
+    with torch.no_grad():
+        z = before.encode(x, sample_posterior=False)
+        assert torch.equal(z, after.encode(x, sample_posterior=False))
+        assert torch.equal(z, ema.encode(x, sample_posterior=False))
+        assert not torch.equal(before.decode(z, 9), after.decode(z, 9))

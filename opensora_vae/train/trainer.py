@@ -276,6 +276,9 @@ class Trainer:
         names = [n for n in inspect.signature(AdversarialLoss).parameters if n != "self"]
         self.adversarial = AdversarialLoss(**{k: cfg[k] for k in names}).to(self.device)
         self.discriminator = build_from_cfg(cfg.discriminator, MODELS).to(self.device).train()
+        if not isinstance(self.discriminator, NLayerDiscriminator) and cfg.mixed_strategy is not None:
+            raise UserError(f"discriminator type {cfg.discriminator['type']} takes whole clips of a fixed length: set "
+                            f"mixed_strategy=None, or use NLayerDiscriminator (it sees frames)")
         if self.precision == "params":
             self.discriminator.to(self.dtype)
         self.disc_wrapped = wrap_model(DiscriminatorStep(self.discriminator, self.adversarial), self.dist)
