@@ -167,3 +167,27 @@ def test_cli_fails_clearly(folders, tmp_path, capsys):
     if not torch.cuda.is_available():
         assert cli.main([*args, "--num_frames", "5", "--device", "cuda"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_two_rank_eval_gives_the_scores_of_one_rank(folders, tmp_path):
+    real, gen = folders
+    for name in ("c", "d", "e"):  # five pairs: batches of 2 split 2 + 1 between the ranks
+        shutil.copy(real / "a.mp4", real / f"{name}.mp4")
+        shutil.copy(gen / "a.mkv", gen / f"{name}.mkv")
+    try:
+        common = ["--real_video_dir", str(real), "--generated_video_dir", str(gen), *ARGS, "--metric", "ssim", "psnr"]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+        one = subprocess.run([sys.executable, str(SCRIPT), *common, "--output", str(tmp_path / "one.json")],
+                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+        assert one.returncode == 0, one.stderr
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              str(SCRIPT), *common, "--output", str(tmp_path / "two.json")],
+                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+        assert two.returncode == 0, two.stderr[-3000:]
+    finally:
+        for name in ("c", "d", "e"):
+            (real / f"{name}.mp4").unlink()
+            (gen / f"{name}.mkv").unlink()
+    a, b = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
+    assert (a["config"]["ranks"], b["config"]["ranks"]) == (1, 2)
+    assert a["metrics"] == b["metrics"] and list(b["metrics"]["psnr"]["per_video"]) == ["a", "b", "c", "d", "e"]

@@ -6,15 +6,19 @@ Example:
       --batch_size 2 --sample_fps 24 --crop_size 256 --resolution 256 --num_frames 17 --sample_rate 1 \
       --metric ssim psnr lpips flolpips --output results.json
 Metrics whose weights are missing are reported as unavailable; `--device cuda` without CUDA is an error.
+Under torchrun (`torchrun --nproc_per_node=N eval/vae/eval_common_metric.py ...`) the ranks split the batches and
+rank 0 reports: the same scores as one rank.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from opensora_vae.cli import ArgumentParser
+from opensora_vae.distributed import close_distributed, init_distributed
 from opensora_vae.errors import UserError, run_main
 from opensora_vae.jobs import check_output_folder
 from opensora_vae.metrics.evaluate import METRICS, evaluate, format_table
@@ -59,17 +63,24 @@ def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.output is not None:
         check_output_folder(args.output.parent, "--output")
+    device = args.device
+    if "RANK" in os.environ:  # torchrun: each rank on its own device, batches split between them
+        device = init_distributed(args.device or "auto").device
     try:
         result = evaluate(
             args.real_video_dir, args.generated_video_dir, args.metric,
             batch_size=args.batch_size, num_frames=args.num_frames, sample_rate=args.sample_rate,
             sample_fps=args.sample_fps, resolution=args.resolution or None, crop_size=args.crop_size or None,
-            subset_size=args.subset_size, device=args.device, lpips_net=args.lpips_net,
+            subset_size=args.subset_size, device=device, lpips_net=args.lpips_net,
             lpips_backbone=args.lpips_backbone, flolpips_backbone=args.flolpips_backbone,
             pwcnet_weights=args.pwcnet_weights, num_workers=args.num_workers,
         )
     except (RuntimeError, ValueError, FileNotFoundError) as e:  # what the metrics refuse: missing weights, ...
         raise UserError(str(e)) from e
+    finally:
+        close_distributed()
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0
     print(format_table(result))
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)

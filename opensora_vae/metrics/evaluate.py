@@ -19,6 +19,7 @@ import sys
 from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 
 from opensora_vae.perceptual import MissingWeightsError
 from opensora_vae.runtime import resolve_device
@@ -129,12 +130,15 @@ def evaluate(
         metrics, dev, num_frames, lpips_net, lpips_backbone, flolpips_backbone, pwcnet_weights, random_weights
     )
     per_video: Dict[str, Dict[str, float]] = {m: {} for m in fns}
-    batches = iter_batches(pairs, batch_size, num_frames, sample_rate, resolution, crop_size, num_workers)
-    if progress:
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    batches = iter_batches(pairs, batch_size, num_frames, sample_rate, resolution, crop_size, num_workers,
+                           rank, world)
+    if progress and rank == 0:
         try:
             from tqdm import tqdm
 
-            batches = tqdm(batches, total=math.ceil(len(pairs) / batch_size), desc="eval", file=sys.stderr)
+            batches = tqdm(batches, total=math.ceil(math.ceil(len(pairs) / batch_size) / world), desc="eval",
+                           file=sys.stderr)
         except ImportError:
             pass
     with torch.no_grad():
@@ -143,9 +147,16 @@ def evaluate(
             for name, fn in fns.items():
                 video_vals = fn(real, gen).double().nanmean(dim=1).cpu().tolist()
                 per_video[name].update(zip(batch.names, video_vals))
+    if world > 1:  # every rank's videos, in the order one rank gives
+        parts = [None] * world
+        dist.all_gather_object(parts, per_video)
+        order = {p.name: i for i, p in enumerate(pairs)}
+        per_video = {m: dict(sorted(((k, v) for part in parts for k, v in part[m].items()), key=lambda kv: order[kv[0]]))
+                     for m in per_video}
 
     config = dict(
         real_video_dir=str(real_video_dir), generated_video_dir=str(generated_video_dir), batch_size=batch_size,
+        ranks=world,
         num_frames=num_frames, sample_rate=sample_rate, sample_fps=sample_fps, resolution=resolution,
         crop_size=crop_size, subset_size=subset_size, device=str(dev), lpips_net=lpips_net,
         lpips_backbone=None if lpips_backbone is None else str(lpips_backbone),

@@ -150,14 +150,18 @@ def iter_batches(
     resolution: Optional[int] = None,
     crop_size: Optional[int] = None,
     num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[ClipBatch]:
-    """ClipBatch of up to `batch_size` pairs at a time, in order; `num_workers` threads decode in parallel."""
+    """ClipBatch of up to `batch_size` pairs at a time, in order; `num_workers` threads decode in parallel.
+    Several ranks take every `world_size`-th batch from their `rank`: the batches are those of one rank, so every
+    video's scores are the same bits."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     kw = dict(num_frames=num_frames, sample_rate=sample_rate, resolution=resolution, crop_size=crop_size)
     pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
     try:
-        for start in range(0, len(pairs), batch_size):
+        for start in range(rank * batch_size, len(pairs), batch_size * world_size):
             chunk = list(pairs[start : start + batch_size])
             loaded = list(pool.map(lambda p: _load_pair(p, kw), chunk)) if pool else [_load_pair(p, kw) for p in chunk]
             shapes = {r.shape for r, _ in loaded}
