@@ -24,7 +24,7 @@ from ..models.pretrained import WEIGHTS_NAME, load_state_dict_file, load_strict,
 from ..registry import DATASETS, MODELS, build_from_cfg, build_model
 from ..runtime import resolve_dtype
 from . import checkpoint as ckpt
-from ..distributed import any_rank, close_distributed, init_distributed, unwrap, wrap_model
+from ..distributed import any_rank, barrier, close_distributed, init_distributed, unwrap, wrap_model
 from ..adversarial import AdversarialLoss
 from ..models.discriminator import NLayerDiscriminator
 from .ema import EMA
@@ -584,6 +584,7 @@ class Trainer:
                 self._log_since(metrics)
             if last_saved is None or not last_saved.name.endswith(f"global_step{self.global_step}"):
                 last_saved = self.save()
+            barrier()  # rank 0 prunes after the save: no rank tears the process group down before it is done
             return last_saved
         finally:
             if self.preempted is None:
@@ -603,6 +604,7 @@ class Trainer:
         started = time.perf_counter()
         if last_saved is None or not last_saved.name.endswith(f"global_step{self.global_step}"):
             last_saved = self.save()
+        barrier()
         stop.ignore()
         self.preempted = name
         if self.dist.is_main:
