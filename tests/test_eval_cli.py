@@ -191,3 +191,21 @@ def test_two_rank_eval_gives_the_scores_of_one_rank(folders, tmp_path):
     a, b = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
     assert (a["config"]["ranks"], b["config"]["ranks"]) == (1, 2)
     assert a["metrics"] == b["metrics"] and list(b["metrics"]["psnr"]["per_video"]) == ["a", "b", "c", "d", "e"]
+
+
+def test_temporal_scores_find_a_seam_in_the_report(tmp_path):
+    from opensora_vae.metrics.evaluate import evaluate
+
+    clip = _clip(3, t=40)
+    seam = clip.clone()
+    seam[17:] = (seam[17:].int() + 60).clamp(0, 255).to(torch.uint8)  # a jump where the second chunk starts
+    write_video(tmp_path / "real" / "s.mp4", clip, fps=8, crf=0)
+    write_video(tmp_path / "gen" / "s.mp4", seam, fps=8, crf=0)
+    report = evaluate(tmp_path / "real", tmp_path / "gen", ["psnr", "temporal"], batch_size=1, num_frames=40,
+                      resolution=None, crop_size=None, device="cpu", progress=False)
+    m = report["metrics"]
+    assert m["seam_jump_excess"]["mean"] > 5  # the mean over both boundaries: one jumps, one does not
+    assert [b["boundary"] for b in report["seams"]["s"]] == [17, 34]
+    jumps = {b["boundary"]: b["jump"] for b in report["seams"]["s"]}
+    assert jumps[17] > 15 and jumps[17] - jumps[34] > 15  # only the first boundary jumps
+    assert m["temporal_consistency"]["mean"] > 0 and m["psnr"]["available"]

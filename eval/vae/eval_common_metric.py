@@ -43,7 +43,9 @@ def build_parser() -> ArgumentParser:
     flag("num_frames", type=int, default=17)
     flag("sample_rate", type=int, default=1)
     flag("subset_size", type=int, default=None, help="evaluate only the first N pairs (by name)")
-    flag("metric", nargs="+", default=list(METRICS), choices=METRICS)
+    flag("metric", nargs="+", default=list(METRICS), choices=METRICS,
+         help="temporal: seam dip/jump at chunk boundaries and temporal consistency (no weights)")
+    flag("chunk_frames", type=int, default=17, help="frames per micro-chunk for the seam scores (0: none)")
     flag("output", type=Path, default=None, help="write a JSON report here")
     flag("lpips_net", default="alex", choices=["alex", "vgg"])
     flag("lpips_backbone", default=None, help="torchvision backbone state dict")
@@ -73,7 +75,7 @@ def _main(argv=None) -> int:
             sample_fps=args.sample_fps, resolution=args.resolution or None, crop_size=args.crop_size or None,
             subset_size=args.subset_size, device=device, lpips_net=args.lpips_net,
             lpips_backbone=args.lpips_backbone, flolpips_backbone=args.flolpips_backbone,
-            pwcnet_weights=args.pwcnet_weights, num_workers=args.num_workers,
+            pwcnet_weights=args.pwcnet_weights, num_workers=args.num_workers, chunk_frames=args.chunk_frames,
         )
     except (RuntimeError, ValueError, FileNotFoundError) as e:  # what the metrics refuse: missing weights, ...
         raise UserError(str(e)) from e

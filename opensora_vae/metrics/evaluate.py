@@ -7,6 +7,10 @@ the batch's videos at frame t), which gives the videos of a short last batch mor
 clips the two agree when every batch is full (the number of videos divisible by `batch_size`, e.g. 100 videos
 at batch size 2, the published setting, or batch size 1); per-video means do not depend on the batch size.
 
+`temporal` adds the weight-free temporal scores of temporal.py (seam dip and jump at the pipeline's 17-frame
+micro-chunk boundaries, `chunk_frames`; temporal consistency), each summarised the same way; the per-boundary
+values are under "seams".
+
 A metric whose pretrained weights are not on disk (MissingWeightsError) is reported as unavailable with the
 reason and the others still run. Asking for CUDA when it is unavailable is an error (no silent CPU fallback:
 a long evaluation should not quietly run on the wrong device).
@@ -29,10 +33,11 @@ from .lpips import get_lpips_model, lpips
 from .pairs import iter_batches, pair_videos
 from .psnr import psnr
 from .ssim import ssim
+from .temporal import MICRO_FRAME_SIZE, summarize, temporal_scores
 
 __all__ = ["METRICS", "evaluate", "format_table", "resolve_device"]
 
-METRICS = ("ssim", "psnr", "lpips", "flolpips")
+METRICS = ("ssim", "psnr", "lpips", "flolpips", "temporal")
 PathLike = Union[str, os.PathLike]
 
 
@@ -61,7 +66,7 @@ def _build_metrics(
 ) -> tuple:
     """(name -> fn(real, gen) -> (B, T), name -> reason) with every model loaded up front."""
     fns: Dict[str, Callable] = {"ssim": ssim, "psnr": psnr}
-    fns = {m: fns[m] for m in metrics if m in fns}
+    fns = {m: fns[m] for m in metrics if m in fns}  # per frame; "temporal" is per clip (evaluate)
     unavailable: Dict[str, str] = {}
     if "lpips" in metrics:
         try:
@@ -114,6 +119,7 @@ def evaluate(
     random_weights: bool = False,
     num_workers: int = 0,
     progress: bool = True,
+    chunk_frames: Optional[int] = MICRO_FRAME_SIZE,
 ) -> dict:
     """Score every real/generated pair; returns {"config", "videos", "metrics": {name: summary or unavailable}}.
 
@@ -130,6 +136,7 @@ def evaluate(
         metrics, dev, num_frames, lpips_net, lpips_backbone, flolpips_backbone, pwcnet_weights, random_weights
     )
     per_video: Dict[str, Dict[str, float]] = {m: {} for m in fns}
+    per_clip: Dict[str, dict] = {}  # temporal scores
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     batches = iter_batches(pairs, batch_size, num_frames, sample_rate, resolution, crop_size, num_workers,
                            rank, world)
@@ -147,12 +154,18 @@ def evaluate(
             for name, fn in fns.items():
                 video_vals = fn(real, gen).double().nanmean(dim=1).cpu().tolist()
                 per_video[name].update(zip(batch.names, video_vals))
+            if "temporal" in metrics:
+                per_clip.update(zip(batch.names, temporal_scores(real, gen, chunk=chunk_frames or None)))
     if world > 1:  # every rank's videos, in the order one rank gives
         parts = [None] * world
-        dist.all_gather_object(parts, per_video)
+        dist.all_gather_object(parts, (per_video, per_clip))
         order = {p.name: i for i, p in enumerate(pairs)}
-        per_video = {m: dict(sorted(((k, v) for part in parts for k, v in part[m].items()), key=lambda kv: order[kv[0]]))
-                     for m in per_video}
+
+        def merged(dicts):
+            return dict(sorted(((k, v) for d in dicts for k, v in d.items()), key=lambda kv: order[kv[0]]))
+
+        per_video = {m: merged(part[0][m] for part in parts) for m in per_video}
+        per_clip = merged(part[1] for part in parts)
 
     config = dict(
         real_video_dir=str(real_video_dir), generated_video_dir=str(generated_video_dir), batch_size=batch_size,
@@ -162,24 +175,30 @@ def evaluate(
         lpips_backbone=None if lpips_backbone is None else str(lpips_backbone),
         flolpips_backbone=None if flolpips_backbone is None else str(flolpips_backbone),
         pwcnet_weights=None if pwcnet_weights is None else str(pwcnet_weights), random_weights=random_weights,
+        chunk_frames=chunk_frames,
     )
     results = {}
     for name in metrics:
-        if name in unavailable:
+        if name == "temporal":
+            results.update(summarize(per_clip))
+        elif name in unavailable:
             results[name] = {"available": False, "reason": unavailable[name]}
         else:
             results[name] = _summary(per_video[name])
-    return {"config": config, "videos": [p.name for p in pairs], "metrics": results}
+    report = {"config": config, "videos": [p.name for p in pairs], "metrics": results}
+    if "temporal" in metrics:
+        report["seams"] = {clip: v["per_boundary"] for clip, v in per_clip.items()}
+    return report
 
 
 def format_table(result: dict) -> str:
     """Plain-text table: one row per metric with mean, std and video count, or why it did not run."""
-    rows = [f"{'metric':<10} {'mean':>12} {'std':>12} {'videos':>7}"]
+    rows = [f"{'metric':<24} {'mean':>12} {'std':>12} {'videos':>7}"]
     for name, r in result["metrics"].items():
         if r["available"]:
-            rows.append(f"{name:<10} {r['mean']:>12.6f} {r['std']:>12.6f} {r['num_videos']:>7d}")
+            rows.append(f"{name:<24} {r['mean']:>12.6f} {r['std']:>12.6f} {r['num_videos']:>7d}")
         else:
-            rows.append(f"{name:<10} {'unavailable':>12}  (see below)")
+            rows.append(f"{name:<24} {'unavailable':>12}  (see below)")
     for name, r in result["metrics"].items():
         if not r["available"]:
             rows.append(f"\n{name} unavailable: " + r["reason"].replace("\n", "\n  "))
