@@ -169,28 +169,36 @@ def test_cli_fails_clearly(folders, tmp_path, capsys):
         assert "CUDA is not available" in capsys.readouterr().err
 
 
-def test_two_rank_eval_gives_the_scores_of_one_rank(folders, tmp_path):
-    real, gen = folders
-    for name in ("c", "d", "e"):  # five pairs: batches of 2 split 2 + 1 between the ranks
-        shutil.copy(real / "a.mp4", real / f"{name}.mp4")
-        shutil.copy(gen / "a.mkv", gen / f"{name}.mkv")
-    try:
-        common = ["--real_video_dir", str(real), "--generated_video_dir", str(gen), *ARGS, "--metric", "ssim", "psnr"]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-        one = subprocess.run([sys.executable, str(SCRIPT), *common, "--output", str(tmp_path / "one.json")],
-                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
-        assert one.returncode == 0, one.stderr
-        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              str(SCRIPT), *common, "--output", str(tmp_path / "two.json")],
-                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-        assert two.returncode == 0, two.stderr[-3000:]
-    finally:
-        for name in ("c", "d", "e"):
-            (real / f"{name}.mp4").unlink()
-            (gen / f"{name}.mkv").unlink()
+def test_two_rank_eval_gives_the_scores_of_one_rank(tmp_path):
+    """Five 17-frame pairs (batches of 2 split 2 + 1 between the ranks), every metric that needs no weights plus
+    rFVD on a random-valued I3D file in the hub cache: the same report from one rank and from two."""
+    from opensora_vae.metrics.fvd import load_i3d
+
+    real, gen = tmp_path / "real", tmp_path / "gen"
+    for i, name in enumerate("abcde"):
+        clip = _clip(i, t=17)
+        write_video(real / f"{name}.mp4", clip, fps=8)
+        noisy = clip.float() + 20 * torch.randn(clip.shape, generator=torch.Generator().manual_seed(i))
+        write_video(gen / f"{name}.mp4", noisy.clamp(0, 255).to(torch.uint8), fps=8)
+    hub = tmp_path / "torch_home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.save(load_i3d(random_weights=True).net.state_dict(), hub / "i3d_pretrained_400.pt")
+    args = ["--real_video_dir", str(real), "--generated_video_dir", str(gen), "--batch_size", "2", "--device", "cpu",
+            "--resolution", "64", "--crop_size", "64", "--num_frames", "17", "--metric", "ssim", "psnr", "fvd",
+            "temporal", "--chunk_frames", "8"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TORCH_HOME=str(tmp_path / "torch_home"))
+    one = subprocess.run([sys.executable, str(SCRIPT), *args, "--output", str(tmp_path / "one.json")],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(SCRIPT), *args, "--output", str(tmp_path / "two.json")],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
     a, b = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
     assert (a["config"]["ranks"], b["config"]["ranks"]) == (1, 2)
-    assert a["metrics"] == b["metrics"] and list(b["metrics"]["psnr"]["per_video"]) == ["a", "b", "c", "d", "e"]
+    assert a["metrics"]["fvd"]["available"] and a["metrics"]["fvd"]["mean"] > 0
+    assert a["metrics"] == b["metrics"] and a["seams"] == b["seams"]
+    assert list(b["metrics"]["psnr"]["per_video"]) == list("abcde")
 
 
 def test_temporal_scores_find_a_seam_in_the_report(tmp_path):

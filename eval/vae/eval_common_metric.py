@@ -52,6 +52,7 @@ def build_parser() -> ArgumentParser:
     flag("flolpips_backbone", default=None,
          help="AlexNet backbone for FloLPIPS (default: --lpips-backbone when --lpips-net alex, else the torch cache)")
     flag("pwcnet_weights", default=None, help="PWC-Net network-default.pytorch")
+    flag("i3d_weights", default=None, help="rFVD: cd-fvd's i3d_pretrained_400.pt (default: the torch hub cache)")
     p.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     return p
 
@@ -76,6 +77,7 @@ def _main(argv=None) -> int:
             subset_size=args.subset_size, device=device, lpips_net=args.lpips_net,
             lpips_backbone=args.lpips_backbone, flolpips_backbone=args.flolpips_backbone,
             pwcnet_weights=args.pwcnet_weights, num_workers=args.num_workers, chunk_frames=args.chunk_frames,
+            i3d_weights=args.i3d_weights,
         )
     except (RuntimeError, ValueError, FileNotFoundError) as e:  # what the metrics refuse: missing weights, ...
         raise UserError(str(e)) from e

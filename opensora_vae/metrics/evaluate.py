@@ -7,6 +7,10 @@ the batch's videos at frame t), which gives the videos of a short last batch mor
 clips the two agree when every batch is full (the number of videos divisible by `batch_size`, e.g. 100 videos
 at batch size 2, the published setting, or batch size 1); per-video means do not depend on the batch size.
 
+`fvd` adds rFVD (fvd.py: cd-fvd's I3D on the first 16 frames, Frechet distance of the two sets' features), one
+value for the whole set; with several ranks the features are gathered and summed in batch order, so the value is
+that of one rank.
+
 `temporal` adds the weight-free temporal scores of temporal.py (seam dip and jump at the pipeline's 17-frame
 micro-chunk boundaries, `chunk_frames`; temporal consistency), each summarised the same way; the per-boundary
 values are under "seams".
@@ -32,12 +36,13 @@ from .flolpips import flolpips, get_flow_model
 from .lpips import get_lpips_model, lpips
 from .pairs import iter_batches, pair_videos
 from .psnr import psnr
+from .fvd import FEATURE_DIM, NUM_FRAMES, FVDAccumulator, get_i3d
 from .ssim import ssim
 from .temporal import MICRO_FRAME_SIZE, summarize, temporal_scores
 
 __all__ = ["METRICS", "evaluate", "format_table", "resolve_device"]
 
-METRICS = ("ssim", "psnr", "lpips", "flolpips", "temporal")
+METRICS = ("ssim", "psnr", "lpips", "flolpips", "fvd", "temporal")
 PathLike = Union[str, os.PathLike]
 
 
@@ -88,6 +93,34 @@ def _build_metrics(
     return fns, unavailable
 
 
+def _build_fvd(metrics, device, num_frames: int, weights, random_weights: bool, unavailable: Dict[str, str]):
+    """The I3D extractor for rFVD, or None (the reason in `unavailable`)."""
+    if "fvd" not in metrics:
+        return None
+    if num_frames < NUM_FRAMES:
+        unavailable["fvd"] = f"rFVD scores the first {NUM_FRAMES} frames of each clip (num_frames={num_frames})"
+        return None
+    try:
+        return get_i3d(weights, random_weights, device)
+    except MissingWeightsError as e:
+        unavailable["fvd"] = f"{e}\n(CLI: --i3d-weights PATH)"
+        return None
+
+
+def _fvd_result(features, unavailable: Dict[str, str]) -> Optional[dict]:
+    """rFVD from per-batch features added in batch order (the same sums whatever the number of ranks)."""
+    acc = FVDAccumulator(dim=FEATURE_DIM)
+    for _, real, fake in features:
+        acc.add_features(real, fake)
+    try:
+        value = acc.compute()
+    except ValueError as e:  # fewer than 2 clips
+        unavailable["fvd"] = str(e)
+        return None
+    n = sum(f[1].shape[0] for f in features)
+    return {"available": True, "mean": value, "std": 0.0, "num_videos": n, "per_video": {}}
+
+
 def _summary(per_video: Dict[str, float]) -> dict:
     vals = torch.tensor(list(per_video.values()), dtype=torch.float64)
     return {
@@ -120,6 +153,7 @@ def evaluate(
     num_workers: int = 0,
     progress: bool = True,
     chunk_frames: Optional[int] = MICRO_FRAME_SIZE,
+    i3d_weights: Optional[PathLike] = None,
 ) -> dict:
     """Score every real/generated pair; returns {"config", "videos", "metrics": {name: summary or unavailable}}.
 
@@ -137,6 +171,9 @@ def evaluate(
     )
     per_video: Dict[str, Dict[str, float]] = {m: {} for m in fns}
     per_clip: Dict[str, dict] = {}  # temporal scores
+    i3d = _build_fvd(metrics, dev, num_frames, i3d_weights, random_weights, unavailable)
+    features = []  # (first pair index, real features, reconstructed features) per batch, for rFVD
+    order = {p.name: i for i, p in enumerate(pairs)}
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     batches = iter_batches(pairs, batch_size, num_frames, sample_rate, resolution, crop_size, num_workers,
                            rank, world)
@@ -156,10 +193,12 @@ def evaluate(
                 per_video[name].update(zip(batch.names, video_vals))
             if "temporal" in metrics:
                 per_clip.update(zip(batch.names, temporal_scores(real, gen, chunk=chunk_frames or None)))
+            if i3d is not None:
+                features.append((order[batch.names[0]], i3d(real).cpu(), i3d(gen).cpu()))
     if world > 1:  # every rank's videos, in the order one rank gives
         parts = [None] * world
-        dist.all_gather_object(parts, (per_video, per_clip))
-        order = {p.name: i for i, p in enumerate(pairs)}
+        dist.all_gather_object(parts, (per_video, per_clip, features))
+        features = [f for part in parts for f in part[2]]
 
         def merged(dicts):
             return dict(sorted(((k, v) for d in dicts for k, v in d.items()), key=lambda kv: order[kv[0]]))
@@ -175,11 +214,15 @@ def evaluate(
         lpips_backbone=None if lpips_backbone is None else str(lpips_backbone),
         flolpips_backbone=None if flolpips_backbone is None else str(flolpips_backbone),
         pwcnet_weights=None if pwcnet_weights is None else str(pwcnet_weights), random_weights=random_weights,
-        chunk_frames=chunk_frames,
+        chunk_frames=chunk_frames, i3d_weights=None if i3d_weights is None else str(i3d_weights),
     )
     results = {}
+    if i3d is not None:
+        results_fvd = _fvd_result(sorted(features, key=lambda f: f[0]), unavailable)
     for name in metrics:
-        if name == "temporal":
+        if name == "fvd" and name not in unavailable:
+            results[name] = results_fvd
+        elif name == "temporal":
             results.update(summarize(per_clip))
         elif name in unavailable:
             results[name] = {"available": False, "reason": unavailable[name]}
@@ -196,7 +239,8 @@ def format_table(result: dict) -> str:
     rows = [f"{'metric':<24} {'mean':>12} {'std':>12} {'videos':>7}"]
     for name, r in result["metrics"].items():
         if r["available"]:
-            rows.append(f"{name:<24} {r['mean']:>12.6f} {r['std']:>12.6f} {r['num_videos']:>7d}")
+            std = f"{r['std']:>12.6f}" if r["per_video"] else f"{'-':>12}"  # one value for the set (rFVD)
+            rows.append(f"{name:<24} {r['mean']:>12.6f} {std} {r['num_videos']:>7d}")
         else:
             rows.append(f"{name:<24} {'unavailable':>12}  (see below)")
     for name, r in result["metrics"].items():
