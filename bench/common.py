@@ -8,6 +8,8 @@ from typing import Callable, Dict, Optional
 import torch
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
+from opensora_vae.runtime import peak_memory_bytes, reset_peak_memory
+
 # Dense peak throughput in TFLOP/s (vendor datasheets, no sparsity): (bf16 tensor core, fp32 non-tensor).
 DEVICE_PEAK_TFLOPS = {
     "H100 PCIe": {torch.bfloat16: 756.0, torch.float32: 51.2},
@@ -54,26 +56,12 @@ def sync(device: torch.device) -> None:
 
 
 def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        try:  # Linux: writing 5 resets the process's peak RSS (VmHWM) to its current RSS
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
+    reset_peak_memory(device)
 
 
 def _peak_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20  # kB -> GiB
-    except OSError:
-        pass
-    return float("nan")
+    peak = peak_memory_bytes(device)
+    return float("nan") if peak is None else peak / 2**30
 
 
 def compare(fns: Dict[str, Callable[[], object]], device: torch.device, repeat: int = 3, warmup: int = 1):

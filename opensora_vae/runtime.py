@@ -36,3 +36,38 @@ def resolve_dtype(spec: Union[str, torch.dtype, None], device: torch.device) -> 
     if spec not in DTYPES:
         raise UserError(f"unknown dtype {spec!r}; choose from auto, {', '.join(sorted(DTYPES))}")
     return DTYPES[spec]
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak here: CUDA's max allocated, else the process's peak resident memory (Linux VmHWM, reset by
+    writing 5 to /proc/self/clear_refs). False when it cannot be reset (the peak then spans the process's life)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_bytes(device: torch.device) -> Optional[int]:
+    """The peak since `reset_peak_memory`: CUDA max allocated, else the process's peak RSS (None where unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:  # elsewhere: the process's lifetime peak
+        import resource
+        import sys
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss if sys.platform == "darwin" else rss * 1024)
+    except (ImportError, OSError):
+        return None

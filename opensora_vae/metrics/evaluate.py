@@ -64,7 +64,7 @@ def _build_flolpips(device, backbone, pwcnet_weights, random_weights):
     return (lambda a, b: flolpips(a, b, lpips_model=lp, flow_model=flow)), None
 
 
-def _build_metrics(
+def build_frame_metrics(
     metrics: Sequence[str], device: torch.device, num_frames: int, lpips_net: str,
     lpips_backbone: Optional[PathLike], flolpips_backbone: Optional[PathLike],
     pwcnet_weights: Optional[PathLike], random_weights: bool,
@@ -166,7 +166,7 @@ def evaluate(
         raise ValueError(f"unknown or no metrics {bad}; choose from {', '.join(METRICS)}")
     dev = resolve_device(device)
     pairs = pair_videos(real_video_dir, generated_video_dir, subset_size)
-    fns, unavailable = _build_metrics(
+    fns, unavailable = build_frame_metrics(
         metrics, dev, num_frames, lpips_net, lpips_backbone, flolpips_backbone, pwcnet_weights, random_weights
     )
     per_video: Dict[str, Dict[str, float]] = {m: {} for m in fns}
