@@ -179,7 +179,7 @@ def test_frame_rules_and_vae_specs():
     (dict(num_frames=0), "field 'num_frames' must be an integer >= 1, got 0"),
     (dict(num_frame=17), "unknown field 'num_frame' (did you mean num_frames?)"),
     (dict(dtype="fp8"), "field 'dtype' must be one of fp32, bf16, fp16"),
-    (dict(metrics=["psnr", "fvd"]), "field 'metrics' must be a list of distinct names"),
+    (dict(metrics=["psnr", "fid"]), "field 'metrics' must be a list of distinct names"),
     (dict(center_crop=[256]), "field 'center_crop' must be null, an integer >= 1 or [height, width]"),
     (dict(round_output_uint8="yes"), "field 'round_output_uint8' must be true or false"),
     (dict(clips=["a.mp4"], clips_csv="x.csv"), "give 'clips' or 'clips_csv', not both"),
@@ -259,3 +259,24 @@ def test_a_bad_protocol_is_one_error_line(tmp_path):
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert errors == [f"error: protocol {bad}: field 'sample_stride' must be an integer >= 1, got -1"], proc.stderr
+
+
+def test_rfvd_and_temporal_scores_under_the_protocol(vaes, sample_videos, tmp_path):
+    """rFVD over the clips (a random I3D) and the seam/flicker scores, with seams only where the VAE has chunks."""
+    protocol = tmp_path / "protocol.json"
+    protocol.write_text(json.dumps(_protocol(
+        clips=["carphone_pristine.mp4", "bikes"], num_frames=17, resize_short_side=40, center_crop=[32, 40],
+        metrics=["psnr", "fvd", "temporal"])))
+    out = tmp_path / "result.json"
+    argv = ["--protocol", str(protocol), "--data-root", str(sample_videos["bikes"].parent), "--device", "cpu",
+            "--random-weights", "--no-progress", "--no-clip-hashes", "--output", str(out),
+            "--vae", vaes["opensora"].replace(",name=", ",micro_frame_size=8,name="), "--vae", vaes["wan"]]
+    assert _cli().main(argv) == 0
+    result = json.loads(out.read_text())
+    ours, wan = result["vaes"]["opensora"]["metrics"], result["vaes"]["wan"]["metrics"]
+    for m in (ours, wan):
+        assert m["fvd"]["available"] and m["fvd"]["mean"] > 0 and m["fvd"]["num_clips"] == 2
+        assert m["temporal_consistency"]["available"] and m["temporal_consistency"]["mean"] > 0
+    assert ours["seam_psnr"]["available"] and ours["seam_psnr"]["num_clips"] == 2  # boundaries at 8 and 16
+    assert "seam_psnr" not in wan and wan["seam_dip_db"]["mean"] == 0.0  # no chunks in time: flat
+    assert ours["fvd"]["mean"] != wan["fvd"]["mean"]

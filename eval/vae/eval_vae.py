@@ -40,10 +40,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--flolpips-backbone", default=None,
                    help="AlexNet backbone for FloLPIPS (default: --lpips-backbone when --lpips-net alex)")
     p.add_argument("--pwcnet-weights", default=None, help="PWC-Net network-default.pytorch")
+    p.add_argument("--i3d-weights", default=None, help="rFVD: cd-fvd's i3d_pretrained_400.pt")
     p.add_argument("--no-clip-hashes", action="store_true",
                    help="skip the sha256 of each clip file (saves one full read of every file)")
     p.add_argument("--random-weights", action="store_true",
-                   help="LPIPS / FloLPIPS with random trunks: meaningless values, for tests only")
+                   help="LPIPS / FloLPIPS / I3D with random weights: meaningless values, for tests only")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     return p
@@ -62,7 +63,7 @@ def _main(argv=None) -> int:
     result = evaluate_protocol(
         protocol, args.vae, args.data_root, clips_csv=args.clips_csv, device=args.device,
         lpips_net=args.lpips_net, lpips_backbone=args.lpips_backbone, flolpips_backbone=args.flolpips_backbone,
-        pwcnet_weights=args.pwcnet_weights, random_weights=args.random_weights,
+        pwcnet_weights=args.pwcnet_weights, i3d_weights=args.i3d_weights, random_weights=args.random_weights,
         hash_clips=not args.no_clip_hashes, progress=not args.no_progress,
     )
     print(format_report(result))

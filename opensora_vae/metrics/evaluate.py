@@ -93,7 +93,7 @@ def build_frame_metrics(
     return fns, unavailable
 
 
-def _build_fvd(metrics, device, num_frames: int, weights, random_weights: bool, unavailable: Dict[str, str]):
+def build_fvd(metrics, device, num_frames: int, weights, random_weights: bool, unavailable: Dict[str, str]):
     """The I3D extractor for rFVD, or None (the reason in `unavailable`)."""
     if "fvd" not in metrics:
         return None
@@ -171,7 +171,7 @@ def evaluate(
     )
     per_video: Dict[str, Dict[str, float]] = {m: {} for m in fns}
     per_clip: Dict[str, dict] = {}  # temporal scores
-    i3d = _build_fvd(metrics, dev, num_frames, i3d_weights, random_weights, unavailable)
+    i3d = build_fvd(metrics, dev, num_frames, i3d_weights, random_weights, unavailable)
     features = []  # (first pair index, real features, reconstructed features) per batch, for rFVD
     order = {p.name: i for i, p in enumerate(pairs)}
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)

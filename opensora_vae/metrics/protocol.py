@@ -24,7 +24,9 @@ Schema (`"format": "opensora-vae-eval-protocol/1"`; an unknown field is an error
   round_output_uint8  bool / true             quantise the reconstruction to 8-bit levels before scoring
   posterior           mode | sample / mode    the latent fed to the decoder
   seed                int / 0                 sampled posteriors: generator seed + the clip's index in the list
-  metrics             [str] / all four        any of ssim psnr lpips flolpips (`SCORES`)
+  metrics             [str] / the first four  any of ssim psnr lpips flolpips fvd temporal (`SCORES`); fvd: rFVD
+                                              over the clips (fvd.py), temporal: seam and flicker scores
+                                              (temporal.py; seams at this project's micro-chunks only)
 
 Frame sampling: frame j of a clip is source frame start_frame + floor(j * sample_stride * native_fps / fps), the
 frame on screen at time j * sample_stride / fps (fps null: every sample_stride-th frame). Resampling drops or
@@ -66,7 +68,10 @@ from opensora_vae.errors import UserError
 from opensora_vae.runtime import DTYPES, peak_memory_bytes, reset_peak_memory, resolve_device
 
 from .autoencoders import VideoAutoencoder, build_vae, parse_vae_spec
-from .evaluate import build_frame_metrics
+from .evaluate import build_frame_metrics, build_fvd
+from .fvd import FVDAccumulator
+from .temporal import SCORES as TEMPORAL_SCORES
+from .temporal import temporal_scores
 from .pairs import VIDEO_EXTENSIONS, ClipTooShortError
 
 __all__ = [
@@ -94,7 +99,8 @@ FORMAT = "opensora-vae-eval-protocol/1"
 PathLike = Union[str, os.PathLike]
 _UNHASHED = ("description", "notes")
 # The scores `build_scorers` knows (its own list: the protocol's default and hash must not follow another module's).
-SCORES = ("ssim", "psnr", "lpips", "flolpips")
+SCORES = ("ssim", "psnr", "lpips", "flolpips", "fvd", "temporal")
+DEFAULT_SCORES = ("ssim", "psnr", "lpips", "flolpips")
 
 
 class ProtocolError(UserError):
@@ -141,7 +147,7 @@ FIELDS: Dict[str, Tuple[Any, Callable[[Any], bool], str]] = {
     "round_output_uint8": (True, lambda v: isinstance(v, bool), "true or false"),
     "posterior": ("mode", lambda v: v in ("mode", "sample"), "'mode' or 'sample'"),
     "seed": (0, _is_int, "an integer"),
-    "metrics": (list(SCORES), lambda v: _str_list(v) and set(v) <= set(SCORES) and len(set(v)) == len(v),
+    "metrics": (list(DEFAULT_SCORES), lambda v: _str_list(v) and set(v) <= set(SCORES) and len(set(v)) == len(v),
                 f"a list of distinct names from {', '.join(SCORES)}"),
 }
 
@@ -372,7 +378,7 @@ def _frame_metric(name: str, fn: Callable) -> Scorer:
 def build_scorers(
     metrics: Sequence[str], device: torch.device, num_frames: int, *, lpips_net: str = "alex",
     lpips_backbone: Optional[PathLike] = None, flolpips_backbone: Optional[PathLike] = None,
-    pwcnet_weights: Optional[PathLike] = None, random_weights: bool = False,
+    pwcnet_weights: Optional[PathLike] = None, random_weights: bool = False, i3d_weights: Optional[PathLike] = None,
 ) -> Tuple[List[Scorer], Dict[str, str]]:
     """The scorers for `metrics`, with their models loaded once, and {metric: reason} for those that cannot run
     (missing weights). Add new scores here: rFVD as a Scorer whose per_clip collects features and whose finish
@@ -381,7 +387,51 @@ def build_scorers(
     fns, unavailable = build_frame_metrics(
         list(metrics), device, num_frames, lpips_net, lpips_backbone, flolpips_backbone, pwcnet_weights, random_weights
     )
-    return [_frame_metric(m, fns[m]) for m in metrics if m in fns], unavailable
+    scorers = [_frame_metric(m, fns[m]) for m in metrics if m in fns]
+    if "temporal" in metrics:
+        scorers.append(_temporal_scorer())
+    if "fvd" in metrics:
+        i3d = build_fvd(metrics, device, num_frames, i3d_weights, random_weights, unavailable)
+        if i3d is not None:
+            scorers.append(_fvd_scorer(i3d, unavailable))
+    return scorers, unavailable
+
+
+def _temporal_scorer() -> Scorer:
+    """Seam scores at the VAE's micro-chunk boundaries (this project's pipeline; none for other VAEs) and temporal
+    consistency."""
+    chunk: Dict[str, Optional[int]] = {"frames": None}
+
+    def reset(vae: VideoAutoencoder) -> None:
+        chunk["frames"] = vae.info.get("micro_frame_size")
+
+    def per_clip(real: torch.Tensor, rec: torch.Tensor) -> Dict[str, float]:
+        scores = temporal_scores(real, rec, chunk=chunk["frames"])[0]
+        return {k: scores[k] for k in TEMPORAL_SCORES if scores.get(k) is not None}
+
+    return Scorer(TEMPORAL_SCORES, per_clip, reset=reset)
+
+
+def _fvd_scorer(i3d, unavailable: Dict[str, str]) -> Scorer:
+    """rFVD over all the clips of one VAE: features per clip, the distance at the end."""
+    acc: Dict[str, FVDAccumulator] = {}
+
+    def reset(_vae) -> None:
+        acc["fvd"] = FVDAccumulator(i3d)
+
+    def per_clip(real: torch.Tensor, rec: torch.Tensor) -> Dict[str, float]:
+        acc["fvd"].update(real, rec)
+        return {}
+
+    def finish() -> Dict[str, Dict[str, Any]]:
+        try:
+            value = acc["fvd"].compute()
+        except ValueError as e:  # fewer than 2 clips
+            return {"fvd": {"available": False, "reason": str(e)}}
+        return {"fvd": {"available": True, "mean": value, "std": None, "num_clips": acc["fvd"].real.count,
+                        "per_clip": {}}}
+
+    return Scorer(("fvd",), per_clip, finish, reset)
 
 
 def _summary(values: Dict[str, Optional[float]]) -> Dict[str, Any]:
@@ -512,6 +562,7 @@ def evaluate_protocol(
     lpips_backbone: Optional[PathLike] = None,
     flolpips_backbone: Optional[PathLike] = None,
     pwcnet_weights: Optional[PathLike] = None,
+    i3d_weights: Optional[PathLike] = None,
     random_weights: bool = False,
     hash_clips: bool = True,
     progress: bool = True,
@@ -564,6 +615,7 @@ def evaluate_protocol(
     scorers, unavailable = build_scorers(
         protocol.metrics, dev, protocol.num_frames, lpips_net=lpips_net, lpips_backbone=lpips_backbone,
         flolpips_backbone=flolpips_backbone, pwcnet_weights=pwcnet_weights, random_weights=random_weights,
+        i3d_weights=i3d_weights,
     )
     t = protocol.num_frames
     vaes: Dict[str, Dict[str, Any]] = {}
@@ -606,7 +658,8 @@ def evaluate_protocol(
         "options": {"lpips_net": lpips_net, "random_weights": random_weights, "hash_clips": hash_clips,
                     "lpips_backbone": None if lpips_backbone is None else str(lpips_backbone),
                     "flolpips_backbone": None if flolpips_backbone is None else str(flolpips_backbone),
-                    "pwcnet_weights": None if pwcnet_weights is None else str(pwcnet_weights)},
+                    "pwcnet_weights": None if pwcnet_weights is None else str(pwcnet_weights),
+                    "i3d_weights": None if i3d_weights is None else str(i3d_weights)},
         "vaes": vaes,
     }
 
