@@ -100,3 +100,16 @@ def clip_options(args: argparse.Namespace) -> Dict[str, object]:
     if args.image_size:
         options["dataset.image_size"] = image_size(args.image_size)
     return options
+
+
+def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
+    """The evaluation scripts' metric-weight flags, in the reference's snake_case and in kebab-case."""
+    def flag(name: str, **kwargs):
+        parser.add_argument(*dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"]), dest=name, **kwargs)
+
+    flag("lpips_net", default="alex", choices=["alex", "vgg"], help="LPIPS backbone")
+    flag("lpips_backbone", default=None, help="torchvision backbone state dict for LPIPS (default: the torch cache)")
+    flag("flolpips_backbone", default=None,
+         help="AlexNet backbone for FloLPIPS (default: --lpips-backbone when --lpips-net alex, else the torch cache)")
+    flag("pwcnet_weights", default=None, help="PWC-Net network-default.pytorch")
+    flag("i3d_weights", default=None, help="rFVD: cd-fvd's i3d_pretrained_400.pt (default: the torch hub cache)")

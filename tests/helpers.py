@@ -76,3 +76,16 @@ def torchrun(nproc, *args, timeout=300):
 
 def options(d):
     return [f"{k}={v!r}" if not isinstance(v, (int, float, type(None))) else f"{k}={v}" for k, v in d.items()]
+
+
+def poison_loss(trainer, at) -> None:
+    """Make the trainer's loss NaN at the steps where `at(trainer.global_step)` holds (0-based step index)."""
+    forward = trainer.loss_fn.forward
+
+    def poisoned(x, out):
+        terms = forward(x, out)
+        if at(trainer.global_step):
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    trainer.loss_fn.forward = poisoned

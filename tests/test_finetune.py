@@ -12,7 +12,7 @@ from opensora_vae.models import VideoAutoencoderPipeline
 from opensora_vae.train import NonFiniteLossError, Trainer
 from opensora_vae.train.checkpoint import latest_checkpoint
 
-from helpers import EXACT, ROOT, TINY, metrics, options, run_in_process, torchrun, torchrun_env
+from helpers import EXACT, ROOT, TINY, metrics, options, poison_loss, run_in_process, torchrun, torchrun_env
 
 
 def weights(path):
@@ -90,15 +90,7 @@ def test_too_many_nonfinite_steps_in_a_row_stop_with_the_last_checkpoint_intact(
                                            "max_steps": 8, "ckpt_every": 2, "on_nonfinite": "skip",
                                            "max_nonfinite_in_a_row": 3})
     trainer = Trainer(cfg, config_name="nan")
-    forward = trainer.loss_fn.forward
-
-    def poisoned(x, out):
-        terms = forward(x, out)
-        if trainer.global_step >= 2:  # from the third step on
-            terms["loss"] = terms["loss"] * float("nan")
-        return terms
-
-    trainer.loss_fn.forward = poisoned
+    poison_loss(trainer, lambda step: step >= 2)  # from the third step on
     try:
         with pytest.raises(NonFiniteLossError, match=r"step 5 .*3 in a row, max_nonfinite_in_a_row=3"):
             trainer.train()

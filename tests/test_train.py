@@ -13,7 +13,7 @@ from opensora_vae.train import NonFiniteLossError, Trainer
 from opensora_vae.train.trainer import lr_factor
 from opensora_vae.train.checkpoint import latest_checkpoint
 
-from helpers import EXACT, ROOT, TINY, metrics, options, run_in_process, torchrun
+from helpers import EXACT, ROOT, TINY, metrics, options, poison_loss, run_in_process, torchrun
 
 
 def test_two_process_gloo_run_learns(tmp_path, sample_videos):
@@ -155,15 +155,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, cl
     cfg = load_config(TINY / "stage1.py", {"dataset.data_path": str(clip_csv), "outputs": str(tmp_path),
                                            **EXACT, "max_steps": 6, "ckpt_every": 2})
     trainer = Trainer(cfg, config_name="nan")
-    forward = trainer.loss_fn.forward
-
-    def poisoned(x, out):
-        terms = forward(x, out)
-        if trainer.global_step == 2:  # the third step
-            terms["loss"] = terms["loss"] * float("nan")
-        return terms
-
-    trainer.loss_fn.forward = poisoned
+    poison_loss(trainer, lambda step: step == 2)  # the third step
     try:
         with pytest.raises(NonFiniteLossError, match=r"step 3 \(epoch 0\) on rows \[\[\d\]\]"):
             trainer.train()

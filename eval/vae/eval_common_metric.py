@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from opensora_vae.cli import ArgumentParser
+from opensora_vae.cli import ArgumentParser, add_weight_arguments
 from opensora_vae.distributed import close_distributed, init_distributed
 from opensora_vae.errors import UserError, run_main
 from opensora_vae.jobs import check_output_folder
@@ -47,12 +47,7 @@ def build_parser() -> ArgumentParser:
          help="temporal: seam dip/jump at chunk boundaries and temporal consistency (no weights)")
     flag("chunk_frames", type=int, default=17, help="frames per micro-chunk for the seam scores (0: none)")
     flag("output", type=Path, default=None, help="write a JSON report here")
-    flag("lpips_net", default="alex", choices=["alex", "vgg"])
-    flag("lpips_backbone", default=None, help="torchvision backbone state dict")
-    flag("flolpips_backbone", default=None,
-         help="AlexNet backbone for FloLPIPS (default: --lpips-backbone when --lpips-net alex, else the torch cache)")
-    flag("pwcnet_weights", default=None, help="PWC-Net network-default.pytorch")
-    flag("i3d_weights", default=None, help="rFVD: cd-fvd's i3d_pretrained_400.pt (default: the torch hub cache)")
+    add_weight_arguments(p)
     p.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     return p
 

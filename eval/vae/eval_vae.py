@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from opensora_vae.cli import ArgumentParser
+from opensora_vae.cli import ArgumentParser, add_weight_arguments
 from opensora_vae.errors import run_main
 from opensora_vae.jobs import check_output_folder
 from opensora_vae.metrics.protocol import evaluate_protocol, format_report, load_protocol
@@ -35,12 +35,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--vae", action="append", required=True, metavar="SPEC", help="a VAE to score (repeatable)")
     p.add_argument("--output", type=Path, default=None, help="write the JSON report here")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    p.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"], help="LPIPS backbone")
-    p.add_argument("--lpips-backbone", default=None, help="torchvision backbone state dict for LPIPS")
-    p.add_argument("--flolpips-backbone", default=None,
-                   help="AlexNet backbone for FloLPIPS (default: --lpips-backbone when --lpips-net alex)")
-    p.add_argument("--pwcnet-weights", default=None, help="PWC-Net network-default.pytorch")
-    p.add_argument("--i3d-weights", default=None, help="rFVD: cd-fvd's i3d_pretrained_400.pt")
+    add_weight_arguments(p)
     p.add_argument("--no-clip-hashes", action="store_true",
                    help="skip the sha256 of each clip file (saves one full read of every file)")
     p.add_argument("--random-weights", action="store_true",
