@@ -12,7 +12,7 @@ import pytest
 
 from opensora_vae.train.checkpoint import latest_checkpoint
 from opensora_vae.signals import EXIT_PREEMPTED
-from opensora_vae.train.trainer import new_run_dir
+from opensora_vae.train.runs import new_run_dir
 
 from helpers import EXACT, ROOT, TINY, metrics, options, run_in_process, torchrun, torchrun_command, torchrun_env
 

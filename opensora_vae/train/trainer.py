@@ -5,15 +5,12 @@ import gc
 import inspect
 import logging
 import math
-import re
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
-from einops import rearrange
-from torch import nn
 from torch.utils.data import DataLoader
 
 from ..config import check_config, save_config
@@ -29,6 +26,8 @@ from ..adversarial import AdversarialLoss
 from ..models.discriminator import NLayerDiscriminator
 from .ema import EMA
 from .logging import RunLogger, setup_logging
+from .runs import find_resume, new_run_dir
+from .steps import DiscriminatorStep, TrainStep
 from ..signals import StopSignals, start_loader, worker_init
 
 logger = logging.getLogger("opensora_vae.train")
@@ -39,66 +38,6 @@ DISCRIMINATOR, DISCRIMINATOR_OPTIMIZER = "discriminator.pt", "discriminator_opti
 
 class NonFiniteLossError(RunError):
     pass
-
-
-def frames_for(discriminator: nn.Module, video: torch.Tensor) -> torch.Tensor:
-    """A clip as the discriminator takes it: the 2D PatchGAN sees its frames as a batch, (b t) c h w, as the
-    reference does; the 3D ones the clip."""
-    return rearrange(video, "b c t h w -> (b t) c h w") if isinstance(discriminator, NLayerDiscriminator) else video
-
-
-class TrainStep(nn.Module):
-    """Model + loss in one module, so DDP also averages logvar's gradient when it is learned. With a
-    discriminator, the adversarial term joins the loss; the discriminator and AdversarialLoss stay outside this
-    module (their own DDP and optimizer), its weights frozen while the VAE's graph is built."""
-
-    def __init__(self, model: nn.Module, loss: nn.Module, sample_posterior: bool = True, spatial_only: bool = False,
-                 discriminator: Optional[nn.Module] = None, adversarial: Optional[AdversarialLoss] = None):
-        super().__init__()
-        self.model, self.loss = model, loss
-        self.sample_posterior = sample_posterior
-        self.spatial_only = spatial_only
-        object.__setattr__(self, "discriminator", discriminator)  # not a submodule: not in this DDP
-        object.__setattr__(self, "adversarial", adversarial)
-
-    def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None, global_step: int = 0):
-        """(loss terms, the detached reconstruction when the adversarial terms act at this step, else None)."""
-        adversarial = self.adversarial is not None and self.adversarial.active(global_step)
-        if self.spatial_only:
-            out = self.model.forward_spatial(x, sample_posterior=self.sample_posterior, generator=generator)
-        else:
-            out = self.model(x, sample_posterior=self.sample_posterior, generator=generator,
-                             decode_pixels=self.loss.use_real_rec_loss or adversarial)
-        terms = self.loss(x, out)
-        if not adversarial:
-            return terms, None
-        # The NLL the adaptive weight balances: the pixel one with its perceptual term, as the reference.
-        nll = terms["rec_nll"] if "rec_nll" in terms else self.loss.nll(x, out.x_rec, perceptual=True)
-        fake_logits = self.discriminator(frames_for(self.discriminator, out.x_rec))
-        last_layer = self.model.temporal_vae.decoder.conv_out.conv.weight  # the reference's get_temporal_last_layer
-        gen = self.adversarial.generator_loss(fake_logits, nll, last_layer, global_step)
-        terms.update(g_loss=gen["g_loss"], d_weight=gen["d_weight"], adversarial=gen["adversarial"].detach(),
-                     loss=terms["loss"] + gen["adversarial"])
-        return terms, out.x_rec.detach()
-
-
-class DiscriminatorStep(nn.Module):
-    """D(real) and D(fake) as two calls (BatchNorm sees each alone, as in the reference) and the discriminator's
-    loss, in one module so that DDP sees one forward per backward."""
-
-    def __init__(self, discriminator: nn.Module, adversarial: AdversarialLoss):
-        super().__init__()
-        self.discriminator = discriminator
-        object.__setattr__(self, "adversarial", adversarial)
-
-    def forward(self, real: torch.Tensor, fake: torch.Tensor, global_step: int) -> Dict[str, torch.Tensor]:
-        real, fake = frames_for(self.discriminator, real), frames_for(self.discriminator, fake)
-        penalty = bool(self.adversarial.gradient_penalty_loss_weight)
-        if penalty:
-            real = real.detach().requires_grad_(True)
-        real_logits, fake_logits = self.discriminator(real), self.discriminator(fake)
-        return self.adversarial.discriminator_loss(real_logits, fake_logits, global_step,
-                                                   real_input=real if penalty else None)
 
 
 def lr_factor(warmup: int, schedule: Optional[dict], max_steps: Optional[int]):
@@ -122,57 +61,6 @@ def lr_factor(warmup: int, schedule: Optional[dict], max_steps: Optional[int]):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
-
-
-_RUN_DIR = re.compile(r"^(\d+)-(.+)$")
-
-
-def _runs(outputs: Path):
-    return [(int(m.group(1)), m.group(2), p) for p in (outputs.iterdir() if outputs.is_dir() else [])
-            if (m := _RUN_DIR.match(p.name)) and p.is_dir()]
-
-
-def new_run_dir(outputs: Path, name: str) -> Path:
-    """`OUTPUTS/NNN-name`, NNN one above the highest in use, created atomically: two jobs starting together, or a
-    folder deleted before, never make two runs share a folder."""
-    outputs.mkdir(parents=True, exist_ok=True)
-    index = 1 + max((i for i, _, _ in _runs(outputs)), default=-1)
-    while True:
-        path = outputs / f"{index:03d}-{name}"
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            index += 1
-
-
-def find_resume(outputs: Path, name: str, load: Optional[str]):
-    """(run folder, checkpoint) to continue from `--load`, or (None, None) for a new run.
-
-    `--load auto`: the newest complete checkpoint of the newest run folder of this name, or a new run when it has
-    none (so the identical command can be requeued). `--load RUN_DIR`: that folder's newest complete checkpoint.
-    `--load CHECKPOINT`: that checkpoint."""
-    if load is None:
-        return None, None
-    if load == "auto":
-        runs = [(i, p) for i, n, p in _runs(outputs) if n == name]
-        newest = max(runs)[1] if runs else None
-        found = ckpt.latest_checkpoint(newest) if newest is not None else None
-        if found is None:
-            logger.info("--load auto: no checkpoint of a run named %r in %s: starting a new run", name, outputs)
-            return None, None
-        return newest, found
-    path = Path(load)
-    if (path / ckpt.RUNNING_STATES).is_file():
-        return path.resolve().parent, path
-    if path.is_dir():
-        found = ckpt.latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"--load {path}: not a training checkpoint (no {ckpt.RUNNING_STATES}) and no "
-                                    f"complete checkpoint in it; to start from weights only, use --ckpt-path")
-        return path.resolve(), found
-    hint = " (--load auto resumes the newest run of this config)" if load in ("latest", "last") else ""
-    raise FileNotFoundError(f"--load {path}: no such folder{hint}; to start from weights only, use --ckpt-path")
 
 
 class Trainer:
