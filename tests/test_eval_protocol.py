@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -280,3 +281,31 @@ def test_rfvd_and_temporal_scores_under_the_protocol(vaes, sample_videos, tmp_pa
     assert ours["seam_psnr"]["available"] and ours["seam_psnr"]["num_clips"] == 2  # boundaries at 8 and 16
     assert "seam_psnr" not in wan and wan["seam_dip_db"]["mean"] == 0.0  # no chunks in time: flat
     assert ours["fvd"]["mean"] != wan["fvd"]["mean"]
+
+
+def test_two_ranks_give_the_report_of_one(vaes, sample_videos, tmp_path):
+    """Three clips split 2 + 1 over two gloo ranks: every score, rFVD and the seam scores included, as one rank."""
+    protocol = tmp_path / "protocol.json"
+    protocol.write_text(json.dumps(_protocol(
+        clips=["carphone_pristine.mp4", "bikes.mp4", "carphone_distorted.mp4"], num_frames=17,
+        resize_short_side=40, center_crop=[32, 40], metrics=["ssim", "psnr", "fvd", "temporal"])))
+    args = ["--protocol", str(protocol), "--data-root", str(sample_videos["bikes"].parent), "--device", "cpu",
+            "--random-weights", "--no-progress", "--no-clip-hashes",
+            "--vae", vaes["opensora"].replace(",name=", ",micro_frame_size=8,name="), "--vae", vaes["wan"]]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    runs = {}
+    for ranks in (1, 2):
+        out = tmp_path / f"ranks{ranks}.json"
+        cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+               if ranks > 1 else [sys.executable])
+        proc = subprocess.run([*cmd, str(SCRIPT), *args, "--output", str(out)], capture_output=True, text=True,
+                              env=env, cwd=ROOT, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[ranks] = json.loads(out.read_text())
+    for name in ("opensora", "wan"):
+        one, two = runs[1]["vaes"][name], runs[2]["vaes"][name]
+        assert (one["ranks"], two["ranks"], one["num_clips"], two["num_clips"]) == (1, 2, 3, 3)
+        assert one["metrics"] == two["metrics"]
+        assert list(two["metrics"]["psnr"]["per_clip"]) == ["carphone_pristine.mp4", "bikes.mp4",
+                                                            "carphone_distorted.mp4"]
+        assert two["throughput_clips_per_s"] > 0 and two["peak_memory_bytes"] > 0

@@ -10,15 +10,18 @@ The protocol file fixes the clips, frames, size, dtype and rounding (schema: ope
 --vae specs (syntax: opensora_vae/metrics/autoencoders.py): opensora:PATH_OR_ID[,key=value...] or
 diffusers:CLASS=PATH_OR_ID[,subfolder=vae][,frames=8k+1][,name=LABEL]... Each VAE is fed the length its design
 needs (last frame repeated) and cropped back. Exit code 1 when a VAE failed (its error is in the JSON).
+Under torchrun the ranks split the clips (each on its own GPU) and rank 0 reports the scores one rank would give.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from opensora_vae.cli import ArgumentParser, add_weight_arguments
+from opensora_vae.distributed import close_distributed, init_distributed
 from opensora_vae.errors import run_main
 from opensora_vae.jobs import check_output_folder
 from opensora_vae.metrics.protocol import evaluate_protocol, format_report, load_protocol
@@ -55,18 +58,27 @@ def _main(argv=None) -> int:
     protocol = load_protocol(args.protocol)  # a bad protocol is refused before anything loads
     if args.output is not None:
         check_output_folder(args.output.parent, "--output")
-    result = evaluate_protocol(
-        protocol, args.vae, args.data_root, clips_csv=args.clips_csv, device=args.device,
-        lpips_net=args.lpips_net, lpips_backbone=args.lpips_backbone, flolpips_backbone=args.flolpips_backbone,
-        pwcnet_weights=args.pwcnet_weights, i3d_weights=args.i3d_weights, random_weights=args.random_weights,
-        hash_clips=not args.no_clip_hashes, progress=not args.no_progress,
-    )
+    device = args.device
+    if "RANK" in os.environ:  # torchrun: each rank on its own device scores every N-th clip; rank 0 reports
+        device = init_distributed(args.device or "auto").device
+    try:
+        result = evaluate_protocol(
+            protocol, args.vae, args.data_root, clips_csv=args.clips_csv, device=device,
+            lpips_net=args.lpips_net, lpips_backbone=args.lpips_backbone, flolpips_backbone=args.flolpips_backbone,
+            pwcnet_weights=args.pwcnet_weights, i3d_weights=args.i3d_weights, random_weights=args.random_weights,
+            hash_clips=not args.no_clip_hashes, progress=not args.no_progress,
+        )
+    finally:
+        close_distributed()
+    failed = any("error" in v for v in result["vaes"].values())
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 1 if failed else 0
     print(format_report(result))
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=2))
         print(f"wrote {args.output}")
-    return 1 if any("error" in v for v in result["vaes"].values()) else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.distributed as dist
 
 from opensora_vae.data.transforms import center_crop, resize_short_side
 from opensora_vae.data.video import VideoReadError, probe_video, read_frames
@@ -69,7 +70,7 @@ from opensora_vae.runtime import DTYPES, peak_memory_bytes, reset_peak_memory, r
 
 from .autoencoders import VideoAutoencoder, build_vae, parse_vae_spec
 from .evaluate import build_frame_metrics, build_fvd
-from .fvd import FVDAccumulator
+from .fvd import FEATURE_DIM, FVDAccumulator
 from .temporal import SCORES as TEMPORAL_SCORES
 from .temporal import temporal_scores
 from .pairs import VIDEO_EXTENSIONS, ClipTooShortError
@@ -361,12 +362,13 @@ def load_protocol_clip(path: PathLike, protocol: Protocol, name: Optional[str] =
 class Scorer:
     """A score of original vs reconstruction. `per_clip(real, rec)` gets two (1, T, C, H, W) videos in [0, 1] on the
     VAE's device and returns {score name: value} (values may be omitted, e.g. a scorer that only collects features);
-    `finish()`, if given, returns {score name: summary dict} over all clips of one VAE (e.g. rFVD); `reset(vae)`, if
-    given, runs before each VAE and may read it (e.g. seam scores: where its chunks in time start)."""
+    `finish(world)`, if given, returns {score name: summary dict} over all clips of one VAE (e.g. rFVD), first
+    gathering what the `world` ranks collected (collective when world > 1: each rank scored every world-th clip);
+    `reset(vae)`, if given, runs before each VAE and may read it (e.g. seam scores: where its chunks in time start)."""
 
     names: Tuple[str, ...]
     per_clip: Callable[[torch.Tensor, torch.Tensor], Dict[str, float]]
-    finish: Optional[Callable[[], Dict[str, Dict[str, Any]]]] = None
+    finish: Optional[Callable[[int], Dict[str, Dict[str, Any]]]] = None
     reset: Optional[Callable[[VideoAutoencoder], None]] = None
 
 
@@ -413,25 +415,37 @@ def _temporal_scorer() -> Scorer:
 
 
 def _fvd_scorer(i3d, unavailable: Dict[str, str]) -> Scorer:
-    """rFVD over all the clips of one VAE: features per clip, the distance at the end."""
-    acc: Dict[str, FVDAccumulator] = {}
+    """rFVD over all the clips of one VAE: features per clip, the distance at the end, summed in clip order (the
+    value of one rank whatever the number of ranks)."""
+    features: List[Tuple[torch.Tensor, torch.Tensor]] = []
 
     def reset(_vae) -> None:
-        acc["fvd"] = FVDAccumulator(i3d)
+        features.clear()
 
     def per_clip(real: torch.Tensor, rec: torch.Tensor) -> Dict[str, float]:
-        acc["fvd"].update(real, rec)
+        features.append((i3d(real).cpu(), i3d(rec).cpu()))
         return {}
 
-    def finish() -> Dict[str, Dict[str, Any]]:
+    def finish(world: int) -> Dict[str, Dict[str, Any]]:
+        acc = FVDAccumulator(dim=FEATURE_DIM)
+        for real, fake in _in_clip_order(features, world):
+            acc.add_features(real, fake)
         try:
-            value = acc["fvd"].compute()
+            value = acc.compute()
         except ValueError as e:  # fewer than 2 clips
             return {"fvd": {"available": False, "reason": str(e)}}
-        return {"fvd": {"available": True, "mean": value, "std": None, "num_clips": acc["fvd"].real.count,
-                        "per_clip": {}}}
+        return {"fvd": {"available": True, "mean": value, "std": None, "num_clips": acc.real.count, "per_clip": {}}}
 
     return Scorer(("fvd",), per_clip, finish, reset)
+
+
+def _in_clip_order(items: List[Any], world: int) -> List[Any]:
+    """Every rank's per-clip list (rank r scored clips r, r + world, ...), back in clip order (collective)."""
+    if world == 1:
+        return list(items)
+    parts: List[Any] = [None] * world
+    dist.all_gather_object(parts, list(items))
+    return [parts[i % world][i // world] for i in range(sum(len(p) for p in parts))]
 
 
 def _summary(values: Dict[str, Optional[float]]) -> Dict[str, Any]:
@@ -457,7 +471,8 @@ def score_vae(vae: VideoAutoencoder, clips: Sequence[LoadedClip], scorers: Seque
     """Reconstruct every clip with `vae` and score it: per-score summaries, throughput and peak memory.
 
     Throughput is clips / the summed reconstruction time (encode + decode, synchronised; loading and scoring are
-    outside it; the first clip, which pays one-off set-up, is included and also reported alone). Peak memory is the
+    outside it; the first clip, which pays one-off set-up, is included and also reported alone; with several ranks,
+    all clips over the slowest rank's time). Peak memory is the
     largest over the reconstruction calls: CUDA max allocated (weights, clip and activations), or on CPU the
     process's peak RSS (everything the process holds, including the loaded clips and metric models)."""
     device = vae.device
@@ -467,12 +482,14 @@ def score_vae(vae: VideoAutoencoder, clips: Sequence[LoadedClip], scorers: Seque
     values: Dict[str, Dict[str, Optional[float]]] = {n: {} for s in scorers for n in s.names}
     times: List[float] = []
     peak, peak_from_reset = 0, True
-    items = clips
-    if progress:
+    # Under torchrun each rank scores every world-th clip; values are gathered back into clip order.
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    items = clips[rank::world]
+    if progress and rank == 0:
         try:
             from tqdm import tqdm
 
-            items = tqdm(clips, desc=vae.name, file=sys.stderr)
+            items = tqdm(items, desc=vae.name, file=sys.stderr)
         except ImportError:
             pass
     for clip in items:
@@ -495,19 +512,31 @@ def score_vae(vae: VideoAutoencoder, clips: Sequence[LoadedClip], scorers: Seque
                 for name, value in s.per_clip(real, rec).items():
                     values[name][clip.name] = value if math.isfinite(value) else None
         del rec, x
+    if world > 1:
+        order = {c.name: i for i, c in enumerate(clips)}
+        parts: List[Any] = [None] * world
+        dist.all_gather_object(parts, (values, sum(times), len(times), times[:1], peak, peak_from_reset))
+        values = {n: dict(sorted(((k, v) for p in parts for k, v in p[0][n].items()), key=lambda kv: order[kv[0]]))
+                  for n in values}
+        times = [t for p in parts for t in p[3]]  # each rank's first clip (set-up cost)
+        wall, count = max(p[1] for p in parts), sum(p[2] for p in parts)  # the slowest rank sets the pace
+        peak, peak_from_reset = max(p[4] for p in parts), all(p[5] for p in parts)
+    else:
+        wall, count = sum(times), len(times)
     results = {n: _summary(v) for n, v in values.items() if v}
     for s in scorers:
         if s.finish is not None:
-            results.update(s.finish())
-    total = sum(times)
+            results.update(s.finish(world))
+    total = wall
     kind = "cuda_max_allocated" if device.type == "cuda" else (
         "process_peak_rss" if peak_from_reset else "process_peak_rss_since_start")
     return {
         "metrics": results,
-        "num_clips": len(times),
+        "num_clips": count,
+        "ranks": world,
         "reconstruct_seconds": total,
         "first_clip_seconds": times[0] if times else None,
-        "throughput_clips_per_s": len(times) / total if total > 0 else None,
+        "throughput_clips_per_s": count / total if total > 0 else None,
         "peak_memory_bytes": peak or None,
         "peak_memory_gib": peak / 2**30 if peak else None,
         "peak_memory_kind": kind,
@@ -573,6 +602,8 @@ def evaluate_protocol(
     to load or run gets an "error" entry and the others still run. `random_weights=True`: LPIPS / FloLPIPS with
     random trunks (meaningless values; tests only)."""
     protocol = protocol if isinstance(protocol, Protocol) else load_protocol(protocol)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        log = lambda msg: None  # noqa: E731 - rank 0 speaks for all
     if not vae_specs:
         raise UserError("no VAE to evaluate: pass --vae SPEC at least once")
     try:
