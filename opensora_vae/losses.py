@@ -204,10 +204,10 @@ class VAELoss(nn.Module):
         return terms
 
 
-def build_loss(cfg: Mapping[str, Any]) -> VAELoss:
-    """VAELoss from a (flat) training config: its keys are VAELoss's arguments (declared there, checked by
-    config.check_config); other keys are other components'."""
+def build_loss(cfg: Mapping[str, Any], cls: type = VAELoss) -> nn.Module:
+    """A loss from a (flat) training config: its keys are the loss class's arguments (declared there, checked by
+    config.check_config; VAELoss, or AdversarialLoss); other keys are other components'."""
     if not hasattr(cfg, "get"):
         raise TypeError(f"build_loss expects a mapping / mmengine Config, got {type(cfg).__name__}")
-    names = [n for n in inspect.signature(VAELoss).parameters if n != "self"]
-    return VAELoss(**{k: cfg[k] for k in names if k in cfg})
+    names = [n for n in inspect.signature(cls).parameters if n != "self"]
+    return cls(**{k: cfg[k] for k in names if k in cfg})

@@ -479,7 +479,7 @@ def score_vae(vae: VideoAutoencoder, clips: Sequence[LoadedClip], scorers: Seque
     for s in scorers:
         if s.reset is not None:
             s.reset(vae)
-    values: Dict[str, Dict[str, Optional[float]]] = {n: {} for s in scorers for n in s.names}
+    rows: List[Tuple[str, Dict[str, Optional[float]]]] = []  # (clip, its scores), in this rank's clip order
     times: List[float] = []
     peak, peak_from_reset = 0, True
     # Under torchrun each rank scores every world-th clip; values are gathered back into clip order.
@@ -507,27 +507,27 @@ def score_vae(vae: VideoAutoencoder, clips: Sequence[LoadedClip], scorers: Seque
         peak = max(peak, peak_memory_bytes(device) or 0)
         rec = _to_unit(rec, protocol.round_output_uint8)
         real = real.unsqueeze(0).to(device)
+        scores: Dict[str, Optional[float]] = {}
         with torch.no_grad():
             for s in scorers:
-                for name, value in s.per_clip(real, rec).items():
-                    values[name][clip.name] = value if math.isfinite(value) else None
+                scores.update((k, v if math.isfinite(v) else None) for k, v in s.per_clip(real, rec).items())
+        rows.append((clip.name, scores))
         del rec, x
+    values: Dict[str, Dict[str, Optional[float]]] = {n: {} for s in scorers for n in s.names}
+    for name, scores in _in_clip_order(rows, world):
+        for score, value in scores.items():
+            values[score][name] = value
+    timing = [(sum(times), len(times), times[:1], peak, peak_from_reset)]
     if world > 1:
-        order = {c.name: i for i, c in enumerate(clips)}
-        parts: List[Any] = [None] * world
-        dist.all_gather_object(parts, (values, sum(times), len(times), times[:1], peak, peak_from_reset))
-        values = {n: dict(sorted(((k, v) for p in parts for k, v in p[0][n].items()), key=lambda kv: order[kv[0]]))
-                  for n in values}
-        times = [t for p in parts for t in p[3]]  # each rank's first clip (set-up cost)
-        wall, count = max(p[1] for p in parts), sum(p[2] for p in parts)  # the slowest rank sets the pace
-        peak, peak_from_reset = max(p[4] for p in parts), all(p[5] for p in parts)
-    else:
-        wall, count = sum(times), len(times)
+        timing = [None] * world
+        dist.all_gather_object(timing, (sum(times), len(times), times[:1], peak, peak_from_reset))
+    total, count = max(t[0] for t in timing), sum(t[1] for t in timing)  # the slowest rank sets the pace
+    times = [t for part in timing for t in part[2]]  # each rank's first clip (set-up cost)
+    peak, peak_from_reset = max(t[3] for t in timing), all(t[4] for t in timing)
     results = {n: _summary(v) for n, v in values.items() if v}
     for s in scorers:
         if s.finish is not None:
             results.update(s.finish(world))
-    total = wall
     kind = "cuda_max_allocated" if device.type == "cuda" else (
         "process_peak_rss" if peak_from_reset else "process_peak_rss_since_start")
     return {

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gc
-import inspect
 import logging
 import math
 import time
@@ -161,8 +160,7 @@ class Trainer:
         self.discriminator = self.adversarial = self.disc_optimizer = None
         if cfg.discriminator is None:
             return
-        names = [n for n in inspect.signature(AdversarialLoss).parameters if n != "self"]
-        self.adversarial = AdversarialLoss(**{k: cfg[k] for k in names}).to(self.device)
+        self.adversarial = build_loss(cfg, AdversarialLoss).to(self.device)
         self.discriminator = build_from_cfg(cfg.discriminator, MODELS).to(self.device).train()
         if not isinstance(self.discriminator, NLayerDiscriminator) and cfg.mixed_strategy is not None:
             raise UserError(f"discriminator type {cfg.discriminator['type']} takes whole clips of a fixed length: set "
