@@ -22,6 +22,16 @@ class SampleClips(dict):
         return super().__contains__(key) or (isinstance(key, str) and super().__contains__(key.removesuffix(".mp4")))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def forced_fast_paths(tmp_path_factory):
+    """Convolution backends run wherever their shape rule admits a call, untimed (`speed.calibrate`): the same
+    choice on every machine and run; no calibration file outside a temporary folder. Subprocesses inherit both."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OPENSORA_VAE_CALIBRATION", "fast")
+        mp.setenv("OPENSORA_VAE_CACHE_DIR", str(tmp_path_factory.mktemp("opensora_vae_cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def sample_videos() -> SampleClips:
     """Real H.264 mp4 clips: bigbuckbunny (1280x720, 132 f), bikes (640x272, 250 f, several keyframes),

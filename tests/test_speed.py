@@ -111,3 +111,156 @@ def test_onednn_conv3d_gradients_equal_pytorchs(stride, shape, padding):
         plain = torch.autograd.grad(conv(x), [x, conv.weight, conv.bias], g)
     for a, b in zip(fast, plain):  # sums of hundreds of products: rounding relative to their scale
         torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-5)
+
+
+def _count_calls(monkeypatch, owner, name):
+    """Wrap owner.<name> (looked up at call time) to count its calls: the spy that shows a fast path ran."""
+    calls = []
+    inner = getattr(owner, name)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, staticmethod(spy) if isinstance(owner, type) else spy)
+    return calls
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
+def test_every_temporal_conv3d_call_runs_through_onednn_forward_and_backward(monkeypatch):
+    """The spy: each batched Conv3d call of the temporal VAE (on by default) goes through oneDNN's forward and, in
+    training, its backward; with oneDNN disabled none does (so the equality test above compares two paths)."""
+    from opensora_vae.models.speed import onednn
+
+    torch.manual_seed(0)
+    vae = build_model(tiny_model_cfg()["vae_temporal"])
+    convs = [m for m in vae.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all(m.backends == ("onednn",) for m in convs)
+    seen = []
+    for m in convs:
+        m.register_forward_hook(lambda *_: seen.append(1))
+    fwd = _count_calls(monkeypatch, onednn, "forward")
+    bwd = _count_calls(monkeypatch, onednn._Conv3d, "backward")
+    x = torch.randn(1, 4, 9, 8, 8)
+    vae.decode(vae.encode(x).mode(), num_frames=9).square().mean().backward()
+    assert len(seen) > 0 and len(fwd) == len(seen) and len(bwd) == len(seen), (len(seen), len(fwd), len(bwd))
+    seen.clear(), fwd.clear(), bwd.clear()
+    with torch.backends.mkldnn.flags(enabled=False):
+        vae.decode(vae.encode(x).mode(), num_frames=9).square().mean().backward()
+    assert len(seen) > 0 and not fwd and not bwd
+
+
+def test_cached_derived_weights_are_computed_once_per_weight_version():
+    from opensora_vae.models.speed import derived
+
+    conv = torch.nn.Conv2d(3, 4, 3)
+    calls = []
+
+    def fn(w):
+        calls.append(1)
+        return w * 2
+
+    with torch.no_grad():
+        first = derived.cached(conv, "_c", fn)
+        assert derived.cached(conv, "_c", fn) is first and len(calls) == 1  # reused, not recomputed
+        conv.weight.add_(1)  # in place: a new version
+        torch.testing.assert_close(derived.cached(conv, "_c", fn), conv.weight * 2)
+        conv.weight = torch.nn.Parameter(torch.randn(4, 3, 3, 3))  # replaced
+        torch.testing.assert_close(derived.cached(conv, "_c", fn), conv.weight * 2)
+    assert len(calls) == 3
+    derived.drop(conv, "_c")
+    assert "_c" not in conv.__dict__
+
+
+# ----- calibration: which backend runs a call is timed on this machine (speed.calibrate) ------------------------
+@pytest.fixture
+def calibrating(monkeypatch, tmp_path):
+    """Calibration on (the tests' default forces the fast paths), its file in tmp_path; returns the file."""
+    from opensora_vae.models.speed import calibrate
+
+    monkeypatch.setenv(calibrate.ENV_MODE, "auto")
+    monkeypatch.setenv(calibrate.ENV_DIR, str(tmp_path))
+    calibrate.forget()
+    yield tmp_path / calibrate.FILE
+    calibrate.forget()
+
+
+def _fake_timings(monkeypatch, seconds):
+    """time_call returns the given seconds in turn (each backend first, then the path it replaces), after running
+    the path once so that both really run."""
+    from opensora_vae.models.speed import calibrate
+
+    left = list(seconds)
+
+    def fake(fn, repeats=calibrate.REPEATS):
+        fn()
+        return left.pop(0)
+
+    monkeypatch.setattr(calibrate, "time_call", fake)
+    return left
+
+
+def test_calibration_picks_the_faster_path_caches_it_and_reuses_it_without_timing(monkeypatch, calibrating):
+    import json
+
+    import torch.nn.functional as F
+
+    from opensora_vae.models import speed
+    from opensora_vae.models.speed import calibrate
+
+    torch.manual_seed(0)
+    wins, loses = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 6, 3, padding=1)
+    for conv in (wins, loses):
+        speed.use_backend(conv, "winograd", force=True)
+    runs = _count_calls(monkeypatch, speed.winograd, "conv2d")
+    x = torch.randn(4, 8, 16, 16)  # 64 tiles: Winograd's rule admits the call
+    left = _fake_timings(monkeypatch, [1.0, 2.0, 1.0, 1.02])  # the second gains 2%: within the margin
+    with torch.no_grad():
+        for conv in (wins, loses):
+            torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-4, rtol=0)
+        assert not left and len(runs) == 3  # timed once each, then the chosen path: Winograd for `wins` only
+        assert "_winograd_cache" in wins.__dict__ and "_winograd_cache" not in loses.__dict__
+        (machine, calls), = json.loads(calibrating.read_text()).items()
+        assert f"threads={torch.get_num_threads()}" in machine and f"torch={torch.__version__}" in machine
+        assert sorted(calls.values(), key=lambda e: not e["use"]) == [
+            dict(use=True, seconds=dict(winograd=1.0, plain=2.0)), dict(use=False, seconds=dict(winograd=1.0, plain=1.02))]
+        assert all("x=(4, 8, 16, 16)" in key for key in calls)
+        # A fresh process (the in-memory choices dropped) reads them from the file: no timing.
+        calibrate.forget()
+        monkeypatch.setattr(calibrate, "time_call", lambda *a, **k: pytest.fail("timed again"))
+        runs.clear()
+        loses(x), wins(x)
+        assert len(runs) == 1
+        monkeypatch.setenv(calibrate.ENV_MODE, "plain")  # forced: no backend, no timing
+        loses(x), wins(x)
+        assert len(runs) == 1
+    with pytest.raises(ValueError, match="OPENSORA_VAE_CALIBRATION"):
+        monkeypatch.setenv(calibrate.ENV_MODE, "sometimes")
+        calibrate.mode()
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
+def test_calibration_times_training_calls_on_a_copy_and_keeps_the_gradients(calibrating):
+    """Real timing of a training call (forward and backward, oneDNN against PyTorch's conv3d): the module's own
+    gradients are only the step's, whichever path was chosen, and the choice is in the file."""
+    import json
+
+    from opensora_vae.models import speed
+    from opensora_vae.models.speed import calibrate
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(4, 6, 3, padding=1)
+    plain = torch.nn.Conv3d(4, 6, 3, padding=1)
+    plain.load_state_dict(conv.state_dict())
+    assert speed.use_backend(conv, "onednn") == 1
+    params = list(conv.parameters())
+    x = torch.randn(1, 4, 5, 6, 6, requires_grad=True)
+    conv(x).square().sum().backward()
+    assert all(a is b for a, b in zip(conv.parameters(), params))  # timed on a copy: the module is untouched
+    x2 = x.detach().requires_grad_()
+    plain(x2).square().sum().backward()
+    torch.testing.assert_close(conv.weight.grad, plain.weight.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
+    (entry,), = [list(v.values()) for v in json.loads(calibrating.read_text()).values()]
+    assert set(entry["seconds"]) == {"onednn", "plain"} and all(t > 0 for t in entry["seconds"].values())
+    assert entry["use"] == (entry["seconds"]["onednn"] <= (1 - calibrate.MARGIN) * entry["seconds"]["plain"])

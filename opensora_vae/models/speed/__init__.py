@@ -1,17 +1,19 @@
 """Fast paths and runtime options, outside the model files. Each fast path swaps a module's class for a subclass with
 the same parameters and state-dict names: `Conv2d` / `Conv3d` (the first backend enabled on the module that applies to
-the call, else PyTorch's forward), `subpixel.Upsample2D`, the `tiled` VAEs. `RuntimeOptionsMixin` gives the models
+the call and measured faster on this machine, `calibrate`, else PyTorch's forward), `subpixel.Upsample2D`, the `tiled` VAEs. `RuntimeOptionsMixin` gives the models
 enable_<name>() / disable_<name>(); `apply_runtime_options` maps config values onto them."""
 from __future__ import annotations
 
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import nn
 
-from . import derived, onednn, subpixel, winograd
+from . import calibrate, derived, onednn, subpixel, winograd
 from .tiling import TilingConfig
 
-# name -> backend module: wins(conv) (the shapes it serves), applies(x) (the calls), forward(conv, x).
+# name -> backend module: wins(conv) (the shapes it serves), applies(x) (the calls), forward(conv, x); on CPU each
+# call shape is timed once against the rest of the chain (`calibrate`).
 BACKENDS = {"winograd": winograd, "onednn": onednn}
 
 
@@ -20,10 +22,19 @@ class _Dispatch:
 
     def forward(self, x):
         if x.ndim == len(self.kernel_size) + 2:  # batched
-            for name in self.backends:
-                if BACKENDS[name].applies(x):
-                    return BACKENDS[name].forward(self, x)
+            return run(self, x, self.backends)
         return super().forward(x)
+
+
+def run(conv: nn.Module, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+    """conv(x) through the first backend of `names` that applies to the call and measured faster here than the
+    rest of the chain (`calibrate`), else PyTorch's convolution."""
+    for i, name in enumerate(names):
+        backend = BACKENDS[name]
+        if backend.applies(x) and calibrate.chooses(name, conv, x, backend.forward,
+                                                    lambda c, v, rest=tuple(names[i + 1:]): run(c, v, rest)):
+            return backend.forward(conv, x)
+    return conv._conv_forward(x, conv.weight, conv.bias)
 
 
 class Conv2d(_Dispatch, nn.Conv2d):
