@@ -13,9 +13,16 @@ from tqdm import tqdm
 logger = logging.getLogger("opensora_vae.train")
 
 
+# Loggers whose warnings are about the whole job (the config, the loss's LPIPS weights, the checkpoint's model):
+# every rank meets them alike, so only rank 0 prints them.
+JOB_WIDE = ("opensora_vae.config", "opensora_vae.losses", "opensora_vae.perceptual", "opensora_vae.provenance")
+
+
 def setup_logging(rank: int) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format=f"[%(asctime)s rank{rank}] %(levelname)s %(name)s: %(message)s")
+    for name in JOB_WIDE:
+        logging.getLogger(name).setLevel(logging.NOTSET if rank == 0 else logging.ERROR)
 
 
 def superseded(path: Path, step: int) -> None:
@@ -59,7 +66,9 @@ class RunLogger:
             except ImportError:  # tensorboard is optional at run time
                 logger.warning("tensorboard is not installed: no event files will be written")
             else:
-                self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                # On a resume, the events after the checkpoint's step are hidden (as metrics.jsonl moves them).
+                self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"),
+                                            purge_step=initial_step + 1 if resumed else None)
 
     def step(self) -> None:
         if self.bar is not None:

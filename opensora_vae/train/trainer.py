@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -12,12 +13,17 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from mmengine.config import Config
+
 from ..config import check_config, save_config
 from ..errors import RunError, UserError
+from ..jobs import check_output_folder
+from ..models.spatial import check_video
+from ..provenance import recorded_model_config
 from ..data import ResumableDistributedSampler, apply_mixed_strategy, collate_clips
 from ..losses import build_loss
 from ..models.pretrained import WEIGHTS_NAME, load_state_dict_file, load_strict, read_state_dict
-from ..registry import DATASETS, MODELS, build_from_cfg, build_model
+from ..registry import DATASETS, MODELS, build_from_cfg, build_model, to_plain
 from ..runtime import resolve_dtype
 from . import checkpoint as ckpt
 from ..distributed import any_rank, barrier, close_distributed, init_distributed, unwrap, wrap_model
@@ -25,7 +31,7 @@ from ..adversarial import AdversarialLoss
 from ..models.discriminator import NLayerDiscriminator
 from .ema import EMA
 from .logging import RunLogger, setup_logging
-from .runs import find_resume, new_run_dir
+from .runs import config_identity, find_resume, new_run_dir, read_identity, write_identity
 from .steps import DiscriminatorStep, TrainStep
 from ..signals import StopSignals, start_loader, worker_init
 
@@ -77,8 +83,12 @@ class Trainer:
         self.dist = init_distributed(cfg.device, cfg.dist_timeout)
         setup_logging(self.dist.rank)
         self.run_name = cfg.run_name or self.config_name
-        # Decided on rank 0 (it may rename a recovered checkpoint) and sent to all, errors included.
-        run_dir, self.load_path = self._on_rank0(find_resume, Path(cfg.outputs), self.run_name, self.load)
+        self.identity = config_identity(cfg)
+        # Decided on rank 0 (it may rename a recovered checkpoint) and sent to all, errors included. Every check
+        # that can refuse the job comes before a run folder is made.
+        run_dir, self.load_path = self._on_rank0(find_resume, Path(cfg.outputs), self.run_name, self.load,
+                                                 self.identity)
+        self._on_rank0(check_output_folder, run_dir or Path(cfg.outputs), "run folder" if run_dir else "outputs")
         self.device = self.dist.device
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.precision = cfg.precision
@@ -94,6 +104,8 @@ class Trainer:
         )
 
         self.model = build_model(cfg.model).to(self.device)
+        # What the run saves describes what it trains: a --ckpt-path checkpoint may bring another structure.
+        self.model_config = recorded_model_config(cfg.model, self.model, log=self.dist.is_main)
         if self.precision == "params":
             self.model.to(self.dtype)
         # grad_checkpoint: True (both VAEs), "temporal" or "spatial" (one of them), False (none).
@@ -134,24 +146,53 @@ class Trainer:
         self.nonfinite_steps = self.nonfinite_in_a_row = 0
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay is not None else None
 
+        self._steps_per_epoch()
+        self._on_rank0(self._check_data)
         self.run_dir = run_dir or self._on_rank0(new_run_dir, Path(cfg.outputs), self.run_name)
         if self.load_path is not None:
             self._resume(self.load_path)
         if self.dist.is_main:
-            save_config(cfg, self.run_dir / "config.py")
+            self._save_config()
             logger.info("run folder %s; %d rows; %d rank(s); %s %s; device %s", self.run_dir, len(self.dataset),
                         self.dist.world_size, self.dtype, self.precision, self.device)
         self.max_steps = cfg.max_steps
-        steps_per_epoch = self.sampler.num_samples // self.batch_size
-        if steps_per_epoch == 0:
-            raise ValueError(f"batch_size {self.batch_size} is larger than this rank's share of the data set "
-                             f"({self.sampler.num_samples} rows)")
-        total = steps_per_epoch * cfg.epochs
+        total = self._steps_per_epoch() * cfg.epochs
         self.total_steps = min(total, self.max_steps) if self.max_steps else total
         self.run_logger = RunLogger(self.run_dir, self.dist.is_main, self.total_steps, self.global_step,
                                     tensorboard=cfg.tensorboard, resumed=self.load_path is not None)
         self.sample_rows: list = []  # (step, this rank's rows) since the last log, with log_samples
         self._ckpt_bytes: Optional[int] = None
+
+    def _steps_per_epoch(self) -> int:
+        steps = self.sampler.num_samples // self.batch_size
+        if steps == 0:
+            raise ValueError(f"batch_size {self.batch_size} is larger than this rank's share of the data set "
+                             f"({self.sampler.num_samples} rows)")
+        return steps
+
+    def _check_data(self) -> None:
+        """One clip read and checked as the model will check it, before a run folder exists: a CSV whose every row
+        is unreadable, or a frame size the model cannot take, ends the job here in one line (rank 0)."""
+        with torch.random.fork_rng(devices=[]):  # reading draws nothing from the streams the run uses
+            try:
+                item = self.dataset[0]
+            except RuntimeError as err:  # the dataset found no readable row
+                raise RunError(str(err)) from err
+        video = item.get("video") if isinstance(item, dict) else None
+        if isinstance(video, torch.Tensor) and video.ndim == 4:
+            spatial = unwrap(self.model).spatial_vae
+            check_video(video.unsqueeze(0), spatial.in_channels, spatial.patch_size[1])
+
+    def _save_config(self) -> None:
+        """config.py: what the run trains (its model as built); run.json: the identity of the config that made it
+        (`runs.config_identity`). A run resumed under another recipe keeps the config.py it ran before as
+        config.until_stepN.py."""
+        previous = read_identity(self.run_dir) if self.load_path is not None else None
+        if previous is not None and previous != self.identity and (self.run_dir / "config.py").is_file():
+            os.replace(self.run_dir / "config.py", self.run_dir / f"config.until_step{self.global_step}.py")
+        saved = Config(dict(to_plain(self.cfg), model=self.model_config), filename=self.cfg.filename)
+        save_config(saved, self.run_dir / "config.py")
+        write_identity(self.run_dir, self.identity, str(self.cfg.filename or self.config_name))
 
     def _setup_discriminator(self) -> None:
         """`discriminator=dict(type=...)`: the adversarial loss, the discriminator (its own DDP) and its AdamW (the
@@ -453,9 +494,9 @@ class Trainer:
                     self.sampler.advance(self.batch_size)
                     if cfg.log_samples:
                         self.sample_rows.append((self.global_step, batch["index"].tolist()))
-                    self.run_logger.step()
                     if self.global_step % log_every == 0:
                         self._log_since(metrics)
+                    self.run_logger.step()  # after the log: the bar shows this step's loss
                     if ckpt_every and self.global_step % ckpt_every == 0:
                         last_saved = self.save()
                     # One all-reduce: every rank stops after the same step, even if only one was signalled.
