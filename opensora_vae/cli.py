@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Dict, Optional, Sequence, Tuple
+import typing
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from mmengine.config import Config
 
-from .config import check_config, load_config, parse_cfg_options
+from .config import JOB_EXAMPLES, check_config, fits, load_config, parse_cfg_options, type_name
 from .errors import UserError
 
 
@@ -17,10 +18,41 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
-def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's range (from `ranged`) and its default once: not where the help already states it,
+    nor None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if getattr(action.type, "expected", None):
+            text += f" [{action.type.expected}]"
+        if "(default" not in text and action.default not in (None, argparse.SUPPRESS) and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def ranged(tp: Any) -> Callable[[str], Any]:
+    """An argparse `type` for a declared type with its range (config.PositiveInt, ...): a flag outside it is a
+    usage error naming the flag, the value and what it takes."""
+    base = typing.get_args(tp)[0]
+
+    def parse(text: str) -> Any:
+        try:
+            value = base(text)
+        except ValueError:
+            value = None
+        if value is None or not fits(value, tp):
+            raise argparse.ArgumentTypeError(f"expected {type_name(tp)}, got {text!r}")
+        return value
+
+    parse.expected = type_name(tp)
+    return parse
+
+
+def add_job_arguments(parser: argparse.ArgumentParser, job: str) -> None:
     """Config, data, weights, --cfg-options, --debug and the model's runtime options: the same flags in every
-    script, each setting one config key."""
-    parser.add_argument("config", help="a Python config, e.g. configs/vae/inference/video.py")
+    script, each setting one config key. `job` ("train", "inference", "encode") picks the example config."""
+    parser.add_argument("config", help=f"a Python config, e.g. {JOB_EXAMPLES[job]}")
     parser.add_argument("--data-path", help="CSV with a 'path' column (sets dataset.data_path)")
     parser.add_argument("--ckpt-path", help="weights: published folder or hub id, model.safetensors, or trainer "
                                             "checkpoint (sets model.from_pretrained)")
@@ -95,7 +127,7 @@ def clip_options(args: argparse.Namespace) -> Dict[str, object]:
     options: Dict[str, object] = {}
     if args.save_dir:
         options["save_dir"] = args.save_dir
-    if args.num_frames:
+    if args.num_frames is not None:  # 0 too: the config check refuses it, naming the key
         options["dataset.num_frames"] = args.num_frames
     if args.image_size:
         options["dataset.image_size"] = image_size(args.image_size)

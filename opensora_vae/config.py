@@ -1,14 +1,17 @@
 """Python configs (mmengine `Config`, with `_base_`), dotted `--cfg-options`, and the declared keys of each job.
 
 Every key a job reads is declared once below (type and default): `TrainConfig`, `InferenceConfig`, `EncodeConfig`.
-`load_config(path, options, job=...)` refuses an unknown key (naming the nearest known ones) or a wrong type (key,
-value, expected type) before anything is built, and fills in the defaults. The nested `dataset` and `model` dicts
-are checked against their registered classes' arguments, `lr_schedule`, `optimizer` and `model.tiling` against
-theirs. Names starting with `_` in a config file are that file's variables (e.g. `_num_frames = 17`), not settings.
+`load_config(path, options, job=...)` refuses an unknown key (naming the nearest known ones, or the job whose config
+it is), a wrong type or an out-of-range value (key, value, what is expected) before anything is built, and fills in
+the defaults. A numeric key's range is declared with its type, `Annotated[int, Range(1)]` (`PositiveInt`), in the
+dataclasses below and in the registered classes' signatures alike. The nested `dataset` and `model` dicts are
+checked against their registered classes' arguments, `lr_schedule`, `optimizer` and `model.tiling` against theirs.
+Names starting with `_` in a config file are that file's variables (e.g. `_num_frames = 17`), not settings.
 """
 from __future__ import annotations
 
 import ast
+import collections.abc
 import dataclasses
 import difflib
 import inspect
@@ -17,7 +20,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Tuple, Union
+from typing import Annotated, Any, Dict, Iterable, List, Literal, Mapping, Optional, Tuple, Union
 
 from mmengine.config import Config
 
@@ -31,6 +34,38 @@ class ConfigError(UserError):
     """A config the user wrote is wrong: unknown key, wrong type, bad value (one line, no traceback)."""
 
 
+# ----- ranges ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key takes, declared with its type: `Annotated[int, Range(1)]`. Bounds are inclusive
+    unless `*_open`; None: unbounded. Checked when the config loads; shown in errors, --help and docs/config.md."""
+
+    min: Optional[float] = None
+    max: Optional[float] = None
+    min_open: bool = False
+    max_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.min is not None and (value <= self.min if self.min_open else value < self.min):
+            return False
+        return self.max is None or (value < self.max if self.max_open else value <= self.max)
+
+    def __str__(self) -> str:
+        if self.min is not None and self.max is not None:
+            return f"in {'(' if self.min_open else '['}{self.min:g}, {self.max:g}{')' if self.max_open else ']'}"
+        if self.min is not None:
+            return f"{'>' if self.min_open else '>='} {self.min:g}"
+        return f"{'<' if self.max_open else '<='} {self.max:g}"
+
+
+PositiveInt = Annotated[int, Range(1)]  # counts and sizes
+NonNegativeInt = Annotated[int, Range(0)]  # counts where 0 means none / off
+PositiveFloat = Annotated[float, Range(0, min_open=True)]
+NonNegativeFloat = Annotated[float, Range(0)]
+Fraction = Annotated[float, Range(0, 1)]
+Decay = Annotated[float, Range(0, 1, max_open=True)]  # Adam's betas, EMA decays
+
+
 # ----- the declared keys ----------------------------------------------------------------------------------------
 DtypeName = Literal[tuple(DTYPES)]
 
@@ -38,7 +73,7 @@ DtypeName = Literal[tuple(DTYPES)]
 @dataclass
 class LRSchedule:
     type: Literal["constant", "cosine"] = "constant"  # cosine: decay to min_ratio * lr at max_steps
-    min_ratio: float = 0.0
+    min_ratio: Fraction = 0.0
 
 
 @dataclass
@@ -56,10 +91,10 @@ class JobConfig:
     device: str = "auto"  # auto: CUDA when available, else CPU
     dtype: Union[Literal["auto"], DtypeName] = "auto"  # auto: bf16 on a GPU that has it, else fp32
     seed: int = 42
-    num_workers: int = 0  # data-loading processes
-    dist_timeout: float = 600.0  # seconds a collective waits for a dead or hung peer before the job fails
+    num_workers: NonNegativeInt = 0  # data-loading processes
+    dist_timeout: PositiveFloat = 600.0  # seconds a collective waits for a dead or hung peer before the job fails
     stop_signals: List[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"]] = field(
-        default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # finish the step/clip, save, exit 75 (docs/cluster.md)
+        default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])  # finish the step/clip, save, exit 75 (docs/cluster.md)
 
 
 @dataclass
@@ -68,35 +103,36 @@ class TrainConfig(JobConfig):
     arguments (opensora_vae/losses.py) and AdversarialLoss's (opensora_vae/adversarial.py), declared there."""
 
     dtype: Union[Literal["auto"], DtypeName] = "bf16"
-    batch_size: int = 1  # per rank
+    batch_size: PositiveInt = 1  # per rank
     sampler_seed: int = 0  # the reference's sampler is seeded with 0 whatever `seed` is
     precision: Literal["autocast", "params"] = "autocast"  # params: parameters and AdamW state in `dtype` too
     grad_checkpoint: Union[bool, Literal["temporal", "spatial"]] = True
     optimizer: OptimizerImpl = field(default_factory=OptimizerImpl)
     shard_optimizer: bool = True  # ZeRO-style AdamW state across ranks
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    adam_betas: Tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    warmup_steps: int = 0
+    lr: PositiveFloat = 1e-5
+    weight_decay: NonNegativeFloat = 0.0
+    adam_betas: Tuple[Decay, Decay] = (0.9, 0.999)
+    adam_eps: PositiveFloat = 1e-8
+    warmup_steps: NonNegativeInt = 0
     lr_schedule: LRSchedule = field(default_factory=LRSchedule)
-    grad_clip: Optional[float] = 1.0  # None: no clipping
+    grad_clip: Optional[PositiveFloat] = 1.0  # None: no clipping
     mixed_strategy: Optional[Literal["mixed_video_image", "mixed_video_random"]] = None
-    mixed_image_ratio: float = 0.0
+    mixed_image_ratio: Fraction = 0.0
     sample_posterior: bool = True
     train_spatial_only: bool = False  # fit the spatial VAE alone (the demo's stage 0)
     trainable: Literal["all", "decoder"] = "all"  # decoder: both encoders frozen, so the latents never change
-    ema_decay: Optional[float] = None  # an fp32 moving average of the trained weights, saved as ema/ (None: none)
+    ema_decay: Optional[Decay] = None  # an fp32 moving average of the trained weights, saved as ema/ (None: none)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or skips the update everywhere
-    max_nonfinite_in_a_row: int = 10  # with "skip": this many non-finite steps in a row stop the run
+    max_nonfinite_in_a_row: PositiveInt = 10  # with "skip": this many non-finite steps in a row stop the run
     discriminator: Optional[Dict[str, Any]] = None  # a discriminator (MODELS type) turns the adversarial loss on
     find_unused_parameters: Optional[bool] = None  # None: when the spatial decoder gets no gradient
-    epochs: int = 100
-    max_steps: Optional[int] = None
-    log_every: int = 1
-    ckpt_every: int = 1000  # 0: only at the end
-    keep_last: Optional[int] = None  # keep the K newest checkpoints (None: all); older ones go once a newer is complete
-    keep_every: Optional[int] = None  # also keep every checkpoint whose step is a multiple of this
+    epochs: PositiveInt = 100
+    max_steps: Optional[PositiveInt] = None
+    log_every: PositiveInt = 1
+    ckpt_every: NonNegativeInt = 1000  # 0: only at the end
+    # keep the K newest checkpoints (None: all); older ones go once a newer is complete
+    keep_last: Optional[PositiveInt] = None
+    keep_every: Optional[PositiveInt] = None  # also keep every checkpoint whose step is a multiple of this
     keep_global_batch: bool = True  # resumed on another number of ranks: rescale batch_size when it divides
     log_samples: bool = False  # each step's dataset rows (per rank) in metrics.jsonl
     outputs: str = "outputs"
@@ -108,21 +144,26 @@ class TrainConfig(JobConfig):
 class InferenceConfig(JobConfig):
     save_dir: Optional[str] = None  # writes SAVE_DIR_ori, SAVE_DIR_rec, SAVE_DIR_spatial
     sample_posterior: bool = False  # the published protocol samples (configs/vae/inference/published_eval.py)
-    crf: int = 18  # H.264 quality of the written videos
-    fps: Optional[float] = None  # None: the source clip's rate
-    num_samples: Optional[int] = None  # None: every row
+    crf: Annotated[int, Range(0, 51)] = 18  # H.264 quality of the written videos
+    fps: Optional[PositiveFloat] = None  # None: the source clip's rate
+    num_samples: Optional[PositiveInt] = None  # None: every row
     cal_stats: bool = False  # also write the latents' per-channel mean/std
 
 
 @dataclass
 class EncodeConfig(JobConfig):
     save_dir: Optional[str] = None
-    buckets: Optional[List[Tuple[int, int, int]]] = None  # (num_frames, height, width); None: the dataset's
-    shard_size_mb: float = 256.0  # a shard is written once its latents reach this size
+    # (num_frames, height, width); None: the dataset's
+    buckets: Optional[List[Tuple[PositiveInt, PositiveInt, PositiveInt]]] = None
+    shard_size_mb: PositiveFloat = 256.0  # a shard is written once its latents reach this size
     save_dtype: DtypeName = "fp32"
 
 
 JOBS = {"train": TrainConfig, "inference": InferenceConfig, "encode": EncodeConfig}
+# A config of each job: the scripts' --help shows it, and the error for another job's config names it.
+JOB_NAMES = {"train": "training", "inference": "inference", "encode": "encoding"}
+JOB_EXAMPLES = {"train": "configs/vae/train/stage1.py", "inference": "configs/vae/inference/video.py",
+                "encode": "configs/vae/inference/latents.py"}
 
 # Keys that exist only in configs written for the reference, per place: accepted with one warning naming what to
 # use instead, and dropped (`drop_reference_keys`).
@@ -164,25 +205,43 @@ def _is_union(tp: Any) -> bool:
     return typing.get_origin(tp) is Union or type(tp).__name__ == "UnionType"
 
 
-def _type_name(tp: Any) -> str:
+_SEQUENCES = (list, tuple, List, Tuple, typing.Sequence, collections.abc.Sequence)
+
+
+def _ranges(tp: Any) -> List[Range]:
+    return [m for m in getattr(tp, "__metadata__", ()) if isinstance(m, Range)]
+
+
+def type_name(tp: Any) -> str:
+    """`tp` in the words of the errors and docs: `int >= 1 or None`, `(int, int)`, `'hinge' or 'vanilla'`."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return " ".join([type_name(args[0]), *map(str, _ranges(tp))])
     if _is_union(tp):
-        return " or ".join(_type_name(a) for a in args)
+        return " or ".join(type_name(a) for a in args)
     if origin is Literal:
         return " or ".join(repr(a) for a in args)
     if dataclasses.is_dataclass(tp) or tp in (dict, Dict) or origin in (dict, Mapping):
         return "dict"
-    if origin in (list, tuple, List, Tuple, typing.Sequence) or tp in (list, tuple):
-        return "list/tuple"
+    if origin in _SEQUENCES or tp in (list, tuple):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"({', '.join(type_name(a) for a in args)})"
+        if not args:
+            return "list/tuple"
+        item = type_name(args[0])
+        return f"list of {f'({item})' if ' or ' in item else item}"
     return getattr(tp, "__name__", str(tp)).replace("NoneType", "None")
 
 
-def _fits(value: Any, tp: Any) -> bool:
+def fits(value: Any, tp: Any, ranges: bool = True) -> bool:
+    """`value` has type `tp` and, with `ranges`, lies in the Range of every Annotated part it matches."""
     if tp is Any or tp is inspect.Parameter.empty:
         return True
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return fits(value, args[0], ranges) and (not ranges or all(value in r for r in _ranges(tp)))
     if _is_union(tp):
-        return any(_fits(value, a) for a in args)
+        return any(fits(value, a, ranges) for a in args)
     if tp is type(None):
         return value is None
     if origin is Literal:
@@ -197,12 +256,12 @@ def _fits(value: Any, tp: Any) -> bool:
         return isinstance(value, (str, os.PathLike))
     if dataclasses.is_dataclass(tp) or tp in (dict, Dict) or origin in (dict, Mapping, typing.Mapping):
         return isinstance(value, Mapping)
-    if origin in (list, tuple, typing.Sequence, List, Tuple) or tp in (list, tuple):
+    if origin in _SEQUENCES or tp in (list, tuple):
         if not isinstance(value, (list, tuple)):
             return False
         if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
-        return not args or all(_fits(v, args[0]) for v in value)
+            return len(value) == len(args) and all(fits(v, a, ranges) for v, a in zip(value, args))
+        return not args or all(fits(v, args[0], ranges) for v in value)
     if isinstance(tp, type):
         return isinstance(value, tp)
     return True  # an annotation this check does not model: the constructor checks it
@@ -221,10 +280,15 @@ def _unknown(where: str, name: str, known: Iterable[str]) -> ConfigError:
 
 
 def _check_value(where: str, name: str, value: Any, tp: Any) -> None:
-    if not _fits(value, tp):
-        choices = all(typing.get_origin(a) is Literal for a in (typing.get_args(tp) if _is_union(tp) else (tp,)))
-        what = "is not one of" if choices else "has the wrong type: expected"
-        raise ConfigError(f"config key {where}{name}={value!r} {what} {_type_name(tp)}")
+    if fits(value, tp):
+        return
+    if fits(value, tp, ranges=False):
+        what = "is out of range: expected"
+    elif all(typing.get_origin(a) is Literal for a in (typing.get_args(tp) if _is_union(tp) else (tp,))):
+        what = "is not one of"
+    else:
+        what = "has the wrong type: expected"
+    raise ConfigError(f"config key {where}{name}={value!r} {what} {type_name(tp)}")
 
 
 def _check_fields(where: str, values: Mapping[str, Any], hints: Mapping[str, Any]) -> None:
@@ -238,7 +302,7 @@ def _check_fields(where: str, values: Mapping[str, Any], hints: Mapping[str, Any
         _check_value(where, name, value, hints[name])
         nested = [t for t in (hints[name], *typing.get_args(hints[name])) if dataclasses.is_dataclass(t)]
         if nested and isinstance(value, Mapping):
-            _check_fields(f"{where}{name}.", value, typing.get_type_hints(nested[0]))
+            _check_fields(f"{where}{name}.", value, typing.get_type_hints(nested[0], include_extras=True))
 
 
 def signature_hints(fn: Any) -> Dict[str, Any]:
@@ -246,7 +310,7 @@ def signature_hints(fn: Any) -> Dict[str, Any]:
     also takes None, a config's placeholder that the command line fills (e.g. dataset.data_path)."""
     target = fn.__init__ if inspect.isclass(fn) else fn
     try:
-        hints = typing.get_type_hints(target)
+        hints = typing.get_type_hints(target, include_extras=True)
     except Exception:  # noqa: BLE001 - an annotation that does not resolve: check names only
         hints = {}
     params = inspect.signature(target).parameters
@@ -280,25 +344,50 @@ def _model_hints() -> Dict[str, Any]:
 
     hints: Dict[str, Any] = {name: Any for name in RUNTIME_OPTIONS}
     hints.update(tiling=Union[bool, TilingConfig, None], winograd=Optional[bool], subpixel=Optional[bool],
-                 micro_batch_size=Union[int, Literal[False], None], compile=Union[bool, Dict[str, Any], None],
+                 micro_batch_size=Union[PositiveInt, Literal[False], None], compile=Union[bool, Dict[str, Any], None],
                  from_pretrained=Optional[str])
     return hints
+
+
+def _job_hints(job: str) -> Dict[str, Any]:
+    """The job's top-level keys -> their types (training: VAELoss's and AdversarialLoss's arguments too)."""
+    hints = typing.get_type_hints(JOBS[job], include_extras=True)
+    for loss in _job_losses(job):
+        hints.update(signature_hints(loss))
+    return hints
+
+
+def _job_losses(job: str) -> tuple:
+    from .adversarial import AdversarialLoss
+    from .losses import VAELoss
+
+    return (VAELoss, AdversarialLoss) if job == "train" else ()
+
+
+def _check_job(cfg: Config, job: str, values: Mapping[str, Any], hints: Mapping[str, Any]) -> None:
+    """Refuse another job's config by name: every unknown top-level key is a key of that job."""
+    unknown = [k for k in values if not k.startswith("_") and k not in hints and k not in REFERENCE_KEYS[""]]
+    others = [o for o in JOBS if o != job and unknown and set(unknown) <= set(_job_hints(o))]
+    if not others:
+        return
+    kinds = " or ".join(JOB_NAMES[o] for o in others)
+    article = "an" if kinds[0] in "aeiou" else "a"
+    keys = ", ".join(unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+    raise ConfigError(f"unknown config key '{unknown[0]}': {cfg.filename or 'the config'} is {article} {kinds} "
+                      f"config (it sets {keys}); {JOB_NAMES[job]} takes a config like {JOB_EXAMPLES[job]}")
 
 
 def check_config(cfg: Config, job: str) -> Config:
     """Validate `cfg` against the job's declared keys (raises ConfigError naming the key) and fill in defaults;
     the file's `_` variables are dropped. Idempotent."""
     from . import data, models  # noqa: F401  (register the dataset and model types)
-    from .adversarial import AdversarialLoss
-    from .losses import VAELoss
     from .registry import DATASETS, MODELS
 
     schema = JOBS[job]
-    hints = typing.get_type_hints(schema)
-    losses = (VAELoss, AdversarialLoss) if job == "train" else ()
-    for loss in losses:
-        hints.update(signature_hints(loss))
+    hints = _job_hints(job)
+    losses = _job_losses(job)
     values = cfg.to_dict()
+    _check_job(cfg, job, values, hints)
     _check_fields("", values, hints)
     for required in ("dataset", "model"):
         if not values.get(required):
@@ -318,6 +407,29 @@ def check_config(cfg: Config, job: str) -> Config:
         elif dataclasses.is_dataclass(hints.get(name)) and isinstance(filled[name], Mapping):
             filled[name] = {**dataclasses.asdict(hints[name]()), **filled[name]}
     return Config(filled, filename=cfg.filename)
+
+
+def _range_words(tp: Any) -> List[str]:
+    """The declared ranges anywhere in `tp`, as the errors write them (`>= 1`)."""
+    return [str(r) for r in _ranges(tp)] + [w for a in typing.get_args(tp) for w in _range_words(a)]
+
+
+def declared_ranges() -> Dict[str, List[str]]:
+    """Each key with a declared Range -> its ranges in words: the jobs' keys, their nested dicts and every registered
+    dataset's and model's arguments (docs/config.md shows them; a test keeps the two in step)."""
+    from . import data, models  # noqa: F401  (register the dataset and model types)
+    from .models.speed import TilingConfig
+    from .registry import DATASETS, MODELS
+
+    tables = [_job_hints(job) for job in JOBS] + [_model_hints()]
+    tables += [typing.get_type_hints(t, include_extras=True) for t in (LRSchedule, OptimizerImpl, TilingConfig)]
+    tables += [signature_hints(obj) for registry in (DATASETS, MODELS) for obj in registry.module_dict.values()]
+    out: Dict[str, set] = {}
+    for hints in tables:
+        for name, tp in hints.items():
+            if _range_words(tp):
+                out.setdefault(name, set()).update(_range_words(tp))
+    return {name: sorted(words) for name, words in out.items()}
 
 
 # ----- reading --------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from opensora_vae.train.logging import setup_logging
 
 def main(argv=None) -> int:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_job_arguments(parser)
+    add_job_arguments(parser, "encode")
     # --num-frames / --image-size replace those fields of every configured bucket.
     add_clip_arguments(parser, "output folder (sets save_dir)")
     args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ from opensora_vae.train.logging import setup_logging
 
 def main(argv=None) -> int:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_job_arguments(parser)
+    add_job_arguments(parser, "inference")
     add_clip_arguments(parser, "output prefix: DIR_ori, DIR_rec, DIR_spatial (sets save_dir)")
     parser.add_argument("--fps", type=float, help="fps of the written videos (sets fps; default: the source's)")
     parser.add_argument("--crf", type=int, help="H.264 quality of the written videos (sets crf)")

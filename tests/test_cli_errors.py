@@ -19,8 +19,8 @@ TINY = CFG / "tiny"
     ("train", "stage1.py", "lr_shedule=None", "'lr_shedule' (did you mean lr_schedule?)"),
     ("train", "stage1.py", "grad_clipp=1.0", "(did you mean grad_clip?)"),
     ("train", "stage1.py", "dtyp='bf16'", "(did you mean dtype?)"),
-    ("train", "stage1.py", "max_steps=abc", "max_steps='abc' has the wrong type: expected int or None"),
-    ("train", "stage1.py", "ckpt_every=abc", "ckpt_every='abc' has the wrong type: expected int"),
+    ("train", "stage1.py", "max_steps=abc", "max_steps='abc' has the wrong type: expected int >= 1 or None"),
+    ("train", "stage1.py", "ckpt_every=abc", "ckpt_every='abc' has the wrong type: expected int >= 0"),
     ("train", "stage1.py", "lr_schedule=dict(typ='cosine')", "'lr_schedule.typ' (did you mean lr_schedule.type?)"),
     ("train", "stage1.py", "lr_schedule=dict(type='linear')", "lr_schedule.type='linear' is not one of 'constant'"),
     ("train", "stage1.py", "dtype='bf61'", "dtype='bf61' is not one of 'auto' or 'fp32'"),
@@ -32,7 +32,7 @@ TINY = CFG / "tiny"
     ("train", "stage1.py", "compile=True", "unknown config key 'compile' (it is now model.compile)"),
     ("train", "stage1.py", "model.tiling=dict(tile_sise=64)", "'model.tiling.tile_sise' (did you mean model.tiling.tile_size"),
     ("inference", "inference.py", "crff=40", "(did you mean crf?)"),
-    ("inference", "inference.py", "crf=high", "crf='high' has the wrong type: expected int"),
+    ("inference", "inference.py", "crf=high", "crf='high' has the wrong type: expected int in [0, 51]"),
     ("encode", "latents.py", "save_dtype='int8'", "save_dtype='int8' is not one of"),
 ])
 def test_a_misspelt_key_or_wrong_type_is_refused_naming_it(job, config, option, message):
@@ -143,3 +143,56 @@ def test_under_torchrun_a_config_error_is_printed_once(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.count("error: unknown config key 'max_stepz'") == 1, proc.stderr
     assert "Traceback" not in proc.stderr.split("error: unknown")[0], proc.stderr
+
+
+@pytest.mark.parametrize("job, config, other, hint", [
+    ("train", CFG / "inference" / "video.py", "an inference or encoding config", "configs/vae/train/stage1.py"),
+    ("train", CFG / "inference" / "latents.py", "an encoding config", "configs/vae/train/stage1.py"),
+    ("inference", CFG / "train" / "stage1.py", "a training config", "configs/vae/inference/video.py"),
+    ("encode", CFG / "train" / "stage3.py", "a training config", "configs/vae/inference/latents.py"),
+    ("inference", TINY / "latents.py", "an encoding config", "configs/vae/inference/video.py"),
+])
+def test_another_jobs_config_is_named_as_such(job, config, other, hint):
+    with pytest.raises(ConfigError) as err:
+        load_config(config, job=job)
+    message = str(err.value)
+    assert f"{config.name} is {other}" in message and hint in message and "\n" not in message, message
+
+
+def test_a_misspelt_key_is_still_a_misspelt_key_not_another_job():
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY / "stage1.py", ["save_dir='x'", "max_stepz=3"], job="train")
+    assert " config;" not in str(err.value)
+
+
+def _script_help(path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit):
+        mod.main(["--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("script, example", [
+    ("train_vae.py", "configs/vae/train/stage1.py"),
+    ("inference_vae.py", "configs/vae/inference/video.py"),
+    ("encode_latents.py", "configs/vae/inference/latents.py"),
+])
+def test_each_scripts_help_shows_its_own_jobs_config(script, example, capsys):
+    text = _script_help(ROOT / "scripts" / script, capsys)
+    assert f"a Python config, e.g. {example}" in text, text
+    others = {"configs/vae/train/stage1.py", "configs/vae/inference/video.py", "configs/vae/inference/latents.py"}
+    assert not any(f"e.g. {o}" in text for o in others - {example}), text
+
+
+def test_a_flag_set_to_zero_is_passed_on_not_dropped():
+    from opensora_vae.cli import ArgumentParser, add_clip_arguments, add_job_arguments, clip_options
+
+    parser = ArgumentParser()
+    add_job_arguments(parser, "inference")
+    add_clip_arguments(parser, "output")
+    args = parser.parse_args([str(TINY / "inference.py"), "--num-frames", "0"])
+    assert clip_options(args) == {"dataset.num_frames": 0}  # then refused by the config check, naming the key

@@ -86,3 +86,103 @@ def test_decoder_fine_tuning_config():
     assert (cfg.trainable, cfg.discriminator.type, cfg.discriminator_start) == ("decoder", "NLayerDiscriminator", 0)
     assert (cfg.generator_loss_type, cfg.discriminator_loss_type, cfg.generator_factor) == ("hinge", "hinge", 0.5)
     assert cfg.use_real_rec_loss and (cfg.ema_decay, cfg.on_nonfinite) == (0.999, "skip")
+
+
+# ----- ranges: declared with the type (config.Range), checked when the config loads ------------------------------
+@pytest.mark.parametrize("option, key, expected", [
+    ("max_steps=0", "max_steps=0", "int >= 1 or None"),
+    ("max_steps=-3", "max_steps=-3", "int >= 1 or None"),
+    ("epochs=0", "epochs=0", "int >= 1"),
+    ("ckpt_every=-1", "ckpt_every=-1", "int >= 0"),
+    ("log_every=0", "log_every=0", "int >= 1"),
+    ("batch_size=0", "batch_size=0", "int >= 1"),
+    ("warmup_steps=-1", "warmup_steps=-1", "int >= 0"),
+    ("num_workers=-2", "num_workers=-2", "int >= 0"),
+    ("lr=0", "lr=0", "float > 0"),
+    ("lr=-1e-05", "lr=-1e-05", "float > 0"),
+    ("keep_last=0", "keep_last=0", "int >= 1 or None"),
+    ("mixed_image_ratio=1.5", "mixed_image_ratio=1.5", "float in [0, 1]"),
+    ("lr_schedule=dict(type='cosine', min_ratio=2.0)", "lr_schedule.min_ratio=2.0", "float in [0, 1]"),
+    ("dataset.num_frames=0", "dataset.num_frames=0", "int >= 1"),
+    ("dataset.frame_interval=0", "dataset.frame_interval=0", "int >= 1"),
+    ("dataset.image_size=0", "dataset.image_size=0", "int >= 1"),
+    ("dataset.image_size=(32, -32)", "dataset.image_size=(32, -32)", "int >= 1"),
+    ("model.micro_frame_size=0", "model.micro_frame_size=0", "int >= 1"),
+    ("model.micro_batch_size=0", "model.micro_batch_size=0", "int >= 1"),
+])
+def test_out_of_range_values_are_refused_naming_key_value_and_range(option, key, expected):
+    from opensora_vae.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(CFG / "tiny" / "stage1.py", [option], job="train")
+    message = str(err.value)
+    assert f"config key {key} is out of range: expected " in message and expected in message, message
+
+
+@pytest.mark.parametrize("job, config, option, key, expected", [
+    ("inference", "inference.py", "crf=-1", "crf=-1", "int in [0, 51]"),
+    ("inference", "inference.py", "num_samples=0", "num_samples=0", "int >= 1 or None"),
+    ("inference", "inference.py", "fps=0", "fps=0", "float > 0 or None"),
+    ("encode", "latents.py", "buckets=[(0, 32, 32)]", "buckets=[(0, 32, 32)]", "int >= 1"),
+    ("encode", "latents.py", "shard_size_mb=0", "shard_size_mb=0", "float > 0"),
+    ("inference", "inference.py", "model.tiling=dict(tile_size=0)", "model.tiling.tile_size=0", "int >= 16"),
+])
+def test_out_of_range_values_of_other_jobs(job, config, option, key, expected):
+    from opensora_vae.config import ConfigError
+
+    with pytest.raises(ConfigError, match="out of range") as err:
+        load_config(CFG / "tiny" / config, [option], job=job)
+    assert f"config key {key} is out of range" in str(err.value) and expected in str(err.value)
+
+
+def test_a_word_for_a_size_names_the_key_the_value_and_what_is_expected():
+    from opensora_vae.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(CFG / "tiny" / "stage1.py", ["dataset.image_size=thirty"], job="train")
+    assert str(err.value) == ("config key dataset.image_size='thirty' has the wrong type: expected int >= 1 or "
+                              "(int >= 1, int >= 1)")
+
+
+def test_the_edges_of_each_range_are_accepted():
+    cfg = load_config(CFG / "tiny" / "stage1.py", ["ckpt_every=0", "warmup_steps=0", "max_steps=1", "epochs=1",
+                                                   "mixed_image_ratio=1.0", "dataset.image_size=[16, 16]",
+                                                   "model.micro_batch_size=False", "max_steps=None"], job="train")
+    assert (cfg.ckpt_every, cfg.max_steps, cfg.dataset.image_size) == (0, None, [16, 16])
+
+
+def test_no_run_folder_is_made_for_a_non_positive_count(tmp_path):
+    from opensora_vae.config import ConfigError
+    from opensora_vae.train import Trainer
+
+    for option in ({"max_steps": 0}, {"epochs": 0}, {"ckpt_every": -1}):
+        cfg = load_config(CFG / "tiny" / "stage1.py", {"dataset.data_path": "x.csv", "outputs": str(tmp_path / "o"),
+                                                      **option})
+        with pytest.raises(ConfigError, match="out of range"):
+            Trainer(cfg, config_name="stage1")
+        assert not (tmp_path / "o").exists()
+
+
+def _documented_types():
+    """`key` -> the type cells of the rows of docs/config.md that document it."""
+    import re
+
+    cells = {}
+    for line in (ROOT / "docs" / "config.md").read_text().splitlines():
+        parts = [p.strip() for p in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(parts) >= 3:
+            for key in re.findall(r"`([a-z_0-9.]+)`", parts[0]):
+                cells.setdefault(key.split(".")[-1], []).append(parts[1])
+    return cells
+
+
+def test_every_declared_range_is_in_the_docs():
+    """The doc tables show each key's range as config.py declares it (the same words as the error)."""
+    from opensora_vae.config import declared_ranges
+
+    documented = _documented_types()
+    ranged = declared_ranges()
+    assert {"max_steps", "lr", "ckpt_every", "num_frames", "image_size", "micro_frame_size"} <= set(ranged)
+    wrong = {key: (words, documented.get(key)) for key, words in ranged.items()
+             if not any(all(w in cell for w in words) for cell in documented.get(key, []))}
+    assert not wrong, f"docs/config.md does not show these ranges: {wrong}"

@@ -217,3 +217,59 @@ def test_temporal_scores_find_a_seam_in_the_report(tmp_path):
     jumps = {b["boundary"]: b["jump"] for b in report["seams"]["s"]}
     assert jumps[17] > 15 and jumps[17] - jumps[34] > 15  # only the first boundary jumps
     assert m["temporal_consistency"]["mean"] > 0 and m["psnr"]["available"]
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--num_frames", "0", "int >= 1"), ("--num-frames", "-3", "int >= 1"), ("--batch_size", "0", "int >= 1"),
+    ("--sample_rate", "0", "int >= 1"), ("--subset_size", "0", "int >= 1"), ("--resolution", "-1", "int >= 0"),
+    ("--crop_size", "-1", "int >= 0"), ("--chunk_frames", "-1", "int >= 0"), ("--num_workers", "-1", "int >= 0"),
+    ("--sample_fps", "0", "float > 0"), ("--num_frames", "seventeen", "int >= 1"),
+])
+def test_numeric_flags_are_range_checked_naming_the_flag(flag, value, expected, tmp_path, capsys):
+    rc = _cli().main(["--real_video_dir", str(tmp_path / "a"), "--generated_video_dir", str(tmp_path / "b"),
+                      flag, value])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: argument {flag.replace('-', '_').replace('__', '--')}") and value in err[0]
+    assert expected in err[0], err
+
+
+def test_help_shows_each_default_once():
+    import re
+
+    text = " ".join(_cli().build_parser().format_help().split())
+    assert "(default: cuda if available)" in text and "(default: 17)" in text
+    assert not re.search(r"\(default: [^)]*\) \(default:", text), text
+    assert "(default: None)" not in text, text
+
+
+def test_docs_list_every_metric_and_flag():
+    docs = (ROOT / "docs" / "evaluation.md").read_text()
+    row = next(line for line in docs.splitlines() if line.startswith("| `--metric`"))
+    from opensora_vae.metrics.evaluate import METRICS
+
+    assert all(f" {m}" in row.replace("`", " ") for m in METRICS), row
+    flags = [a.option_strings[0] for a in _cli().build_parser()._actions if a.option_strings[0] != "-h"]
+    missing = [f for f in flags if f"`{f}`" not in docs and f"`{f.replace('_', '-')}`" not in docs]
+    assert not missing, missing
+
+
+def test_protocol_table_prints_the_temporal_scores():
+    """The JSON holds the temporal scores under their own names; the table prints them, not `temporal n/a`."""
+    from opensora_vae.metrics.protocol import format_report
+    from opensora_vae.metrics.temporal import SCORES
+
+    scores = {name: {"available": True, "mean": 1.5 + i, "std": 0.0, "num_clips": 2, "per_clip": {}}
+              for i, name in enumerate(SCORES) if name != "seam_psnr"}
+    vae = {"frames_fed": 17, "throughput_clips_per_s": 2.0, "peak_memory_gib": 0.5,
+           "metrics": {"psnr": {"available": True, "mean": 30.25, "std": 1.0, "num_clips": 2, "per_clip": {}},
+                       **scores}}
+    result = {"protocol": {"name": "p", "sha256": "0" * 64, "content": {"metrics": ["psnr", "temporal"]}},
+              "num_clips_scored": 2, "num_clips_listed": 2, "vaes": {"wan": vae}}
+    table = format_report(result)
+    head, row = table.splitlines()[1:3]
+    assert "n/a" not in row and "temporal " not in head, table
+    for i, name in enumerate(SCORES):
+        if name != "seam_psnr":
+            assert name in head and f"{1.5 + i:.4f}" in row, table
+    assert "30.2500" in row

@@ -1,4 +1,4 @@
-"""SSIM / PSNR / LPIPS / FloLPIPS between folders of real and generated (reconstructed) videos.
+"""SSIM / PSNR / LPIPS / FloLPIPS / rFVD / temporal scores between folders of real and generated videos.
 
 Flags follow Open-Sora's eval/vae/eval_common_metric.py; the logic lives in opensora_vae.metrics.evaluate.
 Example:
@@ -11,13 +11,13 @@ rank 0 reports: the same scores as one rank.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
 
-from opensora_vae.cli import ArgumentParser, add_weight_arguments
+from opensora_vae.cli import ArgumentParser, HelpFormatter, add_weight_arguments, ranged
+from opensora_vae.config import NonNegativeInt, PositiveFloat, PositiveInt
 from opensora_vae.distributed import close_distributed, init_distributed
 from opensora_vae.errors import UserError, run_main
 from opensora_vae.jobs import check_output_folder
@@ -25,27 +25,30 @@ from opensora_vae.metrics.evaluate import METRICS, evaluate, format_table
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
 
     def flag(name: str, **kwargs):
         # The reference's snake_case spelling, and the kebab-case one the other scripts use.
         spellings = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])
         p.add_argument(*spellings, dest=name, **kwargs)
 
-    flag("real_video_dir", required=True)
-    flag("generated_video_dir", required=True)
-    flag("batch_size", type=int, default=2)
+    flag("real_video_dir", required=True, help="the originals")
+    flag("generated_video_dir", required=True, help="the reconstructions, paired with the originals by file name")
+    flag("batch_size", type=ranged(PositiveInt), default=2, help="videos per batch")
     flag("device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    flag("num_workers", type=int, default=0, help="threads decoding videos")
-    flag("sample_fps", type=float, default=None, help="recorded only; frames are not resampled in time")
-    flag("resolution", type=int, default=256, help="short side after resizing (0: keep)")
-    flag("crop_size", type=int, default=256, help="centre crop size (0: no crop)")
-    flag("num_frames", type=int, default=17)
-    flag("sample_rate", type=int, default=1)
-    flag("subset_size", type=int, default=None, help="evaluate only the first N pairs (by name)")
+    flag("num_workers", type=ranged(NonNegativeInt), default=0, help="threads decoding videos")
+    flag("sample_fps", type=ranged(PositiveFloat), default=None,
+         help="recorded only; frames are not resampled in time")
+    flag("resolution", type=ranged(NonNegativeInt), default=256, help="short side after resizing (0: keep)")
+    flag("crop_size", type=ranged(NonNegativeInt), default=256, help="centre crop size (0: no crop)")
+    flag("num_frames", type=ranged(PositiveInt), default=17, help="frames scored per clip")
+    flag("sample_rate", type=ranged(PositiveInt), default=1, help="the frames spread over num_frames x sample_rate")
+    flag("subset_size", type=ranged(PositiveInt), default=None, help="evaluate only the first N pairs (by name)")
     flag("metric", nargs="+", default=list(METRICS), choices=METRICS,
-         help="temporal: seam dip/jump at chunk boundaries and temporal consistency (no weights)")
-    flag("chunk_frames", type=int, default=17, help="frames per micro-chunk for the seam scores (0: none)")
+         help="fvd: rFVD over the set (I3D weights); temporal: seam dip/jump at chunk boundaries and temporal "
+              "consistency (no weights)")
+    flag("chunk_frames", type=ranged(NonNegativeInt), default=17,
+         help="frames per micro-chunk for the seam scores (0: none)")
     flag("output", type=Path, default=None, help="write a JSON report here")
     add_weight_arguments(p)
     p.add_argument("--debug", action="store_true", help="show the traceback of a user error")

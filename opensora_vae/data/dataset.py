@@ -4,13 +4,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from ..config import Fraction, PositiveInt
 from ..registry import DATASETS
 from .transforms import center_crop_image, resize_crop, to_model_range
 from .video import ShortVideoError, VideoReadError, is_image_path, probe_video, read_frames, read_image
@@ -88,14 +89,14 @@ class VideoTextDataset(Dataset):
     def __init__(
         self,
         data_path: str | os.PathLike,
-        num_frames: int = 17,
-        frame_interval: int = 1,
-        image_size: int | Sequence[int] = (256, 256),
+        num_frames: PositiveInt = 17,
+        frame_interval: PositiveInt = 1,
+        image_size: PositiveInt | Tuple[PositiveInt, PositiveInt] = (256, 256),
         crop: str = "center",
         seed: int = 0,
         image_frames: str = "repeat",
         antialias: bool = False,
-        permute_channels: float = 0.0,
+        permute_channels: Fraction = 0.0,
     ):
         if num_frames < 1 or frame_interval < 1:
             raise ValueError(f"num_frames and frame_interval must be >= 1, got {num_frames}, {frame_interval}")

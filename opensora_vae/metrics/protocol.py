@@ -695,10 +695,19 @@ def evaluate_protocol(
     }
 
 
+def _reported_temporal(result: Dict[str, Any]) -> List[str]:
+    """The temporal scores some VAE of the report has (seam scores only where a VAE has chunks in time)."""
+    return [m for m in TEMPORAL_SCORES if any(m in v.get("metrics", {}) for v in result["vaes"].values())]
+
+
 def format_report(result: Dict[str, Any]) -> str:
-    """Plain-text table: one row per VAE with each metric's mean, clips/s and peak memory."""
-    metrics = list(result["protocol"]["content"]["metrics"])
-    head = f"{'vae':<28} {'fed':>4} " + " ".join(f"{m:>9}" for m in metrics) + f" {'clips/s':>8} {'peak GiB':>9}"
+    """Plain-text table: one row per VAE with each score's mean (`temporal`: its scores, as the JSON holds them),
+    clips/s and peak memory."""
+    metrics = [m for name in result["protocol"]["content"]["metrics"]
+               for m in (_reported_temporal(result) if name == "temporal" else (name,))]
+    width = {m: max(9, len(m)) for m in metrics}
+    head = (f"{'vae':<28} {'fed':>4} " + " ".join(f"{m:>{width[m]}}" for m in metrics)
+            + f" {'clips/s':>8} {'peak GiB':>9}")
     rows = [f"protocol {result['protocol']['name']} ({result['protocol']['sha256'][:12]}), "
             f"{result['num_clips_scored']}/{result['num_clips_listed']} clips", head]
     for name, v in result["vaes"].items():
@@ -708,7 +717,8 @@ def format_report(result: Dict[str, Any]) -> str:
         cells = []
         for m in metrics:
             r = v["metrics"].get(m, {})
-            cells.append(f"{r['mean']:>9.4f}" if r.get("available") and r.get("mean") is not None else f"{'n/a':>9}")
+            cells.append(f"{r['mean']:>{width[m]}.4f}" if r.get("available") and r.get("mean") is not None
+                         else f"{'n/a':>{width[m]}}")
         tput, peak = (float("nan") if x is None else x for x in (v["throughput_clips_per_s"], v["peak_memory_gib"]))
         rows.append(f"{name:<28} {v['frames_fed']:>4} " + " ".join(cells) + f" {tput:>8.3f} {peak:>9.2f}")
     reasons = {m: r["reason"] for v in result["vaes"].values() for m, r in v.get("metrics", {}).items()

@@ -15,7 +15,7 @@ from ..registry import MODELS, build_from_cfg, to_plain
 from .distributions import DiagonalGaussianDistribution
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME, load_strict, read_config, read_state_dict, resolve_pretrained
 from .spatial import SDXL_VAE_HUB_ID, check_video, sdxl_vae_config
-from ..config import drop_reference_keys
+from ..config import PositiveInt, drop_reference_keys
 from .speed import RUNTIME_OPTIONS, RuntimeOptionsMixin, apply_runtime_options
 
 OPENSORA_V1_2_SHIFT = (-0.10, 0.34, 0.27, 0.98)
@@ -49,7 +49,7 @@ class VideoAutoencoderPipeline(RuntimeOptionsMixin, nn.Module):
         vae_2d: Optional[dict] = None,
         vae_temporal: Optional[dict] = None,
         freeze_vae_2d: bool = False,
-        micro_frame_size: Optional[int] = None,
+        micro_frame_size: Optional[PositiveInt] = None,
         shift: Union[float, Sequence[float]] = 0.0,
         scale: Union[float, Sequence[float]] = 1.0,
     ):
@@ -294,8 +294,8 @@ def load_pipeline(cfg: dict) -> VideoAutoencoderPipeline:
 
 @MODELS.register_module()
 def OpenSoraVAE_V1_2(
-    micro_batch_size: Optional[int] = 4,
-    micro_frame_size: Optional[int] = 17,
+    micro_batch_size: Optional[PositiveInt] = 4,
+    micro_frame_size: Optional[PositiveInt] = 17,
     freeze_vae_2d: bool = False,
     cache_dir: Optional[str] = None,
     local_files_only: bool = False,

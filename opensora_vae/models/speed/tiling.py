@@ -18,12 +18,13 @@ import itertools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Annotated, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...config import NonNegativeInt, Range
 from .frame_attention import frame_attention
 
 
@@ -34,11 +35,11 @@ class TilingConfig:
     (None: tile_size // 4, about tile_size // 16). exact_norms: GroupNorms given whole-frame statistics, one pass each
     (None: all; 0: each tile's own). tile_mid_block: the spatial decoder's mid-block per tile too (same result)."""
 
-    tile_size: int = 512
-    overlap: Optional[int] = None
+    tile_size: Annotated[int, Range(16)] = 512
+    overlap: Optional[NonNegativeInt] = None
     temporal_tile_size: Optional[int] = None
     temporal_overlap: Optional[int] = None
-    exact_norms: Optional[int] = None
+    exact_norms: Optional[NonNegativeInt] = None
     tile_mid_block: bool = False
 
     def __post_init__(self):
