@@ -5,7 +5,7 @@ Conventions: everything read or written here is uint8 RGB laid out (T, C, H, W);
 """
 from __future__ import annotations
 
-import math
+import functools
 import os
 import uuid
 from dataclasses import dataclass
@@ -19,11 +19,13 @@ import torch
 from PIL import Image, ImageOps
 
 __all__ = [
+    "FrameIndex",
     "IMAGE_EXTENSIONS",
     "ShortVideoError",
     "VideoInfo",
     "VideoReadError",
     "ensure_uint8_video",
+    "frame_index",
     "is_image_path",
     "probe_video",
     "read_frames",
@@ -102,21 +104,76 @@ def _rate(stream) -> Fraction | None:
     return None
 
 
-def _count_packets(container, stream) -> int:
-    # demuxing only reads packets; no decoding happens
-    return sum(1 for p in container.demux(stream) if p.size > 0)
+@dataclass(frozen=True)
+class FrameIndex:
+    """A video stream's frames as its packets say, from demuxing only (no decoding).
+
+    Frame k is the k-th in presentation order, counted from the stream's first frame whatever its start time (a
+    non-zero start, an audio stream that starts first, an edit list). Empty packets (AVI padding) and packets an
+    edit list cuts (the decoder drops them) are not frames. `pts` is None where timestamps cannot number the frames
+    (a packet without one, or two with the same one); the count still holds.
+    """
+
+    count: int
+    pts: np.ndarray | None  # (count,) int64, strictly increasing, in the stream's time_base
+    keyframes: np.ndarray | None  # frame numbers of the keyframe packets, increasing
+
+    def frame_of(self, pts: int | None) -> int | None:
+        """The frame number of a decoded frame's pts; None when no packet has that pts."""
+        if pts is None or self.pts is None:
+            return None
+        k = int(np.searchsorted(self.pts, pts))
+        return k if k < self.count and self.pts[k] == pts else None
+
+
+def _build_index(path: str) -> FrameIndex:
+    container, stream = _open(path)
+    pts: list[int | None] = []
+    keys: list[bool] = []
+    try:
+        for p in container.demux(stream):
+            if p.size > 0 and not p.is_discard:
+                pts.append(p.pts)
+                keys.append(p.is_keyframe)
+    except av.FFmpegError:
+        pass  # a damaged tail: the packets before it still number their frames; reads past them decode plainly
+    finally:
+        container.close()
+    if not pts or None in pts:
+        return FrameIndex(len(pts), None, None)
+    order = np.argsort(np.asarray(pts, dtype=np.int64), kind="stable")
+    sorted_pts = np.asarray(pts, dtype=np.int64)[order]
+    if np.any(np.diff(sorted_pts) <= 0):
+        return FrameIndex(len(pts), None, None)
+    return FrameIndex(len(pts), sorted_pts, np.flatnonzero(np.asarray(keys, dtype=bool)[order]))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_index(path: str, size: int, mtime_ns: int) -> FrameIndex:
+    return _build_index(path)
+
+
+def frame_index(path: str | os.PathLike) -> FrameIndex:
+    """The FrameIndex of a video file, built once per process (and DataLoader worker) while the file is unchanged
+    (an LRU cache keyed by path, size and mtime)."""
+    path = os.path.abspath(os.fspath(path))
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise VideoReadError(path, "file does not exist") from e
+    return _cached_index(path, st.st_size, st.st_mtime_ns)
 
 
 def probe_video(path: str | os.PathLike, decode: bool = False) -> VideoInfo:
-    """Frame count, fps and size. The count is the container's, else the number of packets; `decode=True` counts
-    the frames that actually decode instead (a full decode, no pixel conversion), for files whose header
-    overstates it."""
+    """Frame count, fps and size. The count is the container's, else the number of frames its packets hold (the
+    FrameIndex); `decode=True` counts the frames that actually decode instead (a full decode, no pixel
+    conversion), for files whose header overstates it."""
     container, stream = _open(path)
     try:
         if decode:
             n = sum(1 for _ in _decode(container, stream, path))
         else:
-            n = stream.frames or _count_packets(container, stream)
+            n = stream.frames or frame_index(path).count
         rate = _rate(stream)
         cc = stream.codec_context
         return VideoInfo(num_frames=int(n), fps=float(rate) if rate else 0.0, height=cc.height, width=cc.width)
@@ -134,41 +191,40 @@ def _stack(frames: Sequence[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
 
 
-def _decode(container, stream, path) -> Iterator:
+def _decode(container, stream, path, packets=None) -> Iterator:
+    """The stream's frames, or those of `packets` (demuxed from it) when given."""
     try:
-        yield from container.decode(stream)
+        if packets is None:
+            yield from container.decode(stream)
+        else:
+            for packet in packets:
+                yield from packet.decode()
     except av.FFmpegError as e:
         raise VideoReadError(path, f"decoding failed ({type(e).__name__}: {e})") from e
 
 
-def _collect(frames_iter, first_index: int, wanted: set[int], last: int, path,
-             pts_index=None) -> dict[int, np.ndarray] | None:
-    """Frame i of the iterator is frame `first_index + i` of the video; keep the wanted ones.
-
-    `pts_index` (after a seek: pts -> frame index): None is returned when a frame's pts is more than a frame away
-    from its count, i.e. the timestamps do not step one frame per frame (spread or variable), so the anchor the
-    count started from cannot be trusted either.
-    """
+def _collect(frames_iter, wanted: set[int], last: int, path) -> dict[int, np.ndarray]:
+    """A decode from the start: the i-th frame out is frame i. Keep the wanted ones."""
     out: dict[int, np.ndarray] = {}
-    idx = first_index - 1
-    for idx, frame in enumerate(frames_iter, start=first_index):
-        if pts_index is not None and frame.pts is not None and abs(pts_index(frame.pts) - idx) > 1:
-            return None
+    idx = -1
+    for idx, frame in enumerate(frames_iter):
         if idx in wanted:
             out[idx] = _to_rgb(frame)
         if idx >= last:
             return out
-    decoded = idx + 1 if pts_index is None else None  # counted from frame 0 only without a seek anchor
-    raise ShortVideoError(path, f"has only {idx + 1} frames, asked for frame index {last}", decoded=decoded)
+    raise ShortVideoError(path, f"has only {idx + 1} frames, asked for frame index {last}", decoded=idx + 1)
 
 
 def read_frames(path: str | os.PathLike, indices: Sequence[int], seek: bool = True) -> torch.Tensor:
     """The frames at 0-based `indices` as uint8 (T, C, H, W) RGB, in the order given.
 
-    Seeks to the keyframe at or before the first wanted frame and decodes forward only to the last
-    one. The first decoded frame after the seek is located from its pts (stream time_base and
-    average rate); later frames are counted from it, so indices match a decode from the start. Where the
-    timestamps do not step one frame per frame, it decodes from the start instead, as `seek=False` always does.
+    Frame k is the k-th frame in presentation order, as a decode from the start gives them. With `seek`, the
+    frame numbers come from the file's packet timestamps (`frame_index`, cached per process): it seeks to the
+    keyframe at or before the first wanted frame, decodes forward to the last one and numbers each frame by its
+    pts, so a non-zero start time, an audio stream that starts first, an edit list, a variable frame rate or an
+    inexact average rate cannot shift a window. Where the timestamps cannot number the frames (missing or repeated
+    ones, fewer packets than the window needs, decoded frames the packets do not explain) it decodes from the
+    start instead, as `seek=False` always does.
 
     Raises ShortVideoError when fewer frames decode than the largest index needs.
     """
@@ -179,51 +235,76 @@ def read_frames(path: str | os.PathLike, indices: Sequence[int], seek: bool = Tr
     if min(indices) < 0:
         raise ValueError(f"negative frame index in {indices}")
     first, last, wanted = min(indices), max(indices), set(indices)
+    frames = None
+    index = frame_index(path) if seek and first > 0 else None
+    if index is not None and index.pts is not None and last < index.count:  # else: a plain decode says how many
+        frames = _read(path, last, lambda c, s: _read_seeking(c, s, index, first, last, wanted, path))
+    if frames is None:  # a fresh container, so no seek state is left to undo
+        frames = _read(path, last, lambda c, s: _collect(_decode(c, s, path), wanted, last, path))
+    return _stack([frames[i] for i in indices])
+
+
+def _read(path: str, last: int, read):
+    """`read(container, stream)` on a freshly opened file, after checking the header's frame count."""
     container, stream = _open(path)
     try:
         if stream.frames and last >= stream.frames:
             raise ShortVideoError(path, f"has only {stream.frames} frames, asked for frame index {last}")
-        if seek:
-            frames = _read_seeking(container, stream, first, last, wanted, path)
-        else:
-            frames = _collect(_decode(container, stream, path), 0, wanted, last, path)
+        return read(container, stream)
     except av.FFmpegError as e:
         raise VideoReadError(path, f"decoding failed ({type(e).__name__}: {e})") from e
     finally:
         container.close()
-    return _stack([frames[i] for i in indices])
 
 
-def _read_seeking(container, stream, first: int, last: int, wanted: set[int], path) -> dict[int, np.ndarray]:
-    rate, tb = _rate(stream), stream.time_base
-    start = stream.start_time or 0
-    if rate is None or tb is None or first == 0:
-        return _collect(_decode(container, stream, path), 0, wanted, last, path)
+_LATE = object()  # a seek landed after the first wanted frame
 
-    def pts_to_index(pts: int) -> int:
-        return round((pts - start) * tb * rate)
 
-    target = start + math.floor(Fraction(first) / (rate * tb))
-    back = Fraction(0)  # seconds to back off when a seek lands past the wanted frame
-    while True:
-        seek_pts = max(start, target - math.ceil(back / tb))
-        container.seek(seek_pts, stream=stream, backward=True, any_frame=False)
-        it = _decode(container, stream, path)
-        head = next(it, None)
-        if head is None or head.pts is None:
-            break  # nothing to anchor on: fall back to a plain decode from the start
-        anchor = pts_to_index(head.pts)
-        if anchor <= first:
-            frames = _collect(_chain(head, it), anchor, wanted, last, path, pts_to_index)
-            if frames is None:
-                break  # timestamps spread over a longer timeline than the frames (e.g. AVI with empty chunks)
+def _read_seeking(container, stream, index: FrameIndex, first: int, last: int, wanted: set[int],
+                  path) -> dict[int, np.ndarray] | None:
+    """The wanted frames by seeking, numbered by pts through `index`; None: decode from the start instead."""
+    keys = index.keyframes
+    k = int(np.searchsorted(keys, first, side="right")) - 1  # the last keyframe at or before the first wanted frame
+    step = 1
+    while k > 0:
+        container.seek(int(index.pts[keys[k]]), stream=stream, backward=True, any_frame=False)
+        frames = _collect_numbered(container, stream, index, first, last, wanted, path)
+        if frames is not _LATE:
             return frames
-        if seek_pts == start:
-            break
-        # the demuxer's index is dts-based, so with B-frames the keyframe found may start after the target
-        back = max(Fraction(1), back * 2)
-    container.seek(start, stream=stream, backward=True, any_frame=False)
-    return _collect(_decode(container, stream, path), 0, wanted, last, path)
+        # a seek index by dts (B-frames) or a search by byte position (MPEG-TS) can land on a later keyframe
+        k, step = max(0, k - step), step * 2
+    return None
+
+
+def _collect_numbered(container, stream, index: FrameIndex, first: int, last: int, wanted: set[int], path):
+    """After a seek: the wanted frames, each numbered by its pts, decoded from the first keyframe packet on. Frames
+    before that keyframe are passed over (the leading pictures of an open GOP may be missing or broken). _LATE: it
+    is after the first wanted frame; None: a pts is no packet's, or frames come out missing or out of order."""
+    packets = container.demux(stream)
+    head = next((p for p in packets if p.size == 0 or (p.is_keyframe and not p.is_discard)), None)
+    if head is None or head.size == 0:
+        return _LATE  # no keyframe after the seek point
+    key = index.frame_of(head.pts)
+    if key is None:
+        return None
+    if key > first:
+        return _LATE
+    out: dict[int, np.ndarray] = {}
+    expect = key
+    for frame in _decode(container, stream, path, _chain(head, packets)):
+        idx = index.frame_of(frame.pts)
+        if idx is None:
+            return None
+        if idx < key:
+            continue
+        if idx != expect:
+            return None
+        if idx in wanted:
+            out[idx] = _to_rgb(frame)
+        if idx >= last:
+            return out
+        expect += 1
+    return None
 
 
 def _chain(head, rest):
