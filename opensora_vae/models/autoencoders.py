@@ -197,7 +197,8 @@ class VideoAutoencoder(nn.Module):
     def describe(self) -> Dict[str, Any]:
         """What a report records about the model and how it was fed."""
         return dict(self.info, kind=self.kind, dtype=str(self.dtype).replace("torch.", ""), device=str(self.device),
-                    posterior=self.posterior, frame_rule=str(self.frame_rule), spatial_multiple=self.spatial_compression,
+                    posterior=self.posterior, frame_rule=str(self.frame_rule),
+                    spatial_multiple=self.spatial_compression,
                     temporal_compression=self.temporal_compression, latent_channels=self.latent_channels,
                     time_padding="repeat the last frame, crop back", space_padding="replicate edge, crop back",
                     parameters=self.num_parameters())
