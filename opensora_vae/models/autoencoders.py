@@ -530,8 +530,9 @@ class DiffusersAutoencoder(VideoAutoencoder):
         out = self.model.decode(z_in, **kwargs)
         out = self._unfold(out.sample if hasattr(out, "sample") else out[0], z.shape[0])
         if out.shape[2] != num_frames:
-            raise UserError(f"{self.name}: {z.shape[2]} latent frames decoded to {out.shape[2]} frames, not "
-                            f"{num_frames} (rule {self.frame_rule}); set the length rule in the spec, e.g. frames=8k+1")
+            raise UserError(f"{self.name}: fed {num_frames} frames (rule {self.frame_rule}), got {out.shape[2]} "
+                            f"frames back from {z.shape[2]} latent frames; set the length rule in the spec, e.g. "
+                            f"frames=8k+1")
         return out
 
     def _sides(self, names):
