@@ -209,8 +209,9 @@ def test_pipeline_saves_in_its_own_format(vaes, tmp_path):
     loaded = VideoAutoencoderPipeline.from_pretrained(tmp_path / "model").eval()
     with torch.no_grad():
         assert torch.equal(loaded.decode(loaded.encode(x, sample_posterior=False), x.shape[2]), vae.reconstruct(x))
-    # a trainer checkpoint folder (its model/ subfolder) as a plain path
-    assert torch.equal(load_autoencoder(str(tmp_path)).reconstruct(x), vae.reconstruct(x))
+    # a trainer checkpoint folder (its model/ subfolder) as a plain path: the same weights
+    own = vae.state_dict()
+    assert all(torch.equal(v, own[k]) for k, v in load_autoencoder(str(tmp_path)).state_dict().items())
 
 
 @pytest.mark.parametrize("name", ALL)
