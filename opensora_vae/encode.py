@@ -31,7 +31,8 @@ from .distributed import barrier, init_distributed
 from .signals import StopSignals, start_loader, worker_init
 from .errors import UserError
 from .models.speed import RUNTIME_OPTIONS
-from .jobs import RowReader, check_output_folder, job_model, rank_share, report_skips
+from .jobs import (RowReader, absolute_if_local, check_frame_sizes, check_output_folder, job_model, rank_share,
+                   report_skips)
 from .registry import DATASETS, build_from_cfg, to_plain
 from .runtime import DTYPES, resolve_dtype
 
@@ -160,9 +161,17 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _absolute_checkpoint(meta: Dict[str, Any]) -> Dict[str, Any]:
+    """meta.json of an earlier version recorded the checkpoint as given (relative to where that job started)."""
+    meta = dict(meta, checkpoint=absolute_if_local(meta.get("checkpoint")))
+    if isinstance(meta.get("model"), dict) and "from_pretrained" in meta["model"]:
+        meta["model"] = dict(meta["model"], from_pretrained=absolute_if_local(meta["model"]["from_pretrained"]))
+    return meta
+
+
 def _check_meta(save_dir: Path, meta: Dict[str, Any]) -> None:
     """meta.json from an earlier run must describe the same job, or its latents would be mixed with others."""
-    old = read_meta(save_dir)
+    old = _absolute_checkpoint(read_meta(save_dir))
     diff = [k for k in RESUME_KEYS if json.dumps(old.get(k), sort_keys=True) != json.dumps(meta.get(k), sort_keys=True)]
     if diff:
         raise ValueError(f"{save_dir} holds latents of another job ({', '.join(diff)} differ); "
@@ -210,7 +219,7 @@ def write_index(save_dir: Path) -> Tuple[Path, int]:
 class EncodeReport:
     encoded: int = 0  # clips (row x bucket) encoded by this run, all ranks
     existing: int = 0  # clips found stored by earlier runs
-    skipped: Dict[str, str] = field(default_factory=dict)  # "path [row N, bucket]" -> reason
+    skipped: Dict[str, str] = field(default_factory=dict)  # "path [row N]" -> "bucket: reason; ..." (one per row)
     bytes_written: int = 0
     shards_written: int = 0
     stored: int = 0  # clips in the index at the end
@@ -230,13 +239,15 @@ def _reduce(values: List[float], device: torch.device, op=dist.ReduceOp.SUM) -> 
 def _job_meta(cfg, dataset, buckets: List[Bucket], dtype: torch.dtype, model) -> Dict[str, Any]:
     # How the model runs (compile, Winograd, tiling, ...) may change between restarts; what it is may not.
     model_cfg = {k: v for k, v in to_plain(cfg.model).items() if k not in RUNTIME_OPTIONS or k == "micro_batch_size"}
+    if "from_pretrained" in model_cfg:  # absolute: meta.json is read from other folders than the job's
+        model_cfg["from_pretrained"] = absolute_if_local(model_cfg["from_pretrained"])
     return {
         "checkpoint": model_cfg.get("from_pretrained"),
         "model": model_cfg,  # build_model(meta["model"]) rebuilds the encoder
         "model_config": to_plain(getattr(model, "config", None)),
         "shift": model.shift.flatten().tolist(),
         "scale": model.scale.flatten().tolist(),
-        "data_path": dataset.data_path,
+        "data_path": absolute_if_local(dataset.data_path),
         "num_rows": len(dataset),
         "csv_sha256": _sha256(dataset.data_path),
         "buckets": [list(b) for b in buckets],
@@ -252,11 +263,13 @@ def _job_meta(cfg, dataset, buckets: List[Bucket], dtype: torch.dtype, model) ->
     }
 
 
-def _open_folder(out: Path, meta: Dict[str, Any], is_main: bool) -> None:
+def _open_folder(out: Path, meta: Dict[str, Any], is_main: bool) -> bool:
     """Create the folder and its meta.json, or check that an existing one holds this job's latents (new buckets
-    join its list); drop the shards a killed run was writing."""
+    join its list); drop the shards a killed run was writing. Returns whether rank 0 created meta.json."""
     shard_dir = out / SHARD_DIR
+    created = False
     if is_main:
+        created = not out.exists()
         shard_dir.mkdir(parents=True, exist_ok=True)
         for tmp in shard_dir.glob("*.tmp"):
             tmp.unlink()
@@ -269,6 +282,18 @@ def _open_folder(out: Path, meta: Dict[str, Any], is_main: bool) -> None:
         if stored_meta["buckets"] != meta["buckets"]:
             stored_meta["buckets"] += [b for b in meta["buckets"] if b not in stored_meta["buckets"]]
             _write_atomic(out / META_NAME, json.dumps(stored_meta, indent=2))
+    return created
+
+
+def _remove_unused_folder(out: Path) -> None:
+    """The folder this run created and stored nothing in: removed, so that a rerun with a fixed CSV is not refused
+    as another job's. Only what the job writes goes (meta.json, an empty shards/); anything else keeps it."""
+    (out / META_NAME).unlink(missing_ok=True)
+    for folder in (out / SHARD_DIR, out):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: something else is in it
+            return
 
 
 def _encode_rows(model, loader, paths: List[str], writer: ShardWriter, device, dtype, show: bool,
@@ -283,7 +308,9 @@ def _encode_rows(model, loader, paths: List[str], writer: ShardWriter, device, d
             break
         row, name = entry["row"]
         if "error" in entry:
-            skipped[f"{paths[row]} [row {row}, {name}]"] = entry["error"]
+            key = f"{paths[row]} [row {row}]"  # one entry per row: its buckets' reasons join
+            reason = f"{name}: {entry['error']}"
+            skipped[key] = f"{skipped[key]}; {reason}" if key in skipped else reason
             logger.warning("skipping %s [row %d, %s]: %s", paths[row], row, name, entry["error"])
             continue
         item = entry["item"]
@@ -323,7 +350,8 @@ def encode_dataset(cfg, num_frames: Optional[int] = None, image_size: Optional[S
     base = clip_dataset(cfg.dataset, (1, *buckets[0][1:]))  # the rows, numbered as every bucket numbers them
     paths = list(base.data["path"])
     model = job_model(cfg.model, device, dtype)
-    _open_folder(out, _job_meta(cfg, base, buckets, dtype, model), info.is_main)
+    check_frame_sizes(model, [b[1:] for b in buckets], "bucket height x width")
+    created = _open_folder(out, _job_meta(cfg, base, buckets, dtype, model), info.is_main)
 
     shards = stored_shards(out)
     stored = {r["key"] for s in shards for r in read_shard_records(s)}
@@ -358,9 +386,12 @@ def encode_dataset(cfg, num_frames: Optional[int] = None, image_size: Optional[S
                             loop_seconds=loop_seconds, preempted=stop.name)
 
     report = EncodeReport(existing=len(keys) - len(units))
-    report.skipped = report_skips(skipped, info.is_main, unit="clip(s) (row x bucket)")
     report.encoded, report.bytes_written, report.shards_written = (
         int(v) for v in _reduce([encoded, writer.bytes_written, writer.shards], device))
+    produced = report.encoded + report.existing > 0
+    if not produced and info.is_main and created:
+        _remove_unused_folder(out)
+    report.skipped = report_skips(skipped, info.is_main, len(paths), produced)
     report.loop_seconds = _reduce([loop_seconds], device, dist.ReduceOp.MAX)[0]
     barrier()  # every shard is renamed before the index is built
     if info.is_main:
@@ -369,7 +400,7 @@ def encode_dataset(cfg, num_frames: Optional[int] = None, image_size: Optional[S
     report.seconds = time.perf_counter() - start
     if info.is_main:
         rate = report.encoded / report.loop_seconds if report.loop_seconds else 0.0
-        logger.info("encoded %d clip(s) in %.1f s (%.2f clips/s; %.1f s in all), %d already stored, %d skipped; "
+        logger.info("encoded %d clip(s) in %.1f s (%.2f clips/s; %.1f s in all), %d already stored, %d row(s) skipped; "
                     "wrote %d shard(s), %.2f MB; %s lists %d clip(s)", report.encoded, report.loop_seconds, rate,
                     report.seconds, report.existing,
                     len(report.skipped), report.shards_written, report.bytes_written / 1e6, target, report.stored)

@@ -35,16 +35,29 @@ def debug_requested(argv: Optional[Sequence[str]]) -> bool:
     return "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a program that Ctrl-C ended
+
+
+def _report(message: str) -> None:
+    """`error: message` on one line, once per job (rank 0 under torchrun)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        logging.shutdown()
+        print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+
+
 def run_main(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional[Sequence[str]] = None) -> int:
     """main(argv) with user errors printed as `error: ...` once per job (rank 0 under torchrun) and turned into
-    an exit code; `--debug` or OPENSORA_VAE_DEBUG=1 re-raises them with the traceback."""
+    an exit code; `--debug` or OPENSORA_VAE_DEBUG=1 re-raises them with the traceback. A Ctrl-C that reaches here
+    (SIGINT outside a job's `stop_signals`, or before it installs them) ends in one line too, exit 130."""
     try:
         return int(main(argv) or 0)
     except USER_EXCEPTIONS as err:
         if debug_requested(argv):
             raise
-        if int(os.environ.get("RANK", "0")) == 0:
-            logging.shutdown()
-            message = " ".join(str(err).split()) or type(err).__name__
-            print(f"error: {message}", file=sys.stderr, flush=True)
+        _report(str(err) or type(err).__name__)
         return getattr(err, "exit_code", 1)
+    except KeyboardInterrupt:
+        if debug_requested(argv):
+            raise
+        _report("interrupted (Ctrl-C, SIGINT)")
+        return EXIT_INTERRUPTED

@@ -18,7 +18,7 @@ from .config import check_config
 from .data import ensure_uint8_video, write_image, write_video
 from .distributed import init_distributed
 from .errors import UserError
-from .jobs import RowReader, check_output_folder, job_model, rank_share, report_skips
+from .jobs import RowReader, check_frame_sizes, check_output_folder, job_model, rank_share, report_skips
 from .registry import DATASETS, build_from_cfg
 from .runtime import resolve_dtype
 from .signals import StopSignals, start_loader, worker_init
@@ -111,6 +111,7 @@ def _reconstruct_rows(cfg, model, loader, total: int, paths, names, folders, dev
 
 def _write(folder: Path, name: str, video: torch.Tensor, fps: float, crf: int) -> Path:
     frames = ensure_uint8_video(video)
+    folder.mkdir(parents=True, exist_ok=True)  # made with its first clip: a job that writes none leaves no folder
     if frames.shape[0] == 1:  # a single frame is an image
         path = folder / f"{name}.png"
         write_image(path, frames[0])
@@ -131,6 +132,8 @@ def reconstruct_dataset(cfg, overwrite: bool = False, stats_path: Optional[str] 
     base = Path(cfg.save_dir)
     folders = {k: base.parent / f"{base.name}_{k}" for k in FOLDERS}
     check_output_folder(base.parent)
+    if stats_path:
+        check_output_folder(Path(stats_path).parent, "--stats-path")
     info = init_distributed(cfg.device, cfg.dist_timeout)
     device = info.device
     dtype = resolve_dtype(cfg.dtype, device)
@@ -139,8 +142,7 @@ def reconstruct_dataset(cfg, overwrite: bool = False, stats_path: Optional[str] 
     names = output_names(paths)
     rows = range(len(paths)) if cfg.num_samples is None else range(min(len(paths), cfg.num_samples))
     model = job_model(cfg.model, device, dtype)  # before any folder is made: a bad checkpoint leaves none
-    for f in folders.values():
-        f.mkdir(parents=True, exist_ok=True)
+    check_frame_sizes(model, [dataset.image_size])
     report = InferenceReport()
 
     def done(row: int) -> bool:
@@ -168,6 +170,7 @@ def reconstruct_dataset(cfg, overwrite: bool = False, stats_path: Optional[str] 
         report.preempted = stop.name
         return report
 
+    report.skipped = report_skips(report.skipped, info.is_main, len(rows))
     if cfg.cal_stats:
         stats.reduce(device)
         report.stats = stats.as_dict()
@@ -175,5 +178,4 @@ def reconstruct_dataset(cfg, overwrite: bool = False, stats_path: Optional[str] 
             target = Path(stats_path) if stats_path else base.parent / f"{base.name}_latent_stats.json"
             target.write_text(json.dumps(report.stats, indent=2))
             logger.info("latent statistics written to %s", target)
-    report.skipped = report_skips(report.skipped, info.is_main)
     return report

@@ -1,18 +1,19 @@
-"""What the inference and encoding jobs share: the model, the output folder check, rows split across ranks, bad
-rows reported instead of substituted."""
+"""What the inference and encoding jobs share: the model, the checks made before any folder is, rows split across
+ranks, bad rows reported instead of substituted, and the error when nothing was produced."""
 from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from .data import VideoReadError
-from .errors import UserError
+from .errors import RunError, UserError
 from .registry import build_model
 
 logger = logging.getLogger("opensora_vae.jobs")
@@ -26,6 +27,23 @@ def check_output_folder(path: Path, what: str = "save_dir") -> None:
         raise UserError(f"{what} {path}: {existing} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{what} {path}: {existing} is not writable; choose another folder")
+
+
+def absolute_if_local(value: Any) -> Any:
+    """A local path as an absolute one, so that what a job records can be reopened from any folder; anything else
+    (a hub id, None) as it is."""
+    return os.path.abspath(os.path.expanduser(value)) if isinstance(value, str) and os.path.exists(value) else value
+
+
+def check_frame_sizes(model, sizes: Iterable[Tuple[int, int]], what: str = "dataset.image_size") -> None:
+    """Frame sizes the model cannot take (not multiples of its spatial compression) refused up front, before any
+    folder is made or clip read, in the terms of the setting that gave them."""
+    factor = int(model.spatial_vae.patch_size[-1])
+    for h, w in sizes:
+        if h % factor or w % factor:
+            fit = f"{max(factor, h // factor * factor)} {max(factor, w // factor * factor)}"
+            raise UserError(f"{what} {h}x{w}: height and width must be multiples of {factor} (the model's spatial "
+                            f"compression); e.g. --image-size {fit}")
 
 
 def job_model(model_cfg, device: torch.device, dtype: torch.dtype):
@@ -56,14 +74,36 @@ class RowReader(Dataset):
             return {"row": key, "error": err.reason or str(err)}
 
 
-def report_skips(skipped: Dict[str, str], is_main: bool, unit: str = "row(s)") -> Dict[str, str]:
-    """Every rank's skipped rows (name -> reason), listed once by rank 0. Names are one per row (the row number in
-    them), so that rows of one file count one each."""
+def merge_skips(parts: Iterable[Dict[str, str]]) -> Dict[str, str]:
+    """Skipped rows of several ranks (name -> reason): a row that failed on two ranks (two buckets) is one row."""
+    merged: Dict[str, str] = {}
+    for part in parts:
+        for name, reason in part.items():
+            merged[name] = reason if name not in merged or reason in merged[name] else f"{merged[name]}; {reason}"
+    return merged
+
+
+def report_skips(skipped: Dict[str, str], is_main: bool, total: int, produced: Optional[bool] = None) -> Dict[str, str]:
+    """Every rank's skipped rows (name -> reason), listed once by rank 0 as "skipped K of `total` row(s)". Names are
+    one per row (the row number in them), so K counts rows however many times one failed. A job that produced
+    nothing (`produced`; by default: every row skipped) fails on every rank with one line (RunError)."""
     if dist.is_available() and dist.is_initialized():
         parts: List[Dict[str, str]] = [{} for _ in range(dist.get_world_size())]
         dist.all_gather_object(parts, skipped)
-        skipped = {k: v for p in parts for k, v in p.items()}
+        skipped = merge_skips(parts)
+    if produced is None:
+        produced = len(skipped) < total
+    if not produced and skipped:
+        first = min(skipped, key=_row_number)
+        raise RunError(f"nothing produced: {len(skipped)} of {total} row(s) failed and none was done before (first: "
+                       f"{first}: {skipped[first]}); the warnings above name each")
     if is_main and skipped:
-        logger.warning("skipped %d %s:\n%s", len(skipped), unit,
-                       "\n".join(f"  {p}: {r}" for p, r in sorted(skipped.items())))
+        logger.warning("skipped %d of %d row(s):\n%s", len(skipped), total,
+                       "\n".join(f"  {p}: {skipped[p]}" for p in sorted(skipped, key=_row_number)))
     return skipped
+
+
+def _row_number(name: str) -> Tuple[int, str]:
+    """'path [row N]' -> (N, name), to list rows in CSV order."""
+    match = re.search(r"\[row (\d+)\]$", name)
+    return (int(match.group(1)) if match else -1, name)

@@ -14,6 +14,7 @@ from opensora_vae.data import LatentDataset, VideoTextDataset
 from opensora_vae import build_model
 from opensora_vae.data.latents import read_index, read_meta
 from opensora_vae.encode import parse_buckets
+from opensora_vae.errors import run_main
 
 from helpers import ROOT, tiny_pipeline
 
@@ -203,3 +204,63 @@ def test_a_stop_signal_keeps_what_was_encoded_and_a_rerun_completes_it(whole, jo
     assert list(read_index(tmp_path / "out")["key"]) == EXPECTED
     mine, ref = tensors(tmp_path / "out"), tensors(whole)
     assert all(torch.equal(mine[k], ref[k]) for k in ref)
+
+
+def small_job(job, tmp_path, rows, *extra):
+    """argv of an encode job over `rows` (paths) with the config's one bucket (5x32x32) unless `extra` sets others."""
+    csv = tmp_path / "rows.csv"
+    csv.write_text("path\n" + "".join(f"{p}\n" for p in rows))
+    return [str(CONFIG), "--ckpt-path", str(job / "ckpt"), "--data-path", str(csv), "--save-dir",
+            str(tmp_path / "latents"), *map(str, extra)]
+
+
+def _error_line(capsys):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def test_bad_rows_are_counted_as_rows_not_per_bucket(job, tmp_path, sample_videos, caplog):
+    rows = [sample_videos["carphone_pristine"], job / "broken.mp4", job / "broken.mp4"]
+    assert run_main(encode_latents.main, small_job(job, tmp_path, rows, "--cfg-options", BUCKETS)) == 0
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped")]
+    assert len(summary) == 1 and summary[0].startswith("skipped 2 of 3 row(s)"), summary  # 4 clips: 2 rows x 2 buckets
+    assert summary[0].count("[row 1]") == 1 and "5x32x32" in summary[0] and "9x32x48" in summary[0]
+    assert stored_keys(tmp_path / "latents") == ["0/5x32x32", "0/9x32x48"]
+
+
+def test_a_job_that_encodes_nothing_fails_in_one_line_and_leaves_no_folder(job, tmp_path, capsys):
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    rows = [job / "broken.mp4", tmp_path / "empty.mp4"]
+    assert run_main(encode_latents.main, small_job(job, tmp_path, rows)) == 1
+    line = _error_line(capsys)
+    assert "nothing produced: 2 of 2 row(s) failed" in line, line
+    assert not (tmp_path / "latents").exists()  # a rerun with a fixed CSV is not refused as another job's
+
+
+def test_a_frame_size_the_model_cannot_take_is_refused_before_the_folder(job, tmp_path, sample_videos, capsys):
+    argv = small_job(job, tmp_path, [sample_videos["carphone_pristine"]], "--image-size", 33, 48)
+    assert run_main(encode_latents.main, argv) == 2
+    assert "33x48" in _error_line(capsys)
+    assert not (tmp_path / "latents").exists()
+
+
+def test_meta_json_reopens_from_any_folder(job, tmp_path, sample_videos, monkeypatch):
+    """A checkpoint given relative to where the job started is recorded absolute: the latents decode elsewhere."""
+    monkeypatch.chdir(job)
+    argv = small_job(job, tmp_path, [sample_videos["carphone_pristine"]])
+    argv[argv.index("--ckpt-path") + 1] = "ckpt"
+    assert encode_latents.main(argv) == 0
+    monkeypatch.chdir(tmp_path)
+    meta = read_meta(tmp_path / "latents")
+    assert meta["checkpoint"] == str(job / "ckpt") == meta["model"]["from_pretrained"]
+    item = LatentDataset(tmp_path / "latents")[0]
+    vae = build_model(LatentDataset(tmp_path / "latents").meta["model"]).eval()
+    with torch.no_grad():
+        assert vae.decode(item["latent"][None], num_frames=5).shape == (1, 3, 5, 32, 32)
+    monkeypatch.chdir(job)
+    meta_path = tmp_path / "latents" / "meta.json"  # as earlier versions wrote it: relative to the job's folder
+    meta_path.write_text(json.dumps(dict(meta, checkpoint="ckpt", model=dict(meta["model"], from_pretrained="ckpt"))))
+    assert encode_latents.main(argv) == 0  # the same job started there again: resumes, not "another job"

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from opensora_vae.data import probe_video, read_video
+from opensora_vae.errors import run_main
 from opensora_vae.inference import output_names
 
 from helpers import ROOT, tiny_pipeline
@@ -94,7 +95,7 @@ def test_bad_rows_skipped_and_existing_outputs_kept(tmp_path, csv, ckpt, caplog)
     run("--ckpt-path", ckpt / "model.safetensors", "--data-path", csv, "--save-dir", tmp_path / "r",
         "--num-frames", 5)
     assert not (tmp_path / "r_rec" / "broken.mp4").exists()
-    assert any("broken.mp4" in r.getMessage() and "skipped 1 row" in r.getMessage() for r in caplog.records)
+    assert any("broken.mp4" in r.getMessage() and "skipped 1 of 4 row(s)" in r.getMessage() for r in caplog.records)
     target = tmp_path / "r_rec" / "bikes.mp4"
     before = target.stat().st_mtime_ns
     run("--ckpt-path", ckpt, "--data-path", csv, "--save-dir", tmp_path / "r", "--num-frames", 5)
@@ -158,3 +159,123 @@ def test_a_stop_signal_ends_after_the_current_clip_and_a_rerun_writes_the_rest(t
     monkeypatch.undo()
     assert inference_vae.main(argv) == 0
     assert sorted(p.stem for p in (tmp_path / "r_rec").iterdir()) == ["bikes", "carphone_pristine", "still"]
+
+
+def _error_line(capsys):
+    """The one line a failed job printed (stderr of run_main), and no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def test_a_job_whose_every_row_fails_exits_non_zero_and_leaves_no_folders(tmp_path, ckpt, capsys):
+    for name in ("broken.mp4", "empty.mp4"):
+        (tmp_path / name).write_bytes(os.urandom(2048) if name == "broken.mp4" else b"")
+    path = tmp_path / "bad.csv"
+    path.write_text(f"path\n{tmp_path / 'broken.mp4'}\n{tmp_path / 'empty.mp4'}\n")
+    argv = [str(CONFIG), "--ckpt-path", str(ckpt), "--data-path", str(path), "--save-dir", str(tmp_path / "r"),
+            "--num-frames", "5"]
+    assert run_main(inference_vae.main, argv) == 1
+    line = _error_line(capsys)
+    assert "nothing produced: 2 of 2 row(s) failed" in line and "broken.mp4 [row 0]" in line, line
+    assert not list(tmp_path.glob("r_*"))
+
+
+def test_some_bad_rows_exit_0_and_are_counted_once_each(tmp_path, csv, ckpt, caplog):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(os.urandom(2048))
+    csv.write_text(csv.read_text() + f"{bad}\n{bad}\n")  # two bad rows (one file)
+    argv = [str(CONFIG), "--ckpt-path", str(ckpt), "--data-path", str(csv), "--save-dir", str(tmp_path / "r"),
+            "--num-frames", "5"]
+    assert run_main(inference_vae.main, argv) == 0
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped")]
+    assert len(summary) == 1 and summary[0].startswith("skipped 2 of 5 row(s)"), summary
+    assert "[row 3]" in summary[0] and "[row 4]" in summary[0]
+
+
+def test_a_frame_size_the_model_cannot_take_is_refused_before_any_folder(tmp_path, csv, ckpt, capsys):
+    argv = [str(CONFIG), "--ckpt-path", str(ckpt), "--data-path", str(csv), "--save-dir", str(tmp_path / "r"),
+            "--num-frames", "5", "--image-size", "33", "48"]
+    assert run_main(inference_vae.main, argv) == 2
+    line = _error_line(capsys)
+    assert "dataset.image_size 33x48" in line and "multiples of 2" in line and "--image-size 32 48" in line, line
+    assert not list(tmp_path.glob("r_*"))
+
+
+def test_ctrl_c_is_a_stop_signal_by_default(tmp_path, csv, ckpt, monkeypatch):
+    import signal
+
+    from opensora_vae.models import VideoAutoencoderPipeline
+    from opensora_vae.signals import EXIT_PREEMPTED
+
+    forward = VideoAutoencoderPipeline.forward
+
+    def interrupted(self, *args, **kwargs):  # Ctrl-C while the first clip is running
+        os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(VideoAutoencoderPipeline, "forward", interrupted)
+    argv = [str(CONFIG), "--ckpt-path", str(ckpt), "--data-path", str(csv), "--save-dir", str(tmp_path / "r"),
+            "--num-frames", "5"]
+    try:
+        code = inference_vae.main(argv)
+    except KeyboardInterrupt:  # a regression must fail this test, not end the test session
+        pytest.fail("Ctrl-C raised KeyboardInterrupt instead of stopping the job")
+    assert code == EXIT_PREEMPTED
+    assert [len(list((tmp_path / f"r_{k}").iterdir())) for k in ("ori", "rec", "spatial")] == [1, 1, 1]
+
+
+def test_a_ctrl_c_outside_the_stop_signals_ends_in_one_line_with_exit_130(tmp_path, csv, ckpt, monkeypatch, capsys):
+    import opensora_vae.inference
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while the model loads: no stop signal installed yet
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(opensora_vae.inference, "job_model", interrupted)
+    argv = [str(CONFIG), "--ckpt-path", str(ckpt), "--data-path", str(csv), "--save-dir", str(tmp_path / "r")]
+    try:
+        code = run_main(inference_vae.main, argv)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped run_main")
+    assert code == 130
+    assert "interrupted" in _error_line(capsys)
+
+
+def test_an_unreachable_hub_fails_at_once_in_one_line_naming_the_model_and_the_offline_way(tmp_path, csv):
+    """The README's command on a machine without network: no retries, no traceback."""
+    env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "hf"), PYTHONPATH=str(ROOT))
+    env.pop("HF_HUB_OFFLINE", None)
+    cmd = [sys.executable, str(ROOT / "scripts" / "inference_vae.py"), str(ROOT / "configs/vae/inference/video.py"),
+           "--ckpt-path", "hpcai-tech/OpenSora-VAE-v1.2", "--data-path", str(csv), "--save-dir", str(tmp_path / "r")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("error: hpcai-tech/OpenSora-VAE-v1.2 ") and "cannot be reached" in lines[0]
+    assert "local folder" in lines[0] and "HF_HUB_OFFLINE=1" in lines[0]
+    assert not list(tmp_path.glob("r_*"))
+
+
+def test_the_published_spatial_vae_without_the_hub_fails_in_one_line(tmp_path, monkeypatch):
+    """Training's published configs take the SDXL VAE from the hub: the same fast, one-line failure."""
+    from huggingface_hub import constants
+
+    from opensora_vae import build_model
+    from opensora_vae.config import load_config
+    from opensora_vae.errors import RunError
+    from opensora_vae.models.spatial import SDXL_VAE_HUB_ID
+
+    unreachable = "http://127.0.0.1:9"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        constants.HUGGINGFACE_CO_URL_TEMPLATE.replace(constants.ENDPOINT, unreachable))
+    monkeypatch.setattr(constants, "ENDPOINT", unreachable)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    model = load_config(ROOT / "configs" / "vae" / "train" / "stage1.py", job="train").model
+    with pytest.raises(RunError, match=f"^{SDXL_VAE_HUB_ID} is no local path, the Hugging Face hub cannot be reached"):
+        build_model(model)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # offline on purpose, nothing cached: the folder way
+    with pytest.raises(RunError, match="hub access is off .* pass a local folder"):
+        build_model(model)

@@ -52,11 +52,54 @@ def resolve_pretrained(
     return _download(str(path_or_id), cache_dir, local_files_only)
 
 
+def hub_local_only(repo_id: str, filename: str = CONFIG_NAME, cache_dir: Optional[str] = None,
+                   local_files_only: bool = False) -> bool:
+    """Before a download from the Hugging Face hub: whether `repo_id` must be read from the local cache alone.
+    One request with a short timeout and no retries (huggingface_hub retries a network error for about 30 s): False
+    when the hub answers; True when it cannot be reached, or hub access is off (HF_HUB_OFFLINE, `local_files_only`),
+    and `filename` is cached. Otherwise one line that names the model and the offline alternatives (RunError)."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as err:
+        raise FileNotFoundError(f"{repo_id} not found: neither a local path nor a hub id") from err
+    folder_hint = (f"pass a local folder instead (`hf download {repo_id} --local-dir DIR` on a machine with access, "
+                   f"then copy DIR here)")
+    problem = "hub access is off (HF_HUB_OFFLINE or local_files_only)"
+    if not (local_files_only or constants.HF_HUB_OFFLINE):
+        try:
+            get_hf_file_metadata(hf_hub_url(repo_id, filename), timeout=constants.HF_HUB_ETAG_TIMEOUT,
+                                 retry_on_errors=False)
+            return False
+        except (RepositoryNotFoundError, RemoteEntryNotFoundError) as err:
+            code = getattr(getattr(err, "response", None), "status_code", None)
+            what = "no such model" if isinstance(err, RepositoryNotFoundError) else f"no file {filename} in it"
+            raise RunError(f"{repo_id} is no local path, and the Hugging Face hub says {what} (HTTP {code}; a private "
+                           f"or gated model needs `hf auth login`)") from err
+        except HfHubHTTPError as err:
+            problem = f"the Hugging Face hub answered HTTP {getattr(err.response, 'status_code', '?')}"
+        except Exception as err:  # no network, DNS, proxy, timeout: whatever the HTTP client raises
+            problem = f"the Hugging Face hub cannot be reached ({type(err).__name__})"
+    try:
+        hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=True)
+        return True
+    except Exception as err:  # not in the cache (or an invalid id): the one-line error below
+        hint = folder_hint if problem.startswith("hub access is off") else (
+            folder_hint + ", or run offline (HF_HUB_OFFLINE=1) with the files in the Hugging Face cache")
+        raise RunError(f"{repo_id} is no local path, {problem}, and it is not in the Hugging Face cache: {hint}"
+                       ) from err
+
+
 def _download(repo_id: str, cache_dir, local_files_only) -> Tuple[Optional[Path], Path]:
     from huggingface_hub import hf_hub_download
 
+    local = hub_local_only(repo_id, CONFIG_NAME, cache_dir, local_files_only)
+
     def fetch(name):
-        return Path(hf_hub_download(repo_id, name, cache_dir=cache_dir, local_files_only=local_files_only))
+        return Path(hf_hub_download(repo_id, name, cache_dir=cache_dir, local_files_only=local))
 
     try:
         config = fetch(CONFIG_NAME)
@@ -65,11 +108,8 @@ def _download(repo_id: str, cache_dir, local_files_only) -> Tuple[Optional[Path]
         except Exception:  # older uploads carry only the pickled state dict
             weights = fetch(LEGACY_WEIGHTS_NAME)
     except Exception as err:
-        raise OSError(
-            f"{repo_id} is no local path, and getting it from the Hugging Face hub failed ({type(err).__name__}: {err}). On a machine "
-            f"without hub access, download the folder elsewhere (`huggingface-cli download {repo_id} "
-            f"--local-dir DIR`), copy it here and pass its path instead of the hub id."
-        ) from err
+        raise RunError(f"{repo_id}: getting its files from the Hugging Face hub failed ({type(err).__name__}: {err})"
+                       ) from err
     return config, weights
 
 

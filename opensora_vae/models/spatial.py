@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from importlib import resources
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from ..errors import RunError
 from ..registry import MODELS
 from .distributions import DiagonalGaussianDistribution
+from .pretrained import hub_local_only
 from .speed import RuntimeOptionsMixin
 
 logger = logging.getLogger(__name__)
@@ -43,13 +46,16 @@ def check_video(x: torch.Tensor, channels: int, spatial_factor: int = 1, name: s
 def _load_autoencoderkl(from_pretrained: str, subfolder, cache_dir, local_files_only):
     from diffusers import AutoencoderKL
 
+    if not os.path.isdir(os.path.expanduser(from_pretrained)):  # a hub id: fail fast, in one line, without the hub
+        config = f"{subfolder}/config.json" if subfolder else "config.json"
+        local_files_only = hub_local_only(from_pretrained, config, cache_dir, local_files_only)
     try:
         return AutoencoderKL.from_pretrained(
             from_pretrained, subfolder=subfolder, cache_dir=cache_dir, local_files_only=local_files_only
         )
     except (OSError, ValueError, EnvironmentError) as err:
         where = f"{from_pretrained}" + (f" (subfolder {subfolder!r})" if subfolder else "")
-        raise OSError(
+        raise RunError(
             f"could not load the spatial VAE (diffusers AutoencoderKL) from {where}: {err}\n"
             f"Either download it where this machine can read it, e.g. "
             f"`huggingface-cli download {SDXL_VAE_HUB_ID} --include 'vae/*' --local-dir DIR` and set "
