@@ -9,13 +9,11 @@ import runpy
 from functools import partial
 
 import pytest
-import torch
 from mmengine.config import Config
 
 from opensora_vae.errors import UserError, run_main
 from opensora_vae.models import VideoAutoencoderPipeline
 from opensora_vae.registry import build_model
-from opensora_vae.train.checkpoint import latest_checkpoint
 
 from helpers import EXACT, ROOT, TINY, metrics, run_in_process
 
