@@ -30,6 +30,36 @@ def test_build_model_compile_option_compiles_the_four_networks_in_place():
         build_model(dict(tiny_model_cfg(), compile=dict(parts="everything")))
 
 
+def test_compiled_graphs_match_eager_in_inference_and_training():
+    """In every run: the four networks captured whole by torch.compile (fullgraph: a graph break fails) and run as
+    captured (AOTAutograd's forward and joint graphs, `aot_eager`: seconds where inductor's C++ takes minutes, the
+    test below) give eager's latents, decoded clip and gradients."""
+    from torch._dynamo.utils import counters
+
+    x = torch.rand(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def step(model):
+        with torch.inference_mode():
+            z = model.encode(x, sample_posterior=False)
+            rec = model.decode(z, num_frames=5)
+        model.train()
+        out = model(x, sample_posterior=False)
+        (out.x_rec.square().mean() + out.x_z_rec.abs().mean()).backward()
+        return [z, rec] + [p.grad for p in model.parameters()]
+
+    want = step(tiny_pipeline(micro_batch_size=None))
+    model = tiny_pipeline(micro_batch_size=None)
+    model.enable_compile(backend="aot_eager", fullgraph=True)
+    torch._dynamo.reset()
+    counters.clear()
+    got = step(model)
+    # two shapes per network (inference, training): each network's graphs were compiled and ran
+    assert counters["stats"]["unique_graphs"] == 8 and not counters["graph_break"], dict(counters)
+    assert len(got) == len(want) and all(g is not None for g in got)
+    for a, b in zip(got, want):  # the same ops in the same order: float rounding at most
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.skipif(os.environ.get("OPENSORA_VAE_TEST_COMPILE") != "1",
                     reason="inductor compiles four C++ graphs: minutes on 2 shared cores; set OPENSORA_VAE_TEST_COMPILE=1")
 def test_compiled_pipeline_matches_eager():

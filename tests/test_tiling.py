@@ -81,10 +81,16 @@ def test_tiled_close_to_untiled_on_a_real_clip_with_seams(model, clip, part):
             naive = enc(), dec()
         finally:
             vae.disable_tiling()
+    # PSNR (dB) against untiled, globally and on the seams: measured (62.8, 58.7), (48.0, 41.4), (34.1, 29.6),
+    # (32.9, 28.5); floors about 1 dB (spatial) / 0.5 dB (temporal) below. A merge of the tiles' statistics that
+    # forgets the spread between tiles measured (54.2, 54.4) and (44.4, 41.0) for the spatial VAE, one that averages
+    # tiles of different sizes as equals 33.1 and 31.8 for the temporal one: each fails a floor.
+    floor = {("spatial", "encode"): (61.5, 57.5), ("spatial", "decode"): (47, 40.5),
+             ("temporal", "encode"): (33.6, 29.2), ("temporal", "decode"): (32.4, 28)}
     for name, a, b, c in zip(("encode", "decode"), plain, tiled, naive):
         assert a.shape == b.shape
         g = psnr(a, b)
-        assert g > 30, (name, g)
+        assert g > floor[part, name][0], (name, g)
         assert g > psnr(a, c) + 3, (name, g, psnr(a, c))  # whole-frame statistics beat per-tile ones
         # The seams: output rows/columns within 2 pixels of the tile boundaries. Tiles are cut in the tiled
         # part's input: pixels (spatial encode), latent pixels (spatial decode: tile 48 / 2; temporal).
@@ -99,7 +105,7 @@ def test_tiled_close_to_untiled_on_a_real_clip_with_seams(model, clip, part):
         # What is left on the seams is the convolutions' context beyond the overlap: small, and far below the
         # per-tile statistics' seams.
         s, s_naive = psnr(a[..., seam], b[..., seam]), psnr(a[..., seam], c[..., seam])
-        assert s > 25 and s > s_naive + 3, (name, s, s_naive, g)
+        assert s > floor[part, name][1] and s > s_naive + 3, (name, s, s_naive, g)
 
 
 def test_blending_is_a_partition_of_unity():

@@ -17,9 +17,10 @@ def wins(conv: nn.Module) -> bool:
 
 
 def applies(x: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not x.is_mkldnn
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+    # is_compiling first: under torch.compile the rest is not traced (the mkldnn checks would break the graph)
+    return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
+            and not x.is_mkldnn and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and not torch.is_autocast_enabled("cpu"))
 
 
 class _Conv3d(torch.autograd.Function):

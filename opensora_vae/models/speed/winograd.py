@@ -134,9 +134,9 @@ def conv2d(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor]
 def applies(x: torch.Tensor) -> bool:
     """Inference only (training keeps the plain convolutions), fp32 CPU, eager; a Conv2d call with `MIN_TILES` output
     tiles or more (a Conv3d's transformed time taps serve every output frame: no minimum)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
-            and not torch.is_grad_enabled() and not x.is_mkldnn and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling() and (x.ndim == 5 or _tiles(x) >= MIN_TILES))
+    return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
+            and not x.requires_grad and not torch.is_grad_enabled() and not x.is_mkldnn
+            and not torch.is_autocast_enabled("cpu") and (x.ndim == 5 or _tiles(x) >= MIN_TILES))
 
 
 def _tiles(x: torch.Tensor) -> int:
