@@ -2,8 +2,8 @@
 
 torchrun --standalone --nproc_per_node=N scripts/encode_latents.py configs/vae/inference/latents.py \
     --ckpt-path CKPT --data-path CSV --save-dir DIR
-Rerun the same command to resume: stored clips are skipped, with any number of ranks. SIGTERM/SIGUSR1: each rank
-writes what it encoded and exits 75.
+Rerun the same command to resume: stored clips are skipped, with any number of ranks. SIGTERM/SIGUSR1/Ctrl-C:
+each rank writes what it encoded and exits 75.
 """
 import argparse
 import os
