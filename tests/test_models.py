@@ -364,8 +364,10 @@ def test_spatial_tiling_matches_untiled_closely():
     tiled = model.spatial_vae.encode(x, sample_posterior=False)
     model.spatial_vae.disable_tiling()
     assert tiled.shape == whole.shape
-    # Only the convolutions' context beyond the overlap differs.
-    assert torch.nn.functional.cosine_similarity(tiled.flatten(), whole.flatten(), dim=0) > 0.99
+    # Only the convolutions' context beyond the overlap differs: PSNR over the latents' peak measured 52.0 dB
+    # (per-tile statistics, exact_norms=0: 42.8; cosine similarity 0.9996 even then, so no use as a bound).
+    psnr = 10 * torch.log10(whole.abs().max() ** 2 / (tiled - whole).square().mean())
+    assert psnr > 50, psnr.item()
     assert not torch.equal(tiled, whole)  # tiles really were used
 
 

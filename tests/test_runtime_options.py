@@ -93,13 +93,35 @@ def test_unknown_options_and_options_a_model_lacks_fail():
         model.enable_compile(parts="everything")
 
 
-def test_directly_built_models_get_the_default_fast_paths():
+def test_directly_built_models_get_the_default_fast_paths(monkeypatch):
+    """Built by their constructors: each temporal Conv3d call runs through oneDNN and each spatial upsampler through
+    the sub-pixel fold (spies), giving PyTorch's own path's output to float rounding."""
+    from opensora_vae.models.speed import onednn, subpixel
+
+    torch.manual_seed(0)
     temporal = VAE_Temporal(filters=8, num_res_blocks=1, channel_multipliers=(1, 2), temporal_downsample=(True,),
                             num_groups=4)
     temporal_convs = [m for m in temporal.modules() if isinstance(m, torch.nn.Conv3d)]
     assert temporal_convs and all(getattr(m, "backends", ()) == ("onednn",) for m in temporal_convs)
-    spatial = tiny_pipeline().spatial_vae
-    assert any(type(m) is Upsample2D for m in spatial.modules())
+    spatial = tiny_pipeline(micro_batch_size=None).spatial_vae  # one call per upsampler
+    ups = [m for m in spatial.modules() if type(m) is Upsample2D]
+    assert ups
+    calls = {"onednn": 0, "subpixel": 0}
+    fwd, fold = onednn.forward, subpixel.upsample_conv
+    monkeypatch.setattr(onednn, "forward", lambda *a: calls.__setitem__("onednn", calls["onednn"] + 1) or fwd(*a))
+    monkeypatch.setattr(subpixel, "upsample_conv",
+                        lambda *a: calls.__setitem__("subpixel", calls["subpixel"] + 1) or fold(*a))
+    x = torch.rand(1, 4, 5, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fast = temporal.decode(temporal.encode(x).mode(), num_frames=5), spatial.decode(x)
+        seen = dict(calls)
+        with torch.backends.mkldnn.flags(enabled=False):
+            spatial.disable_subpixel()
+            plain = temporal.decode(temporal.encode(x).mode(), num_frames=5), spatial.decode(x)
+    assert seen == {"onednn": len(temporal_convs), "subpixel": len(ups)}  # each conv / upsampler once
+    assert calls == seen  # the plain run used neither
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-5)
 
 
 def test_tiling_overlap_follows_the_tile_size():

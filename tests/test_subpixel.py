@@ -55,7 +55,14 @@ def test_gradients_equal_the_plain_path():
     x = torch.randn(2, 6, 5, 7, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
     g = torch.randn(2, 5, 10, 14)
-    (up(x) * g).sum().backward()
+    calls = []
+    inner = subpixel.upsample_conv
+    subpixel.upsample_conv = lambda *a: calls.append(1) or inner(*a)  # the spy: the folded path ran
+    try:
+        (up(x) * g).sum().backward()
+    finally:
+        subpixel.upsample_conv = inner
+    assert calls == [1]
     (ref(x_ref) * g).sum().backward()
     assert "_subpixel_cache" not in up.conv.__dict__  # trainable weight: folded with autograd on each call
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
@@ -89,6 +96,7 @@ def test_pipeline_uses_it_by_default_and_can_turn_it_off():
     with torch.inference_mode():
         z = model.encode(x, sample_posterior=False)
         fast = model.decode(z, num_frames=9)
+        assert all("_subpixel_cache" in m.conv.__dict__ for m in ups)  # each ran the folded path
         model.disable_subpixel()
         assert all(type(m) is DiffusersUpsample2D for m in ups)
         assert not any("_subpixel_cache" in m.__dict__ for m in model.modules())
