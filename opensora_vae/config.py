@@ -3,20 +3,18 @@
 Every key a job reads is declared once below (type and default): `TrainConfig`, `InferenceConfig`, `EncodeConfig`.
 `load_config(path, options, job=...)` refuses an unknown key (naming the nearest known ones, or the job whose config
 it is), a wrong type or an out-of-range value (key, value, what is expected) before anything is built, and fills in
-the defaults. A numeric key's range is declared with its type, `Annotated[int, Range(1)]` (`PositiveInt`), in the
-dataclasses below and in the registered classes' signatures alike. The nested `dataset` and `model` dicts are
+the defaults. A numeric key's range is declared with its type (schema.py: `Annotated[int, Range(1)]`,
+`PositiveInt`), in the dataclasses below and in the registered classes' signatures alike. The nested `dataset` and `model` dicts are
 checked against their registered classes' arguments, `lr_schedule`, `optimizer` and `model.tiling` against theirs.
 Names starting with `_` in a config file are that file's variables (e.g. `_num_frames = 17`), not settings.
 """
 from __future__ import annotations
 
 import ast
-import collections.abc
 import dataclasses
 import difflib
 import inspect
 import logging
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,44 +24,14 @@ from mmengine.config import Config
 
 from .errors import MissingFileError, UserError
 from .runtime import DTYPES
+from .schema import (Decay, Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range,  # noqa: F401
+                     fits, is_union, ranges_of, type_name)
 
 logger = logging.getLogger("opensora_vae.config")
 
 
 class ConfigError(UserError):
     """A config the user wrote is wrong: unknown key, wrong type, bad value (one line, no traceback)."""
-
-
-# ----- ranges ---------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Range:
-    """The values a numeric key takes, declared with its type: `Annotated[int, Range(1)]`. Bounds are inclusive
-    unless `*_open`; None: unbounded. Checked when the config loads; shown in errors, --help and docs/config.md."""
-
-    min: Optional[float] = None
-    max: Optional[float] = None
-    min_open: bool = False
-    max_open: bool = False
-
-    def __contains__(self, value: float) -> bool:
-        if self.min is not None and (value <= self.min if self.min_open else value < self.min):
-            return False
-        return self.max is None or (value < self.max if self.max_open else value <= self.max)
-
-    def __str__(self) -> str:
-        if self.min is not None and self.max is not None:
-            return f"in {'(' if self.min_open else '['}{self.min:g}, {self.max:g}{')' if self.max_open else ']'}"
-        if self.min is not None:
-            return f"{'>' if self.min_open else '>='} {self.min:g}"
-        return f"{'<' if self.max_open else '<='} {self.max:g}"
-
-
-PositiveInt = Annotated[int, Range(1)]  # counts and sizes
-NonNegativeInt = Annotated[int, Range(0)]  # counts where 0 means none / off
-PositiveFloat = Annotated[float, Range(0, min_open=True)]
-NonNegativeFloat = Annotated[float, Range(0)]
-Fraction = Annotated[float, Range(0, 1)]
-Decay = Annotated[float, Range(0, 1, max_open=True)]  # Adam's betas, EMA decays
 
 
 # ----- the declared keys ----------------------------------------------------------------------------------------
@@ -200,73 +168,6 @@ def drop_reference_keys(where: str, values: Mapping[str, Any]) -> Dict[str, Any]
     return {k: v for k, v in values.items() if not _reference_key(where, k)}
 
 
-# ----- type checking --------------------------------------------------------------------------------------------
-def _is_union(tp: Any) -> bool:
-    return typing.get_origin(tp) is Union or type(tp).__name__ == "UnionType"
-
-
-_SEQUENCES = (list, tuple, List, Tuple, typing.Sequence, collections.abc.Sequence)
-
-
-def _ranges(tp: Any) -> List[Range]:
-    return [m for m in getattr(tp, "__metadata__", ()) if isinstance(m, Range)]
-
-
-def type_name(tp: Any) -> str:
-    """`tp` in the words of the errors and docs: `int >= 1 or None`, `(int, int)`, `'hinge' or 'vanilla'`."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Annotated:
-        return " ".join([type_name(args[0]), *map(str, _ranges(tp))])
-    if _is_union(tp):
-        return " or ".join(type_name(a) for a in args)
-    if origin is Literal:
-        return " or ".join(repr(a) for a in args)
-    if dataclasses.is_dataclass(tp) or tp in (dict, Dict) or origin in (dict, Mapping):
-        return "dict"
-    if origin in _SEQUENCES or tp in (list, tuple):
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            return f"({', '.join(type_name(a) for a in args)})"
-        if not args:
-            return "list/tuple"
-        item = type_name(args[0])
-        return f"list of {f'({item})' if ' or ' in item else item}"
-    return getattr(tp, "__name__", str(tp)).replace("NoneType", "None")
-
-
-def fits(value: Any, tp: Any, ranges: bool = True) -> bool:
-    """`value` has type `tp` and, with `ranges`, lies in the Range of every Annotated part it matches."""
-    if tp is Any or tp is inspect.Parameter.empty:
-        return True
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Annotated:
-        return fits(value, args[0], ranges) and (not ranges or all(value in r for r in _ranges(tp)))
-    if _is_union(tp):
-        return any(fits(value, a, ranges) for a in args)
-    if tp is type(None):
-        return value is None
-    if origin is Literal:
-        return any(value == a and type(value) is type(a) for a in args)
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is str or tp is os.PathLike:
-        return isinstance(value, (str, os.PathLike))
-    if dataclasses.is_dataclass(tp) or tp in (dict, Dict) or origin in (dict, Mapping, typing.Mapping):
-        return isinstance(value, Mapping)
-    if origin in _SEQUENCES or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            return False
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(value) == len(args) and all(fits(v, a, ranges) for v, a in zip(value, args))
-        return not args or all(fits(v, args[0], ranges) for v in value)
-    if isinstance(tp, type):
-        return isinstance(value, tp)
-    return True  # an annotation this check does not model: the constructor checks it
-
-
 def _nearest(name: str, known: Iterable[str], where: str = "") -> str:
     close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
     return f" (did you mean {', '.join(where + c for c in close)}?)" if close else ""
@@ -284,7 +185,7 @@ def _check_value(where: str, name: str, value: Any, tp: Any) -> None:
         return
     if fits(value, tp, ranges=False):
         what = "is out of range: expected"
-    elif all(typing.get_origin(a) is Literal for a in (typing.get_args(tp) if _is_union(tp) else (tp,))):
+    elif all(typing.get_origin(a) is Literal for a in (typing.get_args(tp) if is_union(tp) else (tp,))):
         what = "is not one of"
     else:
         what = "has the wrong type: expected"
@@ -411,7 +312,7 @@ def check_config(cfg: Config, job: str) -> Config:
 
 def _range_words(tp: Any) -> List[str]:
     """The declared ranges anywhere in `tp`, as the errors write them (`>= 1`)."""
-    return [str(r) for r in _ranges(tp)] + [w for a in typing.get_args(tp) for w in _range_words(a)]
+    return [str(r) for r in ranges_of(tp)] + [w for a in typing.get_args(tp) for w in _range_words(a)]
 
 
 def declared_ranges() -> Dict[str, List[str]]:

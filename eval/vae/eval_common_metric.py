@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from opensora_vae.cli import ArgumentParser, HelpFormatter, add_weight_arguments, ranged
-from opensora_vae.config import NonNegativeInt, PositiveFloat, PositiveInt
+from opensora_vae.schema import NonNegativeInt, PositiveFloat, PositiveInt
 from opensora_vae.distributed import close_distributed, init_distributed
 from opensora_vae.errors import UserError, run_main
 from opensora_vae.jobs import check_output_folder

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from ..config import Fraction, PositiveInt
+from ..schema import Fraction, PositiveInt
 from ..registry import DATASETS
 from .transforms import center_crop_image, resize_crop, to_model_range
 from .video import ShortVideoError, VideoReadError, is_image_path, probe_video, read_frames, read_image

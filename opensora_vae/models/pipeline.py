@@ -15,7 +15,8 @@ from ..registry import MODELS, build_from_cfg, to_plain
 from .distributions import DiagonalGaussianDistribution
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME, load_strict, read_config, read_state_dict, resolve_pretrained
 from .spatial import SDXL_VAE_HUB_ID, check_video, sdxl_vae_config
-from ..config import PositiveInt, drop_reference_keys
+from ..config import drop_reference_keys
+from ..schema import PositiveInt
 from .speed import RUNTIME_OPTIONS, RuntimeOptionsMixin, apply_runtime_options
 
 OPENSORA_V1_2_SHIFT = (-0.10, 0.34, 0.27, 0.98)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import NonNegativeInt, Range
+from ...schema import NonNegativeInt, Range
 from .frame_attention import frame_attention
 
 
