@@ -47,9 +47,11 @@ causal (r*k+1); the spec's `frames=` overrides. The Open-Sora pipeline takes any
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import torch
@@ -58,7 +60,7 @@ from torch import nn
 
 from ..errors import UserError
 from .distributions import DiagonalGaussianDistribution
-from .pretrained import load_strict
+from .pretrained import load_strict, read_state_dict, resolve_pretrained
 
 __all__ = [
     "DIFFUSERS_CLASSES", "AutoencoderOutput", "DiffusersAutoencoder", "FrameRule", "Geometry", "OpenSoraAutoencoder",
@@ -210,11 +212,12 @@ class VideoAutoencoder(nn.Module):
     def decode(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, sample_posterior: bool = True,
-                generator: Optional[torch.Generator] = None) -> AutoencoderOutput:
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True, generator: Optional[torch.Generator] = None,
+                decode_pixels: bool = True) -> AutoencoderOutput:
+        """`decode_pixels=False`: no decode (reconstruction None), for losses that need none."""
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
-        return AutoencoderOutput(self.decode(z, num_frames=x.shape[2]), posterior, z)
+        return AutoencoderOutput(self.decode(z, num_frames=x.shape[2]) if decode_pixels else None, posterior, z)
 
     @property
     def latent_normalization(self) -> Dict[str, Any]:
@@ -334,6 +337,11 @@ class VideoAutoencoder(nn.Module):
     def save_pretrained(self, folder: os.PathLike, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
         raise NotImplementedError
 
+    def saved_state_dict(self, folder: os.PathLike) -> Dict[str, torch.Tensor]:
+        """The weights a folder written by `save_pretrained` holds, under the model's own keys (a trainer resumes
+        them, its EMA too)."""
+        raise NotImplementedError
+
     def spec_for(self, folder: os.PathLike) -> str:
         """The spec (`build.load_autoencoder`) that loads a folder written by `save_pretrained`."""
         raise NotImplementedError
@@ -386,8 +394,8 @@ class OpenSoraAutoencoder(VideoAutoencoder):
     def decode(self, z, num_frames):
         return self.model._decode(z, num_frames)[0]
 
-    def forward(self, x, sample_posterior=True, generator=None):
-        out = self.model(x, sample_posterior=sample_posterior, generator=generator)
+    def forward(self, x, sample_posterior=True, generator=None, decode_pixels=True):
+        out = self.model(x, sample_posterior=sample_posterior, generator=generator, decode_pixels=decode_pixels)
         return AutoencoderOutput(out.x_rec, out.posterior, out.z, out)
 
     def _reconstruct(self, x, generator):
@@ -411,6 +419,9 @@ class OpenSoraAutoencoder(VideoAutoencoder):
 
     def save_pretrained(self, folder, state_dict=None):
         self.model.save_pretrained(folder, state_dict=None if state_dict is None else self.model_state_dict(state_dict))
+
+    def saved_state_dict(self, folder):
+        return read_state_dict(resolve_pretrained(str(folder))[1])
 
     def spec_for(self, folder):
         return f"opensora:{folder}"
@@ -560,6 +571,23 @@ class DiffusersAutoencoder(VideoAutoencoder):
                 model = type(self.model).from_config(self.model.config)
             load_strict(model, self.model_state_dict(state_dict), "state_dict", assign=True)
         model.save_pretrained(str(folder))
+
+    def saved_state_dict(self, folder):
+        """The class's safetensors weights in `folder` (one file, or the shards its index names)."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        index = folder / "diffusion_pytorch_model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
+            ["diffusion_pytorch_model.safetensors"]
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{folder}: no {missing[0]} (not a folder {type(self.model).__name__}."
+                                    f"save_pretrained wrote)")
+        state: Dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(str(folder / f)))
+        return state
 
     def spec_for(self, folder):
         rule = f",frames={self.frame_rule}" if self.info.get("rule_source") == "spec" else ""
