@@ -297,6 +297,7 @@ def check_config(cfg: Config, job: str) -> Config:
     _check_component("model.", values["model"], MODELS, extra=_model_hints())
     if values.get("discriminator") is not None:
         _check_component("discriminator.", values["discriminator"], MODELS)
+    values["model"] = _without_reference_keys(values["model"])
     defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
                 for f in dataclasses.fields(schema)}
     for loss in losses:
@@ -390,7 +391,16 @@ def load_config(path: Union[str, Path], options: Optional[Union[Dict[str, object
             cfg.merge_from_dict(options)
         except (TypeError, KeyError) as err:
             raise ConfigError(f"--cfg-options do not fit {path}: {err}") from err
-    return check_config(cfg, job) if job else cfg
+    if job:
+        return check_config(cfg, job)
+    if isinstance(cfg.get("model"), Mapping):
+        cfg.model = _without_reference_keys(cfg.model)
+    return cfg
+
+
+def _without_reference_keys(model: Any) -> Any:
+    """A model entry without the reference-only keys (warned about once): the models never see them."""
+    return drop_reference_keys("model.", model) if isinstance(model, Mapping) else model
 
 
 def _has(cfg: Config, dotted: str) -> bool:

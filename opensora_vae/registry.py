@@ -44,15 +44,14 @@ def build_model(cfg: Any, **overrides: Any):
     one loader (`models.pipeline.load_pipeline` -> `VideoAutoencoderPipeline.from_pretrained`). Then the runtime
     options (`models.speed.RUNTIME_OPTIONS`, never saved) of the dict and the keywords (which win) are applied; one
     the type's constructor takes (micro_batch_size of OpenSoraVAE_V1_2 / VideoAutoencoderKL: config.json) goes to
-    it instead. Reference-only keys (cal_loss, force_huggingface) are dropped with a warning."""
-    from .config import drop_reference_keys
+    it instead."""
     from .models.pipeline import PIPELINE_TYPES, load_pipeline
     from .models.speed import RUNTIME_OPTIONS, apply_runtime_options  # (also registers the model types)
 
     cfg, options = to_plain(cfg), {}
     if not isinstance(cfg, dict):
         return build_from_cfg(cfg, MODELS, **overrides)
-    cfg = drop_reference_keys("model.", {**cfg, **to_plain(overrides)})
+    cfg = {**cfg, **to_plain(overrides)}
     model_type = MODELS.get(cfg["type"]) if "type" in cfg else None
     takes = inspect.signature(model_type).parameters if model_type is not None else {}
     options = {k: cfg.pop(k) for k in list(cfg) if k in RUNTIME_OPTIONS and k not in takes}

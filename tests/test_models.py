@@ -7,7 +7,7 @@ import torch
 from opensora_vae import build_model
 from opensora_vae.models import OpenSoraVAE_V1_2, VAE_Temporal, VideoAutoencoderKL, VideoAutoencoderPipeline
 
-from helpers import DATA, reference_fixture, tiny_model_cfg, tiny_pipeline
+from helpers import DATA, TINY, reference_fixture, tiny_model_cfg, tiny_pipeline
 
 TOL = 1e-4
 
@@ -394,3 +394,18 @@ def test_one_loader_takes_overrides_and_runtime_options(tmp_path):
     assert whole.spatial_vae.micro_batch_size is None  # as OpenSoraVAE_V1_2(micro_batch_size=None): all frames
     with pytest.raises(TypeError, match="unknown option"):
         opensora_vae.from_pretrained(tmp_path, micro_frame_sise=5)
+
+
+def test_reference_only_model_keys_are_dropped_where_the_config_is_read(tmp_path):
+    """The reference's model.cal_loss never reaches the models: load_config drops it (with or without a job)."""
+    from opensora_vae.config import load_config
+
+    config = tmp_path / "ref.py"
+    config.write_text("_base_ = ['%s']\nmodel = dict(cal_loss=True, force_huggingface=True)\n"
+                      % (TINY / "inference.py"))
+    for job in (None, "inference"):
+        cfg = load_config(config, job=job)
+        assert "cal_loss" not in cfg.model and "force_huggingface" not in cfg.model
+        build_model(cfg.model)  # a leftover cal_loss would be an unexpected keyword argument
+    with pytest.raises(TypeError, match="cal_loss"):  # not a model argument: the model itself never took it
+        build_model(dict(tiny_model_cfg(), cal_loss=True))

@@ -15,7 +15,6 @@ from ..registry import MODELS, build_from_cfg, to_plain
 from .distributions import DiagonalGaussianDistribution
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME, load_strict, read_config, read_state_dict, resolve_pretrained
 from .spatial import SDXL_VAE_HUB_ID, check_video, sdxl_vae_config
-from ..config import drop_reference_keys
 from ..schema import PositiveInt
 from .speed import RUNTIME_OPTIONS, RuntimeOptionsMixin, apply_runtime_options
 
@@ -240,7 +239,7 @@ class VideoAutoencoderPipeline(RuntimeOptionsMixin, nn.Module):
             raise FileNotFoundError(f"{CONFIG_NAME} missing beside {weights}: cannot tell the model's structure "
                                     f"(give a model config with type and widths to build_model instead)")
         runtime = {k: options.pop(k) for k in list(options) if k in RUNTIME_OPTIONS}
-        cfg = drop_reference_keys("model.", read_config(config_path))
+        cfg = read_config(config_path)
         cfg.pop("from_pretrained", None)
         unknown = set(options) - set(cfg)
         if unknown:

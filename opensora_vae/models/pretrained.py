@@ -14,8 +14,10 @@ from ..errors import RunError
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 LEGACY_WEIGHTS_NAME = "pytorch_model.bin"
-# Keys a transformers PretrainedConfig dump adds that are not constructor arguments.
-CONFIG_METADATA_KEYS = {"architectures", "model_type", "transformers_version", "torch_dtype", "dtype"}
+# Keys a transformers PretrainedConfig dump adds that are not constructor arguments (the published config.json also
+# carries the reference's cal_loss and force_huggingface).
+CONFIG_METADATA_KEYS = {"architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "cal_loss",
+                        "force_huggingface"}
 
 
 def _weights_in(folder: Path) -> Optional[Path]:
