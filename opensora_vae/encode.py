@@ -1,10 +1,13 @@
 """Encode the clips of a CSV once into latent shards for diffusion training (scripts/encode_latents.py).
 
-DIR/shards/run{R}-rank{K}-{S}.safetensors hold, per (row, bucket), the posterior mean and std in the normalised
-latent space (what `encode` returns), and in their metadata the row's fields: each shard describes itself, so a
-restart finds what is stored by reading shard headers, and the index is rebuilt from them. Shards are written
-under a temporary name and renamed; a kill loses at most the shard in the making. DIR/meta.json says which model,
-data and settings made the latents; DIR/index.{parquet,csv} lists every stored clip.
+Any video autoencoder (`models.build`: the Open-Sora pipeline, diffusers' Wan, CogVideoX, LTX-Video, ...).
+DIR/shards/run{R}-rank{K}-{S}.safetensors hold, per (row, bucket), the model's posterior mean and std BEFORE any
+latent normalisation (format 2; format 1, written before, held the Open-Sora pipeline's normalised ones), and in
+their metadata the row's fields: each shard describes itself, so a restart finds what is stored by reading shard
+headers, and the index is rebuilt from them. Shards are written under a temporary name and renamed; a kill loses at
+most the shard in the making. DIR/meta.json says which model, data and settings made the latents, and the model's
+own normalisation (`latent_normalization`), which `LatentDataset(normalize=True)` applies; DIR/index.{parquet,csv}
+lists every stored clip.
 """
 from __future__ import annotations
 
@@ -25,21 +28,23 @@ from tqdm import tqdm
 
 from . import __version__
 from .data import is_image_path
-from .data.latents import INDEX_COLUMNS, META_NAME, SHARD_DIR, read_meta, read_shard_records
+from .data.latents import INDEX_COLUMNS, LATENT_FORMAT, META_NAME, SHARD_DIR, read_meta, read_shard_records
 from .config import check_config
 from .distributed import barrier, init_distributed
 from .signals import StopSignals, start_loader, worker_init
 from .errors import UserError
 from .models.speed import RUNTIME_OPTIONS
-from .jobs import (RowReader, absolute_if_local, check_frame_sizes, check_output_folder, job_model, rank_share,
-                   report_skips)
+from .jobs import (RowReader, absolute_if_local, check_frame_counts, check_frame_sizes, check_output_folder, job_model,
+                   rank_share, report_skips)
+from .models.autoencoders import VideoAutoencoder
+from .provenance import recorded_model_config
 from .registry import DATASETS, build_from_cfg, to_plain
 from .runtime import DTYPES, resolve_dtype
 
 logger = logging.getLogger("opensora_vae.encode")
 
 # What must match for a restart to add to an existing DIR.
-RESUME_KEYS = ("checkpoint", "model", "data_path", "csv_sha256", "sample_posterior", "dtype", "save_dtype",
+RESUME_KEYS = ("format", "checkpoint", "model", "data_path", "csv_sha256", "sample_posterior", "dtype", "save_dtype",
                "frame_interval", "crop", "seed")
 
 Bucket = Tuple[int, int, int]  # (num_frames, height, width)
@@ -172,6 +177,10 @@ def _absolute_checkpoint(meta: Dict[str, Any]) -> Dict[str, Any]:
 def _check_meta(save_dir: Path, meta: Dict[str, Any]) -> None:
     """meta.json from an earlier run must describe the same job, or its latents would be mixed with others."""
     old = _absolute_checkpoint(read_meta(save_dir))
+    if old.get("format", 1) != meta["format"]:
+        raise UserError(f"{save_dir} holds latents of format {old.get('format', 1)} (an earlier version: normalised "
+                        f"latents); this version writes format {meta['format']} (before normalisation): use a new "
+                        f"--save-dir (LatentDataset reads both)")
     diff = [k for k in RESUME_KEYS if json.dumps(old.get(k), sort_keys=True) != json.dumps(meta.get(k), sort_keys=True)]
     if diff:
         raise ValueError(f"{save_dir} holds latents of another job ({', '.join(diff)} differ); "
@@ -236,17 +245,26 @@ def _reduce(values: List[float], device: torch.device, op=dist.ReduceOp.SUM) -> 
     return t.tolist()
 
 
-def _job_meta(cfg, dataset, buckets: List[Bucket], dtype: torch.dtype, model) -> Dict[str, Any]:
+def _job_meta(cfg, dataset, buckets: List[Bucket], dtype: torch.dtype, model: VideoAutoencoder,
+              is_main: bool) -> Dict[str, Any]:
+    # What was built (a checkpoint may bring another structure, a spec another model than the config's entry).
     # How the model runs (compile, Winograd, tiling, ...) may change between restarts; what it is may not.
-    model_cfg = {k: v for k, v in to_plain(cfg.model).items() if k not in RUNTIME_OPTIONS or k == "micro_batch_size"}
+    built = recorded_model_config(cfg.model, model, log=is_main)
+    model_cfg = {k: v for k, v in built.items() if k not in RUNTIME_OPTIONS or k == "micro_batch_size"}
     if "from_pretrained" in model_cfg:  # absolute: meta.json is read from other folders than the job's
         model_cfg["from_pretrained"] = absolute_if_local(model_cfg["from_pretrained"])
+    norm = model.latent_normalization
     return {
+        "format": LATENT_FORMAT,
         "checkpoint": model_cfg.get("from_pretrained"),
-        "model": model_cfg,  # build_model(meta["model"]) rebuilds the encoder
-        "model_config": to_plain(getattr(model, "config", None)),
-        "shift": model.shift.flatten().tolist(),
-        "scale": model.scale.flatten().tolist(),
+        "model": model_cfg,  # models.build.build_autoencoder(meta["model"]) rebuilds the model
+        "model_config": json.loads(json.dumps(to_plain(getattr(model.model, "config", None)), default=str)),
+        "autoencoder": {k: v for k, v in model.describe().items() if k in (
+            "kind", "class_name", "frame_rule", "temporal_compression", "spatial_multiple", "latent_channels")},
+        # the model's own normalisation: normalised = (z - shift) / scale per channel (LatentDataset(normalize=True))
+        "normalization": {"shift": norm["shift"], "scale": norm["scale"], "source": norm["source"]},
+        "shift": norm["shift"],
+        "scale": norm["scale"],
         "data_path": absolute_if_local(dataset.data_path),
         "num_rows": len(dataset),
         "csv_sha256": _sha256(dataset.data_path),
@@ -257,7 +275,8 @@ def _job_meta(cfg, dataset, buckets: List[Bucket], dtype: torch.dtype, model) ->
         "sample_posterior": False,
         "dtype": str(dtype).replace("torch.", ""),
         "save_dtype": cfg.save_dtype,
-        "latent_space": "normalised: mean = (posterior mean - shift) / scale, std = posterior std / scale",
+        "latent_space": "posterior mean and std before normalisation; normalised: (mean - shift) / scale, "
+                        "std / scale",
         "package_version": __version__,
         "torch_version": torch.__version__,
     }
@@ -316,7 +335,8 @@ def _encode_rows(model, loader, paths: List[str], writer: ShardWriter, device, d
         item = entry["item"]
         x = item["video"][None].to(device=device, dtype=dtype)
         with torch.inference_mode():
-            mean, std = model.encode_posterior(x)
+            posterior = model.encode(x)  # the model's own, before any normalisation
+            mean, std = posterior.mean, posterior.std
         t, h, w = (int(v) for v in name.split("x"))
         writer.add({
             "key": clip_key(row, name), "row": int(row), "bucket": name, "num_frames": t, "height": h, "width": w,
@@ -351,7 +371,10 @@ def encode_dataset(cfg, num_frames: Optional[int] = None, image_size: Optional[S
     paths = list(base.data["path"])
     model = job_model(cfg.model, device, dtype)
     check_frame_sizes(model, [b[1:] for b in buckets], "bucket height x width")
-    created = _open_folder(out, _job_meta(cfg, base, buckets, dtype, model), info.is_main)
+    check_frame_counts(model, [b[0] for b in buckets], "bucket num_frames")
+    if any(is_image_path(p) for p in paths):  # images are 1-frame clips
+        check_frame_counts(model, [1], "an image row's num_frames")
+    created = _open_folder(out, _job_meta(cfg, base, buckets, dtype, model, info.is_main), info.is_main)
 
     shards = stored_shards(out)
     stored = {r["key"] for s in shards for r in read_shard_records(s)}

@@ -1,5 +1,7 @@
-"""Reconstruct the clips of a CSV: DIR_ori (preprocessed input), DIR_rec (full pipeline), DIR_spatial (2D VAE
-only), and optionally the per-channel statistics of the temporal latents (the numbers behind shift/scale)."""
+"""Reconstruct the clips of a CSV with any video autoencoder (`models.build`): DIR_ori (preprocessed input),
+DIR_rec (the model's reconstruction), DIR_spatial (the spatial VAE alone, for a model with a spatial-only path: the
+Open-Sora pipeline), and optionally the per-channel statistics of the latents before normalisation (the numbers
+behind a model's shift/scale)."""
 from __future__ import annotations
 
 import json
@@ -18,7 +20,10 @@ from .config import check_config
 from .data import ensure_uint8_video, write_image, write_video
 from .distributed import init_distributed
 from .errors import UserError
-from .jobs import RowReader, check_frame_sizes, check_output_folder, job_model, rank_share, report_skips
+from .jobs import (RowReader, check_frame_counts, check_frame_sizes, check_output_folder, job_model, rank_share,
+                   report_skips)
+from .models.autoencoders import VideoAutoencoder
+from .provenance import recorded_model_config
 from .registry import DATASETS, build_from_cfg
 from .runtime import resolve_dtype
 from .signals import StopSignals, start_loader, worker_init
@@ -81,11 +86,12 @@ class InferenceReport:
     existing: List[str] = field(default_factory=list)
     skipped: Dict[str, str] = field(default_factory=dict)  # "path [row N]" -> reason
     stats: Optional[Dict[str, Any]] = None
+    model: Optional[Dict[str, Any]] = None  # the model entry that describes what was built (provenance)
     preempted: Optional[str] = None  # the stop signal that ended the run early (finished clips are written)
 
 
-def _reconstruct_rows(cfg, model, loader, total: int, paths, names, folders, device, dtype, rank: int,
-                      stats: LatentStats, report: InferenceReport, stop: StopSignals) -> None:
+def _reconstruct_rows(cfg, model: VideoAutoencoder, loader, total: int, paths, names, folders, device, dtype,
+                      rank: int, stats: LatentStats, report: InferenceReport, stop: StopSignals) -> None:
     """Reconstruct and write each row the loader gives, until a stop signal."""
     generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)
     for entry in tqdm(loader, total=total, desc="reconstruct", disable=rank != 0):
@@ -100,11 +106,13 @@ def _reconstruct_rows(cfg, model, loader, total: int, paths, names, folders, dev
         x = item["video"][None].to(device=device, dtype=dtype)
         with torch.inference_mode():
             out = model(x, sample_posterior=cfg.sample_posterior, generator=generator)
-            spatial = model.spatial_vae.decode(out.x_z)
+            videos = {"ori": x[0], "rec": out.reconstruction[0]}
+            if "spatial" in folders:
+                videos["spatial"] = model.spatial_reconstruction(out)[0]
         if cfg.cal_stats:
             stats.add(out.z.float())
         fps = float(cfg.fps or item.get("fps") or 24.0)  # config/--fps, else the source clip's rate
-        for key, video in (("ori", x[0]), ("rec", out.x_rec[0]), ("spatial", spatial[0])):
+        for key, video in videos.items():
             _write(folders[key], names[row], video.float(), fps, cfg.crf)
         report.written.append(paths[row])
 
@@ -122,15 +130,15 @@ def _write(folder: Path, name: str, video: torch.Tensor, fps: float, crf: int) -
 
 
 def reconstruct_dataset(cfg, overwrite: bool = False, stats_path: Optional[str] = None) -> InferenceReport:
-    """Run the pipeline over the CSV's rows (the first `num_samples`; split across ranks) and write the three
-    folders `save_dir`_ori/_rec/_spatial. `cfg`: an inference config (config.InferenceConfig's keys)."""
+    """Run the model over the CSV's rows (the first `num_samples`; split across ranks) and write the folders
+    `save_dir`_ori/_rec, and _spatial where the model has a spatial-only path. `cfg`: an inference config
+    (config.InferenceConfig's keys)."""
     cfg = check_config(cfg, "inference")
     if not cfg.save_dir:
         raise UserError("no output folder: pass --save-dir DIR (or set save_dir in the config)")
     if cfg.num_samples is not None and cfg.num_samples < 1:
         raise UserError(f"num_samples must be >= 1 or None, got {cfg.num_samples}")
     base = Path(cfg.save_dir)
-    folders = {k: base.parent / f"{base.name}_{k}" for k in FOLDERS}
     check_output_folder(base.parent)
     if stats_path:
         check_output_folder(Path(stats_path).parent, "--stats-path")
@@ -143,10 +151,16 @@ def reconstruct_dataset(cfg, overwrite: bool = False, stats_path: Optional[str] 
     rows = range(len(paths)) if cfg.num_samples is None else range(min(len(paths), cfg.num_samples))
     model = job_model(cfg.model, device, dtype)  # before any folder is made: a bad checkpoint leaves none
     check_frame_sizes(model, [dataset.image_size])
-    report = InferenceReport()
+    check_frame_counts(model, [dataset.num_frames])
+    report = InferenceReport(model=recorded_model_config(cfg.model, model, log=info.is_main))
+    kinds = FOLDERS if model.has_spatial_path else tuple(k for k in FOLDERS if k != "spatial")
+    folders = {k: base.parent / f"{base.name}_{k}" for k in kinds}
+    if info.is_main and not model.has_spatial_path:
+        logger.info("%s has no spatial-only path: writing %s_ori and %s_rec (no _spatial)", model.name, base.name,
+                    base.name)
 
     def done(row: int) -> bool:
-        return all(any((folders[k] / f"{names[row]}{ext}").exists() for ext in (".mp4", ".png")) for k in FOLDERS)
+        return all(any((folders[k] / f"{names[row]}{ext}").exists() for ext in (".mp4", ".png")) for k in folders)
 
     mine = rank_share(rows, info.rank, info.world_size)
     kept = set() if overwrite else {r for r in mine if done(r)}

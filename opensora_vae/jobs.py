@@ -1,7 +1,8 @@
-"""What the inference and encoding jobs share: the model, the checks made before any folder is, rows split across
-ranks, bad rows reported instead of substituted, and the error when nothing was produced."""
+"""What the inference and encoding jobs share: the model (any `VideoAutoencoder`), the checks made before any folder
+is, rows split across ranks, bad rows reported instead of substituted, and the error when nothing was produced."""
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -14,7 +15,13 @@ from torch.utils.data import Dataset
 
 from .data import VideoReadError
 from .errors import RunError, UserError
-from .registry import build_model
+from .models.autoencoders import DiffusersAutoencoder, VideoAutoencoder
+from .models.build import as_autoencoder, build_autoencoder, build_model, load_autoencoder, parse_vae_spec
+from .provenance import absolute_if_local
+from .registry import to_plain
+
+__all__ = ["RowReader", "absolute_if_local", "check_frame_counts", "check_frame_sizes", "check_output_folder",
+           "job_model", "merge_skips", "rank_share", "report_skips"]
 
 logger = logging.getLogger("opensora_vae.jobs")
 
@@ -29,16 +36,11 @@ def check_output_folder(path: Path, what: str = "save_dir") -> None:
         raise UserError(f"{what} {path}: {existing} is not writable; choose another folder")
 
 
-def absolute_if_local(value: Any) -> Any:
-    """A local path as an absolute one, so that what a job records can be reopened from any folder; anything else
-    (a hub id, None) as it is."""
-    return os.path.abspath(os.path.expanduser(value)) if isinstance(value, str) and os.path.exists(value) else value
-
-
-def check_frame_sizes(model, sizes: Iterable[Tuple[int, int]], what: str = "dataset.image_size") -> None:
+def check_frame_sizes(model: VideoAutoencoder, sizes: Iterable[Tuple[int, int]],
+                      what: str = "dataset.image_size") -> None:
     """Frame sizes the model cannot take (not multiples of its spatial compression) refused up front, before any
     folder is made or clip read, in the terms of the setting that gave them."""
-    factor = int(model.spatial_vae.patch_size[-1])
+    factor = model.spatial_compression
     for h, w in sizes:
         if h % factor or w % factor:
             fit = f"{max(factor, h // factor * factor)} {max(factor, w // factor * factor)}"
@@ -46,9 +48,73 @@ def check_frame_sizes(model, sizes: Iterable[Tuple[int, int]], what: str = "data
                             f"compression); e.g. --image-size {fit}")
 
 
-def job_model(model_cfg, device: torch.device, dtype: torch.dtype):
-    """The model of a job (weights from model.from_pretrained, runtime options applied), in eval mode."""
-    return build_model(model_cfg).to(device=device, dtype=dtype).eval()
+def check_frame_counts(model: VideoAutoencoder, counts: Iterable[int], what: str = "dataset.num_frames") -> None:
+    """Clip lengths the model cannot take (its frame rule, e.g. 4k+1 for Wan) refused up front, in one line naming
+    the setting that gave them."""
+    for t in counts:
+        try:
+            model.check_frames(int(t))
+        except UserError as err:
+            raise UserError(f"{what} {t}: {err}") from None
+
+
+# Runtime options of the Open-Sora pipeline that a diffusers model has no counterpart for.
+_PIPELINE_ONLY = ("compile", "winograd")
+
+
+def _own_tiling(vae: DiffusersAutoencoder, tiling: Any) -> None:
+    """`--tiling` (model.tiling: True or a dict) on a diffusers model: its own `enable_tiling()`; tile_size is its
+    tile's height and width, overlap what neighbouring tiles share (its stride, or CogVideoX's overlap factor)."""
+    options = dict(tiling) if isinstance(tiling, dict) else {}
+    size, overlap = options.pop("tile_size", None), options.pop("overlap", None)
+    if any(options.values()):
+        raise UserError(f"model.tiling {sorted(k for k, v in options.items() if v)}: the Open-Sora pipeline's tile "
+                        f"options; {type(vae.model).__name__} takes tile_size and overlap (--tile-size, --tile-overlap)")
+    takes = inspect.signature(vae.model.enable_tiling).parameters
+    kwargs: Dict[str, Any] = {}
+    if size is not None:
+        kwargs.update(tile_sample_min_height=int(size), tile_sample_min_width=int(size))
+    if overlap is not None:
+        size = int(size if size is not None else vae.model.tile_sample_min_height)
+        if "tile_sample_stride_height" in takes:
+            kwargs.update(tile_sample_stride_height=size - int(overlap), tile_sample_stride_width=size - int(overlap))
+        elif "tile_overlap_factor_height" in takes:
+            kwargs.update(tile_overlap_factor_height=overlap / size, tile_overlap_factor_width=overlap / size)
+        else:
+            raise UserError(f"model.tiling overlap: {type(vae.model).__name__}.enable_tiling takes no overlap")
+    vae.enable_tiling(**kwargs)
+
+
+def _build(cfg: Dict[str, Any], device: torch.device, dtype: torch.dtype) -> VideoAutoencoder:
+    """A `VideoAutoencoder` from a job's `model` entry: a diffusers type (`type="diffusers:CLASS"`), a
+    `from_pretrained` spec or folder of a diffusers model (it replaces the entry's Open-Sora structure), or this
+    project's pipeline (weights from `from_pretrained`, runtime options applied)."""
+    source = cfg.get("from_pretrained")
+    if str(cfg.get("type", "")).startswith("diffusers:"):
+        return build_autoencoder(cfg, device, dtype)
+    if isinstance(source, str) and source:
+        spec = parse_vae_spec(source)
+        if spec.kind == "diffusers":
+            return load_autoencoder(spec, device, dtype)
+    return as_autoencoder(build_model(cfg).to(device=device, dtype=dtype).eval())
+
+
+def job_model(model_cfg, device: torch.device, dtype: torch.dtype) -> VideoAutoencoder:
+    """The model of a job as a `VideoAutoencoder` (models/autoencoders.py), on `device` in `dtype`, in eval mode.
+    `model_cfg`: a job config's `model` entry; `tiling` turns on a diffusers model's own tiling."""
+    cfg = to_plain(dict(model_cfg))
+    diffusers_entry = str(cfg.get("type", "")).startswith("diffusers:")
+    options = {k: cfg.pop(k) for k in ("tiling", *_PIPELINE_ONLY) if diffusers_entry and k in cfg}
+    vae = _build(cfg, device, dtype)
+    if isinstance(vae, DiffusersAutoencoder):
+        for key in _PIPELINE_ONLY:
+            if options.get(key, cfg.get(key)):
+                raise UserError(f"model.{key}: a runtime option of the Open-Sora pipeline; {vae.name} has none "
+                                f"(docs/speed.md)")
+        tiling = options.get("tiling", cfg.get("tiling"))
+        if tiling:
+            _own_tiling(vae, tiling)
+    return vae.eval()
 
 
 def rank_share(items: Sequence[Any], rank: int, world_size: int) -> List[Any]:

@@ -8,16 +8,25 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from .registry import MODELS, build_model, to_plain
+from .models.autoencoders import DiffusersAutoencoder, OpenSoraAutoencoder
+from .models.build import build_model
+from .registry import MODELS, to_plain
 
 logger = logging.getLogger("opensora_vae.provenance")
 
 # Entries of a component dict that say where weights come from or how it runs, not what it is.
 NOT_ARCHITECTURE = frozenset({"from_pretrained", "cache_dir", "local_files_only", "subfolder", "micro_batch_size"})
+
+
+def absolute_if_local(value: Any) -> Any:
+    """A local path as an absolute one, so that what a job records can be reopened from any folder (and the same job
+    or run started from another folder is the same); anything else (a hub id, a spec string, None) as it is."""
+    return os.path.abspath(os.path.expanduser(value)) if isinstance(value, str) and os.path.exists(value) else value
 
 
 def flatten(value: Any, prefix: str = "") -> Dict[str, Any]:
@@ -91,15 +100,34 @@ def declared_model(model_cfg: Any) -> Optional[Dict[str, Any]]:
     return description
 
 
+def _diffusers_entry(cfg: Dict[str, Any], vae: DiffusersAutoencoder, log: bool) -> Dict[str, Any]:
+    """The model entry that rebuilds a diffusers autoencoder (`models.build.build_autoencoder`): its class and
+    source, absolute where local, with the spec's options; a randomly initialised one keeps the config's entry."""
+    info = vae.info
+    if info.get("source") is None:
+        return cfg
+    entry = {"type": f"diffusers:{info['class_name']}", "from_pretrained": absolute_if_local(info["source"]),
+             **(info.get("options") or {})}
+    if log and cfg.get("type") != entry["type"]:
+        logger.info("model: %s from %s (what the run records; the config's %s entries do not apply)",
+                    info["class_name"], entry["from_pretrained"], cfg.get("type"))
+    return entry
+
+
 def recorded_model_config(model_cfg: Any, model: torch.nn.Module, log: bool = True) -> Dict[str, Any]:
-    """The model entry that describes `model`, built from `model_cfg`. Without `from_pretrained`, or when the
-    checkpoint's structure is the one the config states, that is the config's own entry. Otherwise the
-    checkpoint's structure (with the entry's `from_pretrained` and runtime options), and one warning (when `log`:
-    rank 0) naming the keys where config and checkpoint disagree. Training saves it in the run's config.py;
-    inference and encoding can record it the same way."""
+    """The model entry that describes `model` (a pipeline, or a `VideoAutoencoder` of either kind), built from
+    `model_cfg`. A diffusers autoencoder: its class and source (`_diffusers_entry`). A pipeline: without
+    `from_pretrained`, or when the checkpoint's structure is the one the config states, the config's own entry.
+    Otherwise the checkpoint's structure (with the entry's `from_pretrained` and runtime options), and one warning
+    (when `log`: rank 0) naming the keys where config and checkpoint disagree. Training saves it in the run's
+    config.py; inference and encoding record it the same way."""
     from .models.speed import RUNTIME_OPTIONS
 
     cfg = to_plain(dict(model_cfg))
+    if isinstance(model, DiffusersAutoencoder):
+        return _diffusers_entry(cfg, model, log)
+    if isinstance(model, OpenSoraAutoencoder):
+        model = model.model
     if not cfg.get("from_pretrained"):
         return cfg
     built, declared = model_description(model), declared_model(cfg)

@@ -184,10 +184,10 @@ def test_parse_buckets():
 def test_a_stop_signal_keeps_what_was_encoded_and_a_rerun_completes_it(whole, job, tmp_path, monkeypatch, one_thread):
     import signal
 
-    from opensora_vae.models import VideoAutoencoderPipeline
+    from opensora_vae.models.autoencoders import OpenSoraAutoencoder
     from opensora_vae.signals import EXIT_PREEMPTED
 
-    encode, calls = VideoAutoencoderPipeline.encode_posterior, []
+    encode, calls = OpenSoraAutoencoder.encode, []
 
     def signalled(self, x):  # SIGTERM while the third clip is encoding: that clip is finished and written
         calls.append(x.shape)
@@ -195,7 +195,7 @@ def test_a_stop_signal_keeps_what_was_encoded_and_a_rerun_completes_it(whole, jo
             os.kill(os.getpid(), signal.SIGTERM)
         return encode(self, x)
 
-    monkeypatch.setattr(VideoAutoencoderPipeline, "encode_posterior", signalled)
+    monkeypatch.setattr(OpenSoraAutoencoder, "encode", signalled)
     assert encode_latents.main(args(job, tmp_path / "out")) == EXIT_PREEMPTED
     assert len(stored_keys(tmp_path / "out")) == 3
     monkeypatch.undo()

@@ -131,22 +131,25 @@ def test_encoding_encodes_every_row(avi, ckpt, tmp_path, make_csv):
     assert report.skipped == {} and report.encoded == 4
 
 
-def test_too_few_decodable_frames_still_skip_and_count_rows(tmp_path, ckpt, make_csv, caplog):
+def test_too_few_decodable_frames_still_skip_and_count_rows(avi, tmp_path, ckpt, make_csv, caplog):
     caplog.set_level(logging.WARNING)
     short = lying_avi(tmp_path / "short.avi", frames=6, timeline=60)  # the header says 60, 6 decode
     missing = tmp_path / "missing.mp4"
-    csv = make_csv([{"path": short}] * 2 + [{"path": missing}] * 3)
+    # one good row last: the job produces something, so the short rows are counted skips, not "nothing produced"
+    csv = make_csv([{"path": short}] * 2 + [{"path": missing}] * 3 + [{"path": avi}])
     ds = VideoTextDataset(csv, num_frames=9, image_size=(32, 32))
     with pytest.raises(V.VideoReadError, match="6 decodable frames"):
         ds.load_row(0)
     assert not overstated_warnings(caplog, short)  # the skip says it, not a "drawn within" warning
     report = encode_dataset(encode_cfg(ckpt, csv, tmp_path / "z"))
-    assert report.encoded == 0 and len(report.skipped) == 5
-    assert any("skipped 5 clip(s)" in r.getMessage() for r in caplog.records)
+    assert report.encoded == 1 and len(report.skipped) == 5
+    assert sum(r.getMessage().startswith("skipped 5 of 6 row(s)") for r in caplog.records) == 1
     assert sum("6 decodable frames" in reason for reason in report.skipped.values()) == 2
+    caplog.clear()
     cfg = load_config(ROOT / "configs" / "vae" / "tiny" / "inference.py", {
         "model.from_pretrained": str(ckpt), "dataset.data_path": str(csv), "dataset.num_frames": 9,
         "dataset.image_size": (32, 32), "save_dir": str(tmp_path / "r")})
     report = reconstruct_dataset(cfg)
-    assert report.written == [] and len(report.skipped) == 5
-    assert any("skipped 5 row(s)" in r.getMessage() for r in caplog.records)
+    assert report.written == [str(avi)] and len(report.skipped) == 5
+    assert sum("6 decodable frames" in reason for reason in report.skipped.values()) == 2
+    assert sum(r.getMessage().startswith("skipped 5 of 6 row(s)") for r in caplog.records) == 1

@@ -227,10 +227,10 @@ def test_dataset_windows_equal_a_decode_from_the_start(files, decoded, name, mak
 
 
 def test_encoding_reads_the_right_frames_of_a_late_start(files, decoded, make_csv, tmp_path, monkeypatch):
-    from opensora_vae.models import VideoAutoencoderPipeline
+    from opensora_vae.models.autoencoders import OpenSoraAutoencoder
 
-    inputs, encode = [], VideoAutoencoderPipeline.encode_posterior
-    monkeypatch.setattr(VideoAutoencoderPipeline, "encode_posterior", lambda self, x: inputs.append(x) or encode(self, x))
+    inputs, encode = [], OpenSoraAutoencoder.encode
+    monkeypatch.setattr(OpenSoraAutoencoder, "encode", lambda self, x: inputs.append(x) or encode(self, x))
     tiny_pipeline(seed=2).save_pretrained(tmp_path / "ckpt")
     csv = make_csv([{"path": files[name]} for name in LATE])
     cfg = load_config(ROOT / "configs" / "vae" / "tiny" / "latents.py", {

@@ -1,4 +1,9 @@
-"""Latents written by the encode job (opensora_vae.encode): the folder's format and a Dataset over it."""
+"""Latents written by the encode job (opensora_vae.encode): the folder's format and a Dataset over it.
+
+Formats (meta.json's "format"): 2 (this version) stores each clip's posterior mean and std BEFORE any latent
+normalisation, with the model's own normalisation in meta.json ("normalization": shift, scale; normalised =
+(z - shift) / scale per channel); 1 (earlier versions, no "format" key; the Open-Sora pipeline only) stored them
+normalised by meta.json's shift / scale. `LatentDataset` reads both, in the space asked for."""
 from __future__ import annotations
 
 import json
@@ -11,10 +16,13 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import UserError
 from .dataset import _generator
 
-__all__ = ["LatentDataset", "index_path", "read_index", "read_meta", "read_shard_records"]
+__all__ = ["LATENT_FORMAT", "LatentDataset", "index_path", "latent_format", "read_index", "read_meta",
+           "read_shard_records"]
 
+LATENT_FORMAT = 2  # what the encode job writes (module docstring)
 META_NAME = "meta.json"
 SHARD_DIR = "shards"
 INDEX_COLUMNS = ("row", "bucket", "key", "shard", "num_frames", "height", "width", "latent_shape", "path", "text",
@@ -27,6 +35,15 @@ def read_meta(root) -> Dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {root} is not a latent folder written by encode_latents.py")
     return json.loads(path.read_text())
+
+
+def latent_format(meta: Dict[str, Any]) -> int:
+    """The format (module docstring) of a folder's meta.json; refused (one line) when newer than this version's."""
+    version = int(meta.get("format", 1))
+    if version not in (1, LATENT_FORMAT):
+        raise UserError(f"latent folder of format {version}: this version reads formats 1 and {LATENT_FORMAT}; "
+                        f"update opensora_vae")
+    return version
 
 
 def read_shard_records(path) -> List[Dict[str, Any]]:
@@ -61,16 +78,26 @@ class LatentDataset(Dataset):
     from a generator seeded by (seed, epoch, index), so items are identical across workers and resumes; `mean`,
     `std`; `text`, `path`, `row`, `bucket`, `num_frames` (pixel frames: `decode(latent[None], num_frames)`),
     `height`, `width`, `fps`, `frame_indices`, `source_size` (height, width of the source) and `index`.
-    Latents are in the normalised space that `encode` returns (meta.json's shift/scale already applied).
+
+    `normalize=True` (default): latents as diffusion training sees them, the model's own normalisation applied
+    (mean -> (mean - shift) / scale, std -> std / scale, meta.json's "normalization"; Wan: (z - latents_mean) /
+    latents_std, CogVideoX: z * scaling_factor, ...), which is what folders of earlier versions (format 1, the
+    Open-Sora pipeline's normalised latents) gave and still give as stored. `normalize=False`: the posterior before
+    normalisation, what the model's `decode` takes (a format-1 folder is un-normalised, to float rounding).
+    Normalising happens in float32 on the stored values, then back to the stored dtype.
 
     Buckets give different shapes: pass `buckets=["17x256x256"]` (or batch with a bucket-aware sampler) to
     batch with the default collate. Shard files are opened lazily per process (DataLoader workers included).
     """
 
     def __init__(self, root, sample: bool = False, seed: int = 0, buckets: Optional[Sequence[str]] = None,
-                 max_open_shards: int = 16):
+                 max_open_shards: int = 16, normalize: bool = True):
         self.root = Path(root)
         self.meta = read_meta(root)
+        self.format = latent_format(self.meta)
+        self.normalize = bool(normalize)
+        norm = self.meta.get("normalization") or self.meta  # format 1 has shift / scale at the top
+        self._shift, self._scale = (torch.tensor(norm[k], dtype=torch.float32) for k in ("shift", "scale"))
         index = read_index(root)
         if buckets is not None:
             index = index[index["bucket"].isin(list(buckets))].reset_index(drop=True)
@@ -105,10 +132,26 @@ class LatentDataset(Dataset):
         self._files[name] = handle
         return handle
 
+    @property
+    def normalization(self) -> Dict[str, Any]:
+        """The model's normalisation meta.json records: normalised = (z - shift) / scale per channel."""
+        return {"shift": self._shift.tolist(), "scale": self._scale.tolist()}
+
+    def _in_space(self, mean: torch.Tensor, std: torch.Tensor):
+        """Stored mean and std in the space asked for (class docstring)."""
+        stored_normalised = self.format == 1
+        if self.normalize == stored_normalised:
+            return mean, std
+        shape = (-1,) + (1,) * (mean.ndim - 1)
+        shift, scale = self._shift.reshape(shape), self._scale.reshape(shape)
+        m, s = mean.float(), std.float()
+        m, s = ((m - shift) / scale, s / scale) if self.normalize else (m * scale + shift, s * scale)
+        return m.to(mean.dtype), s.to(std.dtype)
+
     def __getitem__(self, index: int) -> Dict[str, Any]:
         r = self.index.iloc[int(index)]
         shard = self._shard(r["shard"])
-        mean, std = shard.get_tensor(f"{r['key']}/mean"), shard.get_tensor(f"{r['key']}/std")
+        mean, std = self._in_space(shard.get_tensor(f"{r['key']}/mean"), shard.get_tensor(f"{r['key']}/std"))
         latent = mean
         if self.sample:
             noise = torch.randn(mean.shape, generator=_generator(self.seed, self.epoch, int(index)))

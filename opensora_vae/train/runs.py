@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..errors import RunError, UserError
-from ..provenance import describe_keys, differing_keys, flatten
+from ..provenance import absolute_if_local, describe_keys, differing_keys, flatten
 from ..registry import to_plain
 from . import checkpoint as ckpt
 
@@ -37,7 +37,7 @@ TRAINABLE = frozenset({"trainable", "train_spatial_only", "learn_logvar"})
 
 def _location(value: Any) -> Any:
     """A local path as an absolute one (the same run started from another folder is the same run)."""
-    return os.path.abspath(os.path.expanduser(value)) if isinstance(value, str) and os.path.exists(value) else value
+    return absolute_if_local(value)
 
 
 def _run_control(key: str) -> bool:
