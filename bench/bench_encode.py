@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from common import provenance  # bench/ is the script's folder
 from opensora_vae.config import load_config
 from opensora_vae.data import VideoTextDataset
 from opensora_vae.data.samples import INSTALL_HINT, sample_clips
@@ -48,6 +49,7 @@ def main() -> None:
         raise SystemExit(f"needs the sample clips: {INSTALL_HINT}")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    provenance(device)
     with tempfile.TemporaryDirectory() as tmp:
         csv = Path(tmp) / "rows.csv"
         paths = list(itertools.islice(itertools.cycle(sorted(clips.values())), args.rows))

@@ -262,6 +262,9 @@ def main(argv=None) -> None:
     if args.mode == "child":
         args.frames = args.frames[0]
         return child(args)
+    from common import provenance  # here: the timed child processes skip it
+
+    provenance(args.device, threads=args.threads)
     if args.mode == "time":
         return time_lengths(args)
     common = dict(device=args.device, threads=args.threads, tile_size=args.tile_size, overlap=args.overlap,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import compare, count_flops, header, max_diff, table  # noqa: E402
+from common import compare, count_flops, header, max_diff, provenance, table  # noqa: E402
 
 from opensora_vae.data.samples import sample_clips  # noqa: E402
 from opensora_vae.metrics import flolpips, load_clip, lpips, psnr, ssim  # noqa: E402
@@ -84,6 +84,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    provenance(device)
     real, gen = real_pairs(args.clips, args.frames, args.size)
     rd, gd = real.to(device), gen.to(device)
     n = args.clips

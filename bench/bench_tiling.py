@@ -15,6 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from common import provenance  # bench/ is the script's folder
 from opensora_vae.data.samples import sample_clips
 from opensora_vae.data.video import read_video
 
@@ -73,6 +74,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    provenance(args.device)
     torch.manual_seed(args.seed)
     x = clip(args.clip, args.frames, *args.size).to(args.device)
 

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import _peak_gib, _reset_peak, header, sync  # noqa: E402
+from common import _peak_gib, _reset_peak, header, provenance, provenance_end, sync  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE3 = ROOT / "configs" / "vae" / "train" / "stage3.py"
@@ -194,13 +194,14 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    info = provenance(args.device)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     logging.basicConfig(level=logging.WARNING)
     for name in args.levers:
         lever_options(name)
     rows = run(args)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps(dict(provenance=provenance_end(info), rows=rows), indent=2))
 
 
 if __name__ == "__main__":

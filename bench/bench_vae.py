@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import compare, count_flops, header, max_diff, table  # noqa: E402
+from common import compare, count_flops, header, max_diff, provenance, provenance_end, table  # noqa: E402
 
 from opensora_vae import build_model
 from opensora_vae.models import VideoAutoencoderPipeline
@@ -328,6 +328,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = True
+    info = provenance(device)
     print(f"{header(device)}, clip {args.frames}x{args.size}x{args.size}, median of {args.repeat}")
     rows = []
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -357,7 +358,7 @@ def main():
     if "load" in args.sections:
         rows.append(bench_load())
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps(dict(provenance=provenance_end(info), rows=rows), indent=2))
 
 
 if __name__ == "__main__":

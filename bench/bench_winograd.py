@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import compare  # noqa: E402
+from common import compare, provenance  # noqa: E402
 
 from opensora_vae.models.speed import winograd  # noqa: E402
 
@@ -37,6 +37,7 @@ def main():
     p.add_argument("--only", choices=["spatial", "temporal"])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    provenance("cpu")
     torch.manual_seed(0)
     print(f"{'shape':34s} {'plain ms':>9s} {'winograd ms':>11s} {'ratio':>6s} {'rel diff':>9s}")
     cases = []

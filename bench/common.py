@@ -1,14 +1,23 @@
-"""Shared benchmark helpers: interleaved side-by-side timing, peak memory, FLOPs and the device's peak."""
+"""Shared benchmark helpers: the provenance header, interleaved side-by-side timing, peak memory, FLOPs and the
+device's peak."""
 from __future__ import annotations
 
+import atexit
+import datetime
+import os
 import statistics
+import subprocess
 import time
-from typing import Callable, Dict, Optional
+from pathlib import Path
+from typing import Callable, Dict, Optional, Union
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
+from opensora_vae.models.speed.calibrate import machine
 from opensora_vae.runtime import peak_memory_bytes, reset_peak_memory
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Dense peak throughput in TFLOP/s (vendor datasheets, no sparsity): (bf16 tensor core, fp32 non-tensor).
 DEVICE_PEAK_TFLOPS = {
@@ -16,6 +25,68 @@ DEVICE_PEAK_TFLOPS = {
     "H100": {torch.bfloat16: 989.4, torch.float32: 66.9},  # SXM / HBM3
     "H200": {torch.bfloat16: 989.4, torch.float32: 66.9},
 }
+
+
+def _git_commit() -> str:
+    """Short commit of the tree the bench runs from, "+dirty" when tracked files differ from it; $BENCH_COMMIT
+    where there is no git (a lent machine gets a copy of the tree without .git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        head = None
+    if head is None or head.returncode:
+        return os.environ.get("BENCH_COMMIT", "unknown")
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _gpu(device: torch.device) -> str:
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30).stdout.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        driver = "unknown"
+    return f"{torch.cuda.get_device_name(device)}, driver {driver}, CUDA {torch.version.cuda}"
+
+
+def _load() -> float:
+    return os.getloadavg()[0]
+
+
+def provenance(device: Union[str, torch.device, None] = None, threads: Optional[int] = None) -> dict:
+    """Print (and return, for JSON output) where and when the figures below it were measured: UTC date, commit,
+    machine (CPU model and vector extensions as the calibration keys them; on CUDA the GPU, driver and CUDA),
+    torch threads (`threads`: those of the timed child processes where they differ from this one's), torch
+    version, 1-minute load average; the load at the end comes from `provenance_end`. Every
+    bench/*.py calls it first. A load above the cores the threads leave free slows multi-threaded steps many times
+    over (OpenMP threads wait for descheduled peers): such figures are not comparable, and the header says so."""
+    device = torch.device(device or "cpu")
+    threads = threads or torch.get_num_threads()
+    cores = os.cpu_count() or 1
+    info = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                commit=_git_commit(), cpu=machine().rsplit(" torch=", 1)[0],  # the calibration's key less torch/threads
+                cores=cores, threads=threads,
+                gpu=_gpu(device) if device.type == "cuda" else None, torch=torch.__version__,
+                load_start=round(_load(), 2), start_unix=time.time())
+    where = f"GPU {info['gpu']}; host " if info["gpu"] else ""
+    print(f"provenance: {info['date']}, commit {info['commit']}, {where}CPU {info['cpu']}, {cores} cores, "
+          f"{threads} torch threads, torch {info['torch']}, load {info['load_start']:.1f} at start", flush=True)
+    if device.type == "cpu" and info["load_start"] + threads > cores + 0.5:
+        print(f"provenance: warning: load {info['load_start']:.1f} with {threads} threads on {cores} cores: times "
+              "are not comparable with an idle machine's", flush=True)
+    atexit.register(provenance_end, info)
+    return info
+
+
+def provenance_end(info: dict) -> dict:
+    """Add the end load and the wall time to `info` and print them, once: at exit, or before (call it before
+    writing `info` out)."""
+    if "load_end" not in info:
+        info.update(load_end=round(_load(), 2), wall_s=round(time.time() - info["start_unix"], 1))
+        print(f"provenance: load {info['load_end']:.1f} at the end, {info['wall_s']:.0f} s", flush=True)
+    return info
 
 
 def cpu_peak_tflops(dtype: torch.dtype) -> Optional[float]:

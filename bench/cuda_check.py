@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from common import provenance  # bench/ is the script's folder
 from opensora_vae import build_model
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
@@ -27,6 +28,7 @@ def fixture_model(case, meta, weights, device, dtype):
 
 def main() -> int:
     device = torch.device("cuda")
+    provenance(device)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 for the 1e-4 comparison
     meta = json.loads((DATA / "tiny_pipeline.json").read_text())

@@ -3,6 +3,8 @@
 # issue 9 figures, most wanted first. A lease is short (about 15 minutes, at most 10 a command): every step gets
 # at most its cap and what is left of BUDGET seconds, and a step with under 20 s left is skipped (said so).
 # STEPS="vae memory" runs only the named steps (names: check vae memory train metrics stages long conv tiling).
+# Every bench script prints a provenance line first; the machine's copy of the tree has no .git, so pass the commit:
+# BENCH_COMMIT=<commit> bash bench/gpu_check.sh.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 BUDGET=${BUDGET:-500}
