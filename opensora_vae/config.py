@@ -4,8 +4,9 @@ Every key a job reads is declared once below (type and default): `TrainConfig`, 
 `load_config(path, options, job=...)` refuses an unknown key (naming the nearest known ones, or the job whose config
 it is), a wrong type or an out-of-range value (key, value, what is expected) before anything is built, and fills in
 the defaults. A numeric key's range is declared with its type (schema.py: `Annotated[int, Range(1)]`,
-`PositiveInt`), in the dataclasses below and in the registered classes' signatures alike. The nested `dataset` and `model` dicts are
-checked against their registered classes' arguments, `lr_schedule`, `optimizer` and `model.tiling` against theirs.
+`PositiveInt`), in the dataclasses below and in the registered classes' signatures alike. The nested `dataset` and
+`model` dicts are checked against their registered classes' arguments, `lr_schedule`, `optimizer` and `model.tiling`
+against theirs; a diffusers `model` entry or spec string through models/build.py's validators (no weights load).
 Names starting with `_` in a config file are that file's variables (e.g. `_num_frames = 17`), not settings.
 """
 from __future__ import annotations
@@ -22,7 +23,13 @@ from typing import Annotated, Any, Dict, Iterable, List, Literal, Mapping, Optio
 
 from mmengine.config import Config
 
+from . import data  # noqa: F401  (registers the dataset types)
+from .adversarial import AdversarialLoss
 from .errors import MissingFileError, UserError
+from .losses import VAELoss
+from .models.build import check_model_entry, model_entry
+from .models.speed import RUNTIME_OPTIONS, TilingConfig
+from .registry import DATASETS, MODELS
 from .runtime import DTYPES
 from .schema import (Decay, Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range,  # noqa: F401
                      fits, is_union, ranges_of, type_name)
@@ -55,7 +62,8 @@ class OptimizerImpl:
 @dataclass
 class JobConfig:
     dataset: Dict[str, Any] = field(default_factory=dict)  # a DATASETS type and its arguments
-    model: Dict[str, Any] = field(default_factory=dict)  # a MODELS type, its arguments and runtime options
+    # a MODELS type, its arguments and runtime options; or a diffusers class or spec string (models/build.py)
+    model: Union[str, Dict[str, Any]] = field(default_factory=dict)
     device: str = "auto"  # auto: CUDA when available, else CPU
     dtype: Union[Literal["auto"], DtypeName] = "auto"  # auto: bf16 on a GPU that has it, else fp32
     seed: int = 42
@@ -174,8 +182,6 @@ def _nearest(name: str, known: Iterable[str], where: str = "") -> str:
 
 
 def _unknown(where: str, name: str, known: Iterable[str]) -> ConfigError:
-    from .models.speed import RUNTIME_OPTIONS  # top-level runtime options moved into the model dict
-
     hint = f" (it is now model.{name})" if not where and name in RUNTIME_OPTIONS else _nearest(name, known, where)
     return ConfigError(f"unknown config key '{where}{name}'{hint}")
 
@@ -238,11 +244,27 @@ def _check_component(where: str, cfg: Any, registry, default_type: Optional[str]
             _check_component(f"{where}{sub}.", cfg[sub], registry, default_type=default)
 
 
+def _check_model(model: Any) -> Dict[str, Any]:
+    """The `model` entry checked, as a dict: a registered type against its arguments and the runtime options, a
+    diffusers class or spec string through models/build.py's validators (no weights load), a `from_pretrained` spec
+    parsed; reference-only keys dropped."""
+    if isinstance(model, Mapping) and not str(model.get("type", "")).startswith("diffusers:"):
+        _check_component("model.", model, MODELS, extra=_model_hints())
+        model = _without_reference_keys(model)
+    try:
+        return check_model_entry(model)
+    except UserError as err:
+        text = str(err)
+        if text.startswith(("unknown config key", "config key")):
+            raise ConfigError(text) from None
+        key = "model" if isinstance(model, str) else "model.from_pretrained" if isinstance(
+            model.get("from_pretrained"), str) and "spec" in text else "model"
+        raise ConfigError(f"config key {key}: {text}") from None
+
+
 def _model_hints() -> Dict[str, Any]:
     """What a job's model dict takes besides its type's arguments: weights (build_model loads them through the one
     loader) and the runtime options build_model applies."""
-    from .models.speed import RUNTIME_OPTIONS, TilingConfig
-
     hints: Dict[str, Any] = {name: Any for name in RUNTIME_OPTIONS}
     hints.update(tiling=Union[bool, TilingConfig, None], winograd=Optional[bool], subpixel=Optional[bool],
                  micro_batch_size=Union[PositiveInt, Literal[False], None], compile=Union[bool, Dict[str, Any], None],
@@ -259,9 +281,6 @@ def _job_hints(job: str) -> Dict[str, Any]:
 
 
 def _job_losses(job: str) -> tuple:
-    from .adversarial import AdversarialLoss
-    from .losses import VAELoss
-
     return (VAELoss, AdversarialLoss) if job == "train" else ()
 
 
@@ -281,9 +300,6 @@ def _check_job(cfg: Config, job: str, values: Mapping[str, Any], hints: Mapping[
 def check_config(cfg: Config, job: str) -> Config:
     """Validate `cfg` against the job's declared keys (raises ConfigError naming the key) and fill in defaults;
     the file's `_` variables are dropped. Idempotent."""
-    from . import data, models  # noqa: F401  (register the dataset and model types)
-    from .registry import DATASETS, MODELS
-
     schema = JOBS[job]
     hints = _job_hints(job)
     losses = _job_losses(job)
@@ -294,10 +310,9 @@ def check_config(cfg: Config, job: str) -> Config:
         if not values.get(required):
             raise ConfigError(f"config key {required!r} is missing: a dict with a 'type' key")
     _check_component("dataset.", values["dataset"], DATASETS)
-    _check_component("model.", values["model"], MODELS, extra=_model_hints())
+    values["model"] = _check_model(values["model"])
     if values.get("discriminator") is not None:
         _check_component("discriminator.", values["discriminator"], MODELS)
-    values["model"] = _without_reference_keys(values["model"])
     defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
                 for f in dataclasses.fields(schema)}
     for loss in losses:
@@ -319,10 +334,6 @@ def _range_words(tp: Any) -> List[str]:
 def declared_ranges() -> Dict[str, List[str]]:
     """Each key with a declared Range -> its ranges in words: the jobs' keys, their nested dicts and every registered
     dataset's and model's arguments (docs/config.md shows them; a test keeps the two in step)."""
-    from . import data, models  # noqa: F401  (register the dataset and model types)
-    from .models.speed import TilingConfig
-    from .registry import DATASETS, MODELS
-
     tables = [_job_hints(job) for job in JOBS] + [_model_hints()]
     tables += [typing.get_type_hints(t, include_extras=True) for t in (LRSchedule, OptimizerImpl, TilingConfig)]
     tables += [signature_hints(obj) for registry in (DATASETS, MODELS) for obj in registry.module_dict.values()]
@@ -382,6 +393,11 @@ def load_config(path: Union[str, Path], options: Optional[Union[Dict[str, object
         cfg = Config.fromfile(str(path))
     except (SyntaxError, NameError, KeyError, FileNotFoundError) as err:
         raise ConfigError(f"config file {path} does not load: {type(err).__name__}: {err}") from err
+    if isinstance(cfg.get("model"), str):  # a spec string: a dict, so that model.* options apply to it
+        try:
+            cfg.model = model_entry(cfg.model)
+        except UserError as err:
+            raise ConfigError(f"config key model: {err}") from None
     if options:
         if not isinstance(options, dict):
             options = parse_cfg_options(options)

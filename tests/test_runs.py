@@ -13,7 +13,7 @@ from mmengine.config import Config
 
 from opensora_vae.errors import UserError, run_main
 from opensora_vae.models import VideoAutoencoderPipeline
-from opensora_vae.registry import build_model
+from opensora_vae import build_model
 
 from helpers import EXACT, ROOT, TINY, metrics, run_in_process
 

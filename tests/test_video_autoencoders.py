@@ -5,12 +5,13 @@ keeps latents, saved folders load with the class's own from_pretrained, frame ru
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import diffusers
 import pytest
 import torch
 
-from helpers import tiny_pipeline
+from helpers import tiny_model_cfg, tiny_pipeline
 from opensora_vae.errors import UserError
 from opensora_vae.models.autoencoders import FrameRule
 from opensora_vae.models.build import as_autoencoder, build_autoencoder, load_autoencoder, parse_vae_spec
@@ -317,7 +318,7 @@ def test_misfits_end_in_one_line_before_any_weights_load(saved, monkeypatch, spe
 
 @pytest.mark.parametrize("cfg, message", [
     (dict(type="diffusers:AutoencoderKLWan", config=dict(base_dimm=8)), r"unknown config key\(s\) \['base_dimm'\]"),
-    (dict(type="AutoencoderKLWan", config={}), "type='diffusers:CLASS'"),
+    (dict(type="AutoencoderKLWan", config={}), "type='diffusers:AutoencoderKLWan'"),
     (dict(type="diffusers:AutoencoderKLWan"), "give either config"),
     (dict(type="diffusers:AutoencoderKLWan", config={}, decode_timestep=0.1), "needs a decoder with timestep"),
 ])
@@ -341,3 +342,84 @@ def test_an_image_vae_runs_frame_by_frame():
         z = posterior.mode()
         assert torch.equal(vae.decode(z, 3)[0], vae.model.decode(z[0].transpose(0, 1)).sample.transpose(0, 1))
     assert (str(vae.frame_rule), vae.temporal_compression, vae.spatial_compression) == ("any", 1, 2)
+
+
+# ----- one entry for every job: build_autoencoder(cfg.model) and the config check -----------------------------------
+TINY_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "vae" / "tiny"
+
+
+def test_build_autoencoder_takes_every_form_of_model_entry(vaes, saved, caplog):
+    """(a) a registered Open-Sora dict, exactly as build_model; (b) a spec string; (c) a diffusers dict; (d) a
+    `from_pretrained` spec of another family replaces the entry, with one warning naming what no longer applies."""
+    from opensora_vae import build_model
+
+    pipe_cfg = dict(tiny_model_cfg(), from_pretrained=str(saved / "opensora"), micro_batch_size=2)
+    a = build_autoencoder(pipe_cfg)
+    assert isinstance(a.model, VideoAutoencoderPipeline) and a.model.spatial_vae.micro_batch_size == 2
+    own = build_model(pipe_cfg).state_dict()
+    assert all(torch.equal(v, own[k]) for k, v in a.model.state_dict().items())
+    wan_spec = f"diffusers:AutoencoderKLWan={saved / 'wan'},subfolder=vae"
+    wan = vaes["AutoencoderKLWan"].state_dict()
+    b = build_autoencoder(wan_spec)
+    c = build_autoencoder(dict(type="diffusers:AutoencoderKLWan", from_pretrained=str(saved / "wan"), subfolder="vae"))
+    with caplog.at_level("WARNING"):
+        d = build_autoencoder(dict(pipe_cfg, from_pretrained=wan_spec, tiling=False))
+    for vae in (b, c, d):
+        assert type(vae.model).__name__ == "AutoencoderKLWan"
+        assert all(torch.equal(v, wan[k]) for k, v in vae.state_dict().items())
+    warned = [r.getMessage() for r in caplog.records if "replaces the config's" in r.getMessage()]
+    assert len(warned) == 1 and "model.micro_batch_size" in warned[0] and "model.tiling" not in warned[0], warned
+    # the reverse: a pipeline checkpoint on a diffusers entry (its random-init config no longer applies)
+    back = build_autoencoder(dict(type="diffusers:AutoencoderKLWan", config=TINY["AutoencoderKLWan"],
+                                  from_pretrained=f"opensora:{saved / 'opensora'}"))
+    assert isinstance(back.model, VideoAutoencoderPipeline)
+    # a diffusers checkpoint of the entry's own class: its config.json is the structure, the entry's options stay
+    same = build_autoencoder(dict(type="diffusers:AutoencoderKLWan", config=dict(base_dim=16), name="mine",
+                                  from_pretrained=str(saved / "checkpoint")))
+    assert same.name == "mine" and all(torch.equal(v, wan[k]) for k, v in same.state_dict().items())
+
+
+def test_a_config_takes_a_spec_string_and_a_ckpt_path_spec(saved, caplog):
+    from opensora_vae.config import load_config
+
+    wan_spec = f"diffusers:AutoencoderKLWan={saved / 'wan'},subfolder=vae"
+    config = saved / "wan_inference.py"
+    config.write_text(f"_base_ = [{str(TINY_CONFIGS / 'inference.py')!r}]\nmodel = {wan_spec!r}\n")
+    cfg = load_config(config, ["model.name=w"], job="inference")
+    assert cfg.model.to_dict() == dict(type="diffusers:AutoencoderKLWan", from_pretrained=str(saved / "wan"),
+                                       subfolder="vae", name="w")
+    assert build_autoencoder(cfg.model).name == "w"
+    # --ckpt-path sets model.from_pretrained: a spec of another family is checked, the entry kept as the user wrote
+    cfg = load_config(TINY_CONFIGS / "inference.py", {"model.from_pretrained": wan_spec}, job="inference")
+    assert cfg.model.type == "OpenSoraVAE_V1_2" and cfg.model.from_pretrained == wan_spec
+    assert type(build_autoencoder(cfg.model).model).__name__ == "AutoencoderKLWan"
+
+
+@pytest.mark.parametrize("model, message", [
+    ("dict(type='diffusers:AutoencoderKLWan', config=dict(base_dim=8), tile=True)",
+     "unknown config key 'model.tile': diffusers:AutoencoderKLWan takes config, from_pretrained"),
+    ("dict(type='diffusers:AutoencoderKLWan', config=dict(base_dim=8), compile=True)",
+     "unknown config key 'model.compile': a runtime option of the Open-Sora pipeline"),
+    ("dict(type='diffusers:AutoencoderKLNope', config=dict())", "no autoencoder class 'AutoencoderKLNope'"),
+    ("dict(type='diffusers:AutoencoderKLWan', config=dict(base_dimm=8))", r"unknown config key\(s\) \['base_dimm'\]"),
+    ("'diffusers:AutoencoderKLWan={wan},subfolder=transformer'", "config key model: .*no subfolder 'transformer'"),
+    ("dict(type='OpenSoraVAE_V1_2', from_pretrained='diffusers:AutoencoderKLWan={wan},subfolder=nope')",
+     "config key model.from_pretrained: .*no subfolder 'nope'"),
+    ("dict(type='OpenSoraVAE_V1_2', from_pretrained='diffusers:AutoencoderKLNope={wan}')",
+     "config key model.from_pretrained: .*no autoencoder class"),
+])
+def test_the_config_check_refuses_a_bad_model_entry_in_one_line_before_any_weights(saved, monkeypatch, model,
+                                                                                    message):
+    from opensora_vae.config import ConfigError, load_config
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights loaded by the config check")
+
+    for cls in TINY:
+        monkeypatch.setattr(getattr(diffusers, cls), "from_pretrained", refuse)
+    config = saved / "bad_model.py"
+    model = model.format(wan=saved / "wan").replace("dict(type=", "dict(_delete_=True, type=")  # not merged on the base's
+    config.write_text(f"_base_ = [{str(TINY_CONFIGS / 'inference.py')!r}]\nmodel = {model}\n")
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(config, job="inference")
+    one_line(err)

@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..config import load_config
-from ..registry import build_model
+from ..models.build import build_model
 from ..train.checkpoint import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]

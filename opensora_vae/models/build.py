@@ -23,34 +23,48 @@ Spec strings (`load_autoencoder`, `parse_vae_spec`):
   An unknown kind, class or option, a bad rule or value, a local folder or `subfolder` that is not there: one line
   (`UserError`) before any weights load.
 
-Config dicts (`build_autoencoder`, e.g. a config's `model=` entry), a diffusers class by its spec prefix:
+A config's `model` entry (`build_autoencoder`, the one way every job gets its model; `model_entry` writes it as a
+dict, config.py checks it with `check_model_entry` before anything runs):
 
+    "diffusers:AutoencoderKLWan=PATH,subfolder=vae"                                  # a spec string
     dict(type="diffusers:AutoencoderKLWan", config=dict(base_dim=8, z_dim=4, ...))   # random init from a config
     dict(type="diffusers:AutoencoderKLWan", from_pretrained=PATH_OR_ID, subfolder="vae")  # as the spec string
+    dict(type="OpenSoraVAE_V1_2", from_pretrained=PATH_OR_ID, micro_frame_size=17, tiling=True)  # `build_model`
 
-  with the spec's other options as keys (frames, tiling, decode_timestep, name, ...). This project's own models
-  keep their registered types (`build_model`), and `as_autoencoder(model)` wraps what that builds.
+  A diffusers dict takes the spec's options as keys (frames, tiling, decode_timestep, name, ...); this project's
+  own models keep their registered types and runtime options (`build_model`), and `as_autoencoder(model)` wraps
+  what that builds. A `from_pretrained` (e.g. set by `--ckpt-path`) may itself be a spec string or a diffusers
+  folder: the weights then decide the model. Of the same family it fills the entry (a diffusers checkpoint's own
+  config.json replaces `config=`); of another family (a Wan checkpoint on an Open-Sora config, or the reverse) it
+  replaces the entry, with one warning naming what was dropped (`provenance.py` records what was built).
 """
 from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import diffusers
 import torch
 from torch import nn
 
 from ..errors import UserError
+from ..registry import MODELS, build_from_cfg, to_plain
 from .autoencoders import (DIFFUSERS_CLASSES, DiffusersAutoencoder, FrameRule, OpenSoraAutoencoder, VideoAutoencoder,
                            diffusers_geometry)
-from .pipeline import VideoAutoencoderPipeline
+from .pipeline import PIPELINE_TYPES, VideoAutoencoderPipeline, load_pipeline
+from .speed import RUNTIME_OPTIONS, apply_runtime_options
 
-__all__ = ["VAE_KINDS", "VaeSpec", "as_autoencoder", "build_autoencoder", "load_autoencoder", "parse_vae_spec"]
+__all__ = ["VAE_KINDS", "VaeSpec", "as_autoencoder", "build_autoencoder", "build_model", "check_model_entry",
+           "load_autoencoder", "model_entry", "parse_vae_spec"]
+
+# Job-wide (every rank builds alike): shown by rank 0 only, as provenance.py's (train/logging.py JOB_WIDE).
+logger = logging.getLogger("opensora_vae.provenance")
 
 _USAGE = "use PATH_OR_ID, opensora:PATH_OR_ID or diffusers:CLASS=PATH_OR_ID, then optional ,key=value"
 _DIFFUSERS_LOAD = ("subfolder", "revision", "variant", "cache_dir", "local_files_only")
@@ -252,19 +266,126 @@ def load_autoencoder(spec: Union[str, VaeSpec], device: Union[str, torch.device]
     return VAE_KINDS[spec.kind](spec, torch.device(device), dtype, posterior)
 
 
-def build_autoencoder(cfg: Dict[str, Any], device: Union[str, torch.device] = "cpu",
-                      dtype: Optional[torch.dtype] = torch.float32, posterior: str = "mode") -> VideoAutoencoder:
-    """A diffusers autoencoder from a config dict (module docstring): `config` builds it with random weights (seed
-    torch first), `from_pretrained` loads it as the spec string would."""
+def build_model(cfg: Any, **overrides: Any):
+    """Build any registered model (VideoAutoencoderKL, VAE_Temporal, OpenSoraVAE_V1_2, a discriminator, ...) from its
+    config dict. A pipeline dict's `from_pretrained` (folder, file, trainer checkpoint or hub id) loads the weights
+    through the one loader (`pipeline.load_pipeline` -> `VideoAutoencoderPipeline.from_pretrained`). Then the runtime
+    options (`speed.RUNTIME_OPTIONS`, never saved) of the dict and the keywords (which win) are applied; one the
+    type's constructor takes (micro_batch_size of OpenSoraVAE_V1_2 / VideoAutoencoderKL: config.json) goes to it
+    instead. A job's model entry of any family: `build_autoencoder`."""
+    cfg = to_plain(cfg)
+    if not isinstance(cfg, dict):
+        return build_from_cfg(cfg, MODELS, **overrides)
+    cfg = {**cfg, **to_plain(overrides)}
+    model_type = MODELS.get(cfg["type"]) if "type" in cfg else None
+    takes = inspect.signature(model_type).parameters if model_type is not None else {}
+    options = {k: cfg.pop(k) for k in list(cfg) if k in RUNTIME_OPTIONS and k not in takes}
+    weights = cfg.pop("from_pretrained", None) if cfg.get("type") in PIPELINE_TYPES else None
+    model = load_pipeline(dict(cfg, from_pretrained=weights)) if weights else build_from_cfg(cfg, MODELS)
+    return apply_runtime_options(model, **options)
+
+
+# ----- a config's model entry -------------------------------------------------------------------------------------
+_ENTRY_KEYS = ("type", "config", "from_pretrained") + _DIFFUSERS_OPTIONS
+# what an Open-Sora entry keeps when a checkpoint of another family replaces it (the one option both take)
+_KEPT_ACROSS_FAMILIES = ("tiling",)
+
+
+def _is_diffusers_entry(cfg: Mapping[str, Any]) -> bool:
+    return str(cfg.get("type", "")).startswith("diffusers:")
+
+
+def _names_a_spec(source: Any, cfg: Mapping[str, Any]) -> bool:
+    """A `from_pretrained` value that says its own family: a spec string (`kind:...`, not a path that exists), a
+    diffusers folder, or (on a diffusers entry) a local path without a diffusers config in the entry's subfolder
+    (a pipeline's folder replaces the entry)."""
+    if not isinstance(source, str) or not source:
+        return False
+    path = Path(os.path.expanduser(source))
+    if not path.exists():
+        return _KIND.match(source) is not None
+    if _is_diffusers_entry(cfg):
+        return not (path.is_dir() and _diffusers_config(path / str(cfg.get("subfolder") or "")))
+    return path.is_dir() and any(_diffusers_config(path / sub) for sub in ("", "model"))
+
+
+def _spec_dict(spec: VaeSpec) -> Dict[str, Any]:
+    """A parsed spec as a model entry dict."""
+    if spec.kind == "diffusers":
+        return {"type": f"diffusers:{spec.class_name}", "from_pretrained": spec.source, **spec.options}
+    options = {k: _json_value(v) for k, v in spec.options.items() if k not in ("name", "frames")}
+    return {"type": "VideoAutoencoderPipeline", "from_pretrained": spec.source, **options}
+
+
+def model_entry(cfg: Any, log: bool = True) -> Dict[str, Any]:
+    """A config's `model` entry (module docstring) as the dict that says what is built: a spec string as a dict, and
+    a `from_pretrained` spec or diffusers folder resolved. Of the entry's family it fills the entry; of another it
+    replaces the entry, with one warning (when `log`) naming the keys that no longer apply. Checks the spec (one
+    line, `UserError`), loads nothing."""
+    if isinstance(cfg, (str, os.PathLike)):
+        return _spec_dict(parse_vae_spec(str(cfg)))
+    cfg = to_plain(dict(cfg))
+    source, diffusers_entry = cfg.get("from_pretrained"), _is_diffusers_entry(cfg)
+    if not (diffusers_entry or cfg.get("type", "VideoAutoencoderPipeline") in PIPELINE_TYPES) \
+            or not _names_a_spec(source, cfg):
+        return cfg
+    entry = _spec_dict(parse_vae_spec(source))
+    if entry["type"] == cfg.get("type") or not (diffusers_entry or _is_diffusers_entry(entry)):  # the same family
+        merged = {**cfg, **{k: v for k, v in entry.items() if k != "type"}}
+        if diffusers_entry:
+            merged.pop("config", None)  # the checkpoint's own config.json is the structure
+        return merged
+    kept = {k: cfg[k] for k in _KEPT_ACROSS_FAMILIES if k in cfg}
+    dropped = sorted(k for k in cfg if k not in kept and k not in ("type", "from_pretrained"))
+    if log:
+        logger.warning("model.from_pretrained %s is a %s model: it replaces the config's %s entry%s", source,
+                       entry["type"], cfg.get("type", "model"),
+                       f" ({', '.join('model.' + k for k in dropped)} do not apply)" if dropped else "")
+    return {**entry, **kept}
+
+
+def check_model_entry(cfg: Any, where: str = "model.") -> Dict[str, Any]:
+    """A model entry checked without loading weights: a spec string parsed (class, options, local folder and
+    subfolder); a diffusers entry's keys and options, its class and a `config`'s keys against the class's arguments;
+    a `from_pretrained` that names its own family (a spec string or a diffusers folder) parsed too. Raises UserError
+    (one line naming the key); returns the entry as a dict (spec strings as dicts, nothing else resolved).
+    A registered type's arguments are config.py's to check."""
+    entry = model_entry(cfg, log=False) if isinstance(cfg, (str, os.PathLike)) else to_plain(dict(cfg))
+    diffusers_entry = _is_diffusers_entry(entry)
+    if diffusers_entry:
+        class_name = entry["type"].partition(":")[2]
+        for key in entry:
+            if key not in _ENTRY_KEYS:
+                hint = ("a runtime option of the Open-Sora pipeline; " if key in RUNTIME_OPTIONS else "") + \
+                    f"{entry['type']} takes {', '.join(k for k in _ENTRY_KEYS if k != 'type')}"
+                raise UserError(f"unknown config key '{where}{key}': {hint}")
+        if not isinstance(entry.get("config", {}), Mapping):
+            raise UserError(f"config key {where}config must be a dict of {class_name}'s arguments")
+    source = entry.get("from_pretrained")
+    if _names_a_spec(source, entry):
+        parse_vae_spec(source)
+        if diffusers_entry:  # the class and options, the weights' folder aside
+            _diffusers_spec({**entry, "from_pretrained": None, "config": entry.get("config") or {}})
+    elif diffusers_entry:
+        _diffusers_spec(entry)
+    return entry
+
+
+def _diffusers_spec(cfg: Mapping[str, Any]) -> VaeSpec:
+    """A diffusers entry as a checked spec: a class diffusers has, known options, `config`'s keys its arguments."""
     cfg = dict(cfg)
     kind, _, class_name = str(cfg.pop("type", "")).partition(":")
     if kind != "diffusers" or not class_name:
         raise UserError(f"model type {kind + (':' + class_name if class_name else '')!r}: a config dict names a "
                         f"diffusers class as type='diffusers:CLASS' (this project's models: build_model)")
     config, source = cfg.pop("config", None), cfg.pop("from_pretrained", None)
-    if (config is None) == (source is None):
+    if source is not None:
+        config = None  # the checkpoint's own config.json is the structure
+    elif config is None:
         raise UserError(f"model type 'diffusers:{class_name}': give either config=dict(...) (random weights) or "
                         f"from_pretrained=PATH_OR_ID")
+    if "tiling" in cfg and isinstance(cfg["tiling"], Mapping):  # a tile size and overlap: the job applies them
+        cfg.pop("tiling")
     text = f"diffusers:{class_name}={source if source is not None else '<config>'}"
     spec = _checked(VaeSpec(text, "diffusers", None if source is None else os.path.expanduser(str(source)),
                             class_name, cfg, None if config is None else dict(config)))
@@ -272,7 +393,42 @@ def build_autoencoder(cfg: Dict[str, Any], device: Union[str, torch.device] = "c
         unknown = sorted(set(config) - set(inspect.signature(_diffusers_class(spec).__init__).parameters))
         if unknown:
             raise UserError(f"model type 'diffusers:{class_name}': unknown config key(s) {unknown}")
-    return load_autoencoder(spec, device, dtype, posterior)
+    return spec
+
+
+def _registered(entry: Mapping[str, Any]) -> None:
+    """A registered type (one line otherwise; a diffusers class named without its prefix says so)."""
+    name = entry.get("type")
+    if name is None:
+        raise UserError(f"model entry {dict(entry)!r} has no type: a registered type, type='diffusers:CLASS' or a "
+                        f"spec string")
+    if MODELS.get(name) is not None:
+        return
+    hint = f"; a diffusers class is type='diffusers:{name}'" if isinstance(getattr(diffusers, str(name), None), type) \
+        else ""
+    raise UserError(f"unknown model type {name!r} (registered: {', '.join(sorted(MODELS.module_dict))}){hint}")
+
+
+def build_autoencoder(cfg: Any, device: Union[str, torch.device] = "cpu",
+                      dtype: Optional[torch.dtype] = torch.float32, posterior: str = "mode",
+                      log: bool = True) -> VideoAutoencoder:
+    """THE model of every job: a `VideoAutoencoder` from a config's `model` entry (module docstring: a spec string, a
+    diffusers dict, a registered Open-Sora type with `from_pretrained` and runtime options, a `from_pretrained` spec
+    that decides the family), on `device` in `dtype` (None: as built), in eval mode. A diffusers `config=` builds
+    random weights (seed torch first). `log`: warn when a checkpoint replaces the entry (rank 0)."""
+    if isinstance(cfg, VideoAutoencoder):
+        return cfg
+    entry = model_entry(cfg, log=log)
+    if not _is_diffusers_entry(entry):
+        _registered(entry)
+        model = build_model(entry)
+        model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+        info = dict(source=entry.get("from_pretrained"), loader="build_model", type=entry.get("type"))
+        return as_autoencoder(model.eval(), posterior=posterior, info=info)
+    if isinstance(entry.get("tiling"), Mapping):
+        raise UserError("model.tiling: a dict of tile options is applied by the job (jobs.job_model); "
+                        "build_autoencoder takes tiling=True or False")
+    return load_autoencoder(_diffusers_spec(entry), device, dtype, posterior)
 
 
 def as_autoencoder(model: nn.Module, name: Optional[str] = None, posterior: str = "mode",

@@ -23,7 +23,8 @@ from ..provenance import recorded_model_config
 from ..data import ResumableDistributedSampler, apply_mixed_strategy, collate_clips
 from ..losses import build_loss
 from ..models.pretrained import WEIGHTS_NAME, load_state_dict_file, load_strict, read_state_dict
-from ..registry import DATASETS, MODELS, build_from_cfg, build_model, to_plain
+from ..models.build import build_model
+from ..registry import DATASETS, MODELS, build_from_cfg, to_plain
 from ..runtime import resolve_dtype
 from . import checkpoint as ckpt
 from ..distributed import any_rank, barrier, close_distributed, init_distributed, unwrap, wrap_model
