@@ -1,4 +1,4 @@
-"""The any-VAE adapters (opensora_vae.metrics.autoencoders) by value: `reconstruct` of a clip that needs padding in
+"""The any-VAE adapters (opensora_vae.models.autoencoders) by value: `reconstruct` of a clip that needs padding in
 time and space equals the model's reconstruction of the padded clip (last frame repeated, edges replicated, made by
 hand here), cropped to the clip's first frames and top-left pixels."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import tiny_pipeline
-from opensora_vae.metrics.autoencoders import DiffusersAutoencoder, FrameRule, OpenSoraAutoencoder
+from opensora_vae.models.autoencoders import DiffusersAutoencoder, FrameRule, Geometry, OpenSoraAutoencoder
 
 
 def _padded(x, frames, h, w):
@@ -37,7 +37,7 @@ def _reconstruction(vae, p):
     with torch.no_grad():
         if isinstance(vae, OpenSoraAutoencoder):
             return vae.model.decode(vae.model.encode(p, sample_posterior=False), num_frames=p.shape[2])
-        if vae.per_frame:  # an image VAE: every frame on its own
+        if vae.geometry.per_frame:  # an image VAE: every frame on its own
             out = vae.model.decode(vae.model.encode(p.transpose(1, 2).flatten(0, 1)).latent_dist.mode()).sample
             return out.unflatten(0, (p.shape[0], p.shape[2])).transpose(1, 2)
         return vae.model.decode(vae.model.encode(p).latent_dist.mode()).sample
@@ -50,13 +50,13 @@ def test_reconstruct_keeps_the_start_of_the_padded_reconstruction(which):
     g = torch.Generator().manual_seed(0)
     if which == "opensora":
         model = tiny_pipeline(seed=3)
-        vae = OpenSoraAutoencoder("opensora", model, FrameRule(4, 1), model.spatial_vae.patch_size[1])
+        vae = OpenSoraAutoencoder("opensora", model, frame_rule=FrameRule(4, 1))
         x, fed = torch.rand(1, 3, 6, 19, 27, generator=g) * 2 - 1, (9, 20, 28)
     elif which == "wan":
-        vae = DiffusersAutoencoder("wan", _wan(), FrameRule(4, 1), 8)
+        vae = DiffusersAutoencoder("wan", _wan(), Geometry(FrameRule(4, 1), 4, 8))
         x, fed = torch.rand(1, 3, 6, 20, 28, generator=g) * 2 - 1, (9, 24, 32)
     else:
-        vae = DiffusersAutoencoder("image", _image_vae(), FrameRule(), 2, per_frame=True)
+        vae = DiffusersAutoencoder("image", _image_vae(), Geometry(FrameRule(), 1, 2, per_frame=True))
         x, fed = torch.rand(2, 3, 3, 19, 27, generator=g) * 2 - 1, (3, 20, 28)
     assert vae.frames_needed(x.shape[2]) == fed[0]
     got = vae.reconstruct(x)

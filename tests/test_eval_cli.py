@@ -256,7 +256,7 @@ def test_docs_list_every_metric_and_flag():
 
 def test_protocol_table_prints_the_temporal_scores():
     """The JSON holds the temporal scores under their own names; the table prints them, not `temporal n/a`."""
-    from opensora_vae.metrics.protocol import format_report
+    from opensora_vae.protocol import format_report
     from opensora_vae.metrics.temporal import SCORES
 
     scores = {name: {"available": True, "mean": 1.5 + i, "std": 0.0, "num_clips": 2, "per_clip": {}}

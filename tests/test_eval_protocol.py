@@ -17,9 +17,9 @@ import torch
 
 from helpers import ROOT, tiny_pipeline
 from opensora_vae.errors import UserError
-from opensora_vae.metrics.autoencoders import FrameRule, build_vae, parse_vae_spec
-from opensora_vae.metrics.protocol import (FORMAT, ProtocolError, file_sha256, frame_indices, load_protocol,
-                                           protocol_from_dict, resolve_clips)
+from opensora_vae.models import FrameRule, load_autoencoder, parse_vae_spec
+from opensora_vae.protocol import (FORMAT, ProtocolError, file_sha256, frame_indices, load_protocol,
+                                   protocol_from_dict, resolve_clips)
 
 SCRIPT = ROOT / "eval" / "vae" / "eval_vae.py"
 EVAL_CONFIGS = ROOT / "configs" / "eval"
@@ -141,16 +141,16 @@ def test_adapters_pad_to_the_valid_length_and_crop_back(vaes):
     want = {"opensora": {17: 17, 10: 10, 1: 1}, "wan": {17: 17, 10: 13, 1: 1},
             "cog": {17: 17, 10: 17, 9: 9}, "ltx": {17: 17, 10: 17, 9: 9}}
     for name, spec in vaes.items():
-        vae = build_vae(spec)
+        vae = load_autoencoder(spec)
         assert {t: vae.frames_needed(t) for t in want[name]} == want[name], name
     x = torch.rand(1, 3, T, 16, 24) * 2 - 1
-    assert build_vae(vaes["wan"]).reconstruct(x).shape == x.shape
+    assert load_autoencoder(vaes["wan"]).reconstruct(x).shape == x.shape
     # posterior="sample": one draw per seed, repeatable; the mode is another reconstruction
-    sampled = build_vae(vaes["ltx"], posterior="sample")
+    sampled = load_autoencoder(vaes["ltx"], posterior="sample")
     a, b = (sampled.reconstruct(x, generator=torch.Generator().manual_seed(3)) for _ in range(2))
-    assert torch.equal(a, b) and not torch.equal(a, build_vae(vaes["ltx"]).reconstruct(x))
+    assert torch.equal(a, b) and not torch.equal(a, load_autoencoder(vaes["ltx"]).reconstruct(x))
     # a rule the model does not follow is an error, never a silent crop of shifted frames
-    wrong = build_vae(vaes["cog"] + ",frames=4k+1")
+    wrong = load_autoencoder(vaes["cog"] + ",frames=4k+1")
     with pytest.raises(ValueError, match=r"fed 13 frames .* got 16 frames"):
         wrong.reconstruct(x)
 
@@ -173,7 +173,7 @@ def test_frame_rules_and_vae_specs():
         with pytest.raises(ValueError, match=message):
             parse_vae_spec(bad)
     with pytest.raises(ValueError, match="no autoencoder class 'AutoencoderKLNope'"):
-        build_vae("diffusers:AutoencoderKLNope=x")
+        load_autoencoder("diffusers:AutoencoderKLNope=x")
 
 
 @pytest.mark.parametrize("fields, message", [

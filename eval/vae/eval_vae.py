@@ -6,8 +6,8 @@
       --vae diffusers:AutoencoderKLWan=Wan-AI/Wan2.1-T2V-1.3B-Diffusers,subfolder=vae \
       --device cuda --output scores.json
 
-The protocol file fixes the clips, frames, size, dtype and rounding (schema: opensora_vae/metrics/protocol.py);
---vae specs (syntax: opensora_vae/metrics/autoencoders.py): opensora:PATH_OR_ID[,key=value...] or
+The protocol file fixes the clips, frames, size, dtype and rounding (schema: opensora_vae/protocol.py);
+--vae specs (syntax: opensora_vae/models/build.py, as --ckpt-path): opensora:PATH_OR_ID[,key=value...] or
 diffusers:CLASS=PATH_OR_ID[,subfolder=vae][,frames=8k+1][,name=LABEL]... Each VAE is fed the length its design
 needs (last frame repeated) and cropped back. Exit code 1 when a VAE failed (its error is in the JSON).
 Under torchrun the ranks split the clips (each on its own GPU) and rank 0 reports the scores one rank would give.
@@ -24,7 +24,7 @@ from opensora_vae.cli import ArgumentParser, add_weight_arguments
 from opensora_vae.distributed import close_distributed, init_distributed
 from opensora_vae.errors import run_main
 from opensora_vae.jobs import check_output_folder
-from opensora_vae.metrics.protocol import evaluate_protocol, format_report, load_protocol
+from opensora_vae.protocol import evaluate_protocol, format_report, load_protocol
 
 
 def build_parser() -> ArgumentParser:

@@ -1,5 +1,7 @@
 """Evaluation protocols: one JSON file fixes everything a VAE comparison depends on, and `evaluate_protocol`
-reconstructs its clips with any number of VAEs (autoencoders.py) and scores them in one run (eval/vae/eval_vae.py).
+reconstructs its clips with any number of VAEs and scores them in one run (eval/vae/eval_vae.py): a job beside
+inference and encoding, its VAEs from models/ (`models.build.load_autoencoder`, spec strings), its scores from
+metrics/ (which knows no model).
 
 Schema (`"format": "opensora-vae-eval-protocol/1"`; an unknown field is an error, so a typo cannot pass silently):
 
@@ -63,17 +65,18 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from opensora_vae.data.transforms import center_crop, resize_short_side
-from opensora_vae.data.video import VideoReadError, probe_video, read_frames
-from opensora_vae.errors import UserError
-from opensora_vae.runtime import DTYPES, peak_memory_bytes, reset_peak_memory, resolve_device
-
-from .autoencoders import VideoAutoencoder, build_vae, parse_vae_spec
-from .evaluate import build_frame_metrics, build_fvd
-from .fvd import FEATURE_DIM, FVDAccumulator
-from .temporal import SCORES as TEMPORAL_SCORES
-from .temporal import temporal_scores
-from .pairs import VIDEO_EXTENSIONS, ClipTooShortError
+from . import __version__
+from .data.transforms import center_crop, resize_short_side
+from .data.video import VideoReadError, probe_video, read_frames
+from .errors import UserError
+from .metrics.evaluate import build_frame_metrics, build_fvd
+from .metrics.fvd import FEATURE_DIM, FVDAccumulator
+from .metrics.pairs import VIDEO_EXTENSIONS, ClipTooShortError
+from .metrics.temporal import SCORES as TEMPORAL_SCORES
+from .metrics.temporal import temporal_scores
+from .models.autoencoders import VideoAutoencoder
+from .models.build import load_autoencoder, parse_vae_spec
+from .runtime import DTYPES, peak_memory_bytes, reset_peak_memory, resolve_device
 
 __all__ = [
     "FORMAT",
@@ -551,16 +554,14 @@ _PACKAGES = ("torch", "torchvision", "diffusers", "opensora-vae", "lpips", "av",
 def package_versions() -> Dict[str, Optional[str]]:
     from importlib import metadata
 
-    import opensora_vae
-
     out: Dict[str, Optional[str]] = {"python": platform.python_version()}
     for name in _PACKAGES:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
-    out["opensora_vae"] = opensora_vae.__version__  # the imported package (an editable install's tree)
-    out["opensora_vae_git"] = _git_commit(Path(opensora_vae.__file__).parent)
+    out["opensora_vae"] = __version__  # the imported package (an editable install's tree)
+    out["opensora_vae_git"] = _git_commit(Path(__file__).parent)
     return out
 
 
@@ -655,7 +656,7 @@ def evaluate_protocol(
         vaes[spec.name] = entry
         vae = None
         try:
-            vae = build_vae(spec, dev, protocol.torch_dtype, protocol.posterior)
+            vae = load_autoencoder(spec, dev, protocol.torch_dtype, protocol.posterior)
             entry.update(vae.describe(), frames_fed=vae.frames_needed(t))
             log(f"{spec.name}: {t} frames fed as {entry['frames_fed']} (rule {vae.frame_rule}), {len(clips)} clips")
             entry.update(score_vae(vae, clips, scorers, protocol, progress=progress))
