@@ -40,7 +40,13 @@ def _check_pair(target: torch.Tensor, recon: torch.Tensor, what: str) -> None:
 
 
 def _unpack(out: Any) -> Tuple[Any, ...]:
-    """The model's training output, as a NamedTuple (by field name) or a plain 5-tuple in the same order."""
+    """The model's training output, as a NamedTuple (by field name) or a plain 5-tuple in the same order; a
+    `VideoAutoencoder`'s `AutoencoderOutput` by its model's own output where it has one (the Open-Sora pipeline's,
+    for the latent terms), else as pixels and posterior only (no x_z, x_z_rec: the pixel terms and the KL)."""
+    if hasattr(out, "native") and hasattr(out, "reconstruction"):
+        if out.native is not None:
+            return _unpack(out.native)
+        return out.reconstruction, None, out.z, out.posterior, None
     if all(hasattr(out, f) for f in _OUT_FIELDS):
         return tuple(getattr(out, f) for f in _OUT_FIELDS)
     if isinstance(out, (tuple, list)) and len(out) == 5:

@@ -288,12 +288,14 @@ def apply_mixed_strategy(
     strategy: str | None,
     mixed_image_ratio: float = 0.0,
     generator: torch.Generator | None = None,
+    lengths: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Shorten a (B, C, T, H, W) batch in time, as Open-Sora's VAE training does.
 
     None: unchanged. "mixed_video_image": with probability `mixed_image_ratio` keep only the first
-    frame. "mixed_video_random": keep the first L frames, L uniform in 1..T. Exactly one draw from
-    `generator` per call for the random strategies, so its state can be checkpointed and replayed.
+    frame. "mixed_video_random": keep the first L frames, L uniform in 1..T, or uniform over `lengths` (the
+    lengths <= T a model takes, e.g. 1, 5, 9 for 4k+1). Exactly one draw from `generator` per call for the random
+    strategies, so its state can be checkpointed and replayed.
     """
     if strategy is None:
         return video
@@ -304,6 +306,12 @@ def apply_mixed_strategy(
             return video[:, :, :1]
         return video
     if strategy == "mixed_video_random":
-        length = int(torch.randint(1, video.shape[2] + 1, (), generator=generator))
+        if lengths is None:
+            length = int(torch.randint(1, video.shape[2] + 1, (), generator=generator))
+        else:
+            valid = [n for n in lengths if 1 <= n <= video.shape[2]]
+            if not valid:
+                raise ValueError(f"no length of {list(lengths)} fits a clip of {video.shape[2]} frames")
+            length = valid[int(torch.randint(len(valid), (), generator=generator))]
         return video[:, :, :length]
     raise ValueError(f"unknown mixed strategy {strategy!r}; expected one of {MIXED_STRATEGIES}")

@@ -19,16 +19,19 @@ def frames_for(discriminator: nn.Module, video: torch.Tensor) -> torch.Tensor:
 
 
 class TrainStep(nn.Module):
-    """Model + loss in one module, so DDP also averages logvar's gradient when it is learned. With a
-    discriminator, the adversarial term joins the loss; the discriminator and AdversarialLoss stay outside this
-    module (their own DDP and optimizer), its weights frozen while the VAE's graph is built."""
+    """Model + loss in one module, so DDP also averages logvar's gradient when it is learned. The model is a
+    `VideoAutoencoder` (models/autoencoders.py): any family runs the same pass; the loss reads the model's own
+    output where it has one (the Open-Sora pipeline's, for its latent terms). With a discriminator, the adversarial
+    term joins the loss, its adaptive weight taken at the model's `last_decoder_weight()`; the discriminator and
+    AdversarialLoss stay outside this module (their own DDP and optimizer), its weights frozen while the VAE's graph
+    is built."""
 
     def __init__(self, model: nn.Module, loss: nn.Module, sample_posterior: bool = True, spatial_only: bool = False,
                  discriminator: Optional[nn.Module] = None, adversarial: Optional[AdversarialLoss] = None):
         super().__init__()
         self.model, self.loss = model, loss
         self.sample_posterior = sample_posterior
-        self.spatial_only = spatial_only
+        self.spatial_only = spatial_only  # the Open-Sora pipeline's spatial VAE alone
         object.__setattr__(self, "discriminator", discriminator)  # not a submodule: not in this DDP
         object.__setattr__(self, "adversarial", adversarial)
 
@@ -36,21 +39,22 @@ class TrainStep(nn.Module):
         """(loss terms, the detached reconstruction when the adversarial terms act at this step, else None)."""
         adversarial = self.adversarial is not None and self.adversarial.active(global_step)
         if self.spatial_only:
-            out = self.model.forward_spatial(x, sample_posterior=self.sample_posterior, generator=generator)
+            out = self.model.model.forward_spatial(x, sample_posterior=self.sample_posterior, generator=generator)
+            x_rec = out.x_rec
         else:
             out = self.model(x, sample_posterior=self.sample_posterior, generator=generator,
                              decode_pixels=self.loss.use_real_rec_loss or adversarial)
+            x_rec = out.reconstruction
         terms = self.loss(x, out)
         if not adversarial:
             return terms, None
         # The NLL the adaptive weight balances: the pixel one with its perceptual term, as the reference.
-        nll = terms["rec_nll"] if "rec_nll" in terms else self.loss.nll(x, out.x_rec, perceptual=True)
-        fake_logits = self.discriminator(frames_for(self.discriminator, out.x_rec))
-        last_layer = self.model.temporal_vae.decoder.conv_out.conv.weight  # the reference's get_temporal_last_layer
-        gen = self.adversarial.generator_loss(fake_logits, nll, last_layer, global_step)
+        nll = terms["rec_nll"] if "rec_nll" in terms else self.loss.nll(x, x_rec, perceptual=True)
+        fake_logits = self.discriminator(frames_for(self.discriminator, x_rec))
+        gen = self.adversarial.generator_loss(fake_logits, nll, self.model.last_decoder_weight(), global_step)
         terms.update(g_loss=gen["g_loss"], d_weight=gen["d_weight"], adversarial=gen["adversarial"].detach(),
                      loss=terms["loss"] + gen["adversarial"])
-        return terms, out.x_rec.detach()
+        return terms, x_rec.detach()
 
 
 class DiscriminatorStep(nn.Module):

@@ -22,12 +22,13 @@ from ..models.spatial import check_video
 from ..provenance import recorded_model_config
 from ..data import ResumableDistributedSampler, apply_mixed_strategy, collate_clips
 from ..losses import build_loss
-from ..models.pretrained import WEIGHTS_NAME, load_state_dict_file, load_strict, read_state_dict
-from ..models.build import build_model
+from ..models.autoencoders import VideoAutoencoder
+from ..models.build import build_autoencoder
+from ..models.pretrained import load_strict
 from ..registry import DATASETS, MODELS, build_from_cfg, to_plain
 from ..runtime import resolve_dtype
 from . import checkpoint as ckpt
-from ..distributed import any_rank, barrier, close_distributed, init_distributed, unwrap, wrap_model
+from ..distributed import any_rank, barrier, close_distributed, init_distributed, wrap_model
 from ..adversarial import AdversarialLoss
 from ..models.discriminator import NLayerDiscriminator
 from .ema import EMA
@@ -44,6 +45,53 @@ DISCRIMINATOR, DISCRIMINATOR_OPTIMIZER = "discriminator.pt", "discriminator_opti
 
 class NonFiniteLossError(RunError):
     pass
+
+
+# Settings only the Open-Sora pipeline trains with (its spatial and temporal latents): key -> what it is.
+OPEN_SORA_ONLY = {
+    "use_z_rec_loss": "the latent reconstruction of the pipeline's spatial latents (stages 1-2)",
+    "use_image_identity_loss": "the identity term between the pipeline's spatial and temporal latents",
+    "train_spatial_only": "the pipeline's spatial VAE alone (stage 0)",
+}
+
+
+def mixed_lengths(cfg, vae: VideoAutoencoder, num_frames: int, image_frames: str = "repeat") -> Optional[list]:
+    """The clip lengths a run may feed `vae`, checked before anything runs (one line naming the key): the data set's
+    `num_frames`, 1 for image rows given as single frames or for `mixed_video_image` steps, and the lengths
+    `mixed_video_random` draws from (returned: those of 1..num_frames the model's rule takes; None where it takes
+    every length, the draw then as it always was)."""
+    rule = vae.frame_rule
+
+    def check(key: str, t: int) -> None:
+        try:
+            vae.check_frames(t)
+        except UserError as err:
+            raise UserError(f"{key}: {err}") from None
+
+    check(f"dataset.num_frames={num_frames}", num_frames)
+    if image_frames == "single":
+        check("dataset.image_frames='single' (image rows are 1-frame clips)", 1)
+    if cfg.mixed_strategy == "mixed_video_image" and cfg.mixed_image_ratio > 0:
+        check("mixed_strategy='mixed_video_image' (its steps train on the first frame alone)", 1)
+    if cfg.mixed_strategy != "mixed_video_random" or rule.factor == 1:
+        return None
+    return [t for t in range(1, num_frames + 1) if rule.valid(t)]
+
+
+def check_family(cfg, vae: VideoAutoencoder) -> None:
+    """Refuse, in one line naming the key, what only the Open-Sora pipeline trains with, on another model."""
+    if vae.kind == "opensora":
+        return
+    on = [k for k in OPEN_SORA_ONLY if cfg.get(k)]
+    if on:
+        raise UserError(f"{on[0]}=True is Open-Sora-only ({OPEN_SORA_ONLY[on[0]]}): {vae.name} trains with the "
+                        f"pixel terms (use_real_rec_loss: L1, LPIPS, KL) and the adversarial ones; set {on[0]}=False")
+    if not cfg.use_real_rec_loss:
+        raise UserError(f"use_real_rec_loss=False: {vae.name} has no other reconstruction term (the latent ones are "
+                        f"Open-Sora-only); set use_real_rec_loss=True")
+    if cfg.grad_checkpoint in ("temporal", "spatial"):
+        raise UserError(f"grad_checkpoint={cfg.grad_checkpoint!r} names a VAE of the Open-Sora pipeline: "
+                        f"{vae.name} takes True or False")
 
 
 def lr_factor(warmup: int, schedule: Optional[dict], max_steps: Optional[int]):
@@ -104,15 +152,24 @@ class Trainer:
             drop_last=False,
         )
 
-        self.model = build_model(cfg.model).to(self.device)
+        # The model as a VideoAutoencoder (any family, one training path); self.model is the model itself (its
+        # parameters, state dict and format are the checkpoint's).
+        self.vae = build_autoencoder(cfg.model, self.device, log=self.dist.is_main)
+        self.model = self.vae.model
+        check_family(cfg, self.vae)
+        self.mixed_lengths = mixed_lengths(cfg, self.vae, getattr(self.dataset, "num_frames", 1),
+                                           getattr(self.dataset, "image_frames", "repeat"))
         # What the run saves describes what it trains: a --ckpt-path checkpoint may bring another structure.
         self.model_config = recorded_model_config(cfg.model, self.model, log=self.dist.is_main)
         if self.precision == "params":
             self.model.to(self.dtype)
-        # grad_checkpoint: True (both VAEs), "temporal" or "spatial" (one of them), False (none).
+        # grad_checkpoint: True (the whole model), "temporal" or "spatial" (one VAE of the pipeline), False (none).
         grad_checkpoint = cfg.grad_checkpoint
         if grad_checkpoint:
-            self.model.enable_gradient_checkpointing(**({} if grad_checkpoint is True else {"parts": grad_checkpoint}))
+            try:
+                self.vae.enable_gradient_checkpointing(**({} if grad_checkpoint is True else {"parts": grad_checkpoint}))
+            except UserError as err:
+                raise UserError(f"grad_checkpoint=True: {err}; set grad_checkpoint=False") from None
         # train_spatial_only: fit the spatial VAE alone (pixel losses; the temporal VAE frozen and unused), where
         # no pretrained spatial VAE exists (the demo's stage 0).
         spatial_only = cfg.train_spatial_only
@@ -121,14 +178,16 @@ class Trainer:
                 raise UserError("train_spatial_only needs the pixel losses: set use_real_rec_loss=True")
             self.model.temporal_vae.requires_grad_(False)
         if cfg.trainable == "decoder":  # fine-tuned weights encode every clip to the same latents as before
-            for module in self.model.encoder_modules():
-                module.requires_grad_(False)
+            self.vae.freeze_encoder()
         self.loss_fn = build_loss(cfg).to(self.device)
         self._setup_discriminator()
-        self.step_module = TrainStep(self.model, self.loss_fn, cfg.sample_posterior, spatial_only,
+        self.step_module = TrainStep(self.vae, self.loss_fn, cfg.sample_posterior, spatial_only,
                                      self.discriminator, self.adversarial).train()
         # The spatial decoder gets no gradient when only latents are reconstructed.
-        unused = not self.loss_fn.use_real_rec_loss and any(p.requires_grad for p in self.model.spatial_vae.parameters())
+        # Another model's causal layers skip their temporal up/down-sampling on a 1-frame clip (an image row, a
+        # mixed-strategy draw), so some of its parameters get no gradient at such a step.
+        unused = self.vae.kind != "opensora" or (not self.loss_fn.use_real_rec_loss and any(
+            p.requires_grad for p in self.model.spatial_vae.parameters()))
         find_unused = unused if cfg.find_unused_parameters is None else cfg.find_unused_parameters
         self.wrapped = wrap_model(self.step_module, self.dist, find_unused)
         # logvar is optimised only with learn_logvar (the reference never optimises it); clipping covers the model.
@@ -181,8 +240,11 @@ class Trainer:
                 raise RunError(str(err)) from err
         video = item.get("video") if isinstance(item, dict) else None
         if isinstance(video, torch.Tensor) and video.ndim == 4:
-            spatial = unwrap(self.model).spatial_vae
-            check_video(video.unsqueeze(0), spatial.in_channels, spatial.patch_size[1])
+            if self.vae.kind == "opensora":
+                spatial = self.model.spatial_vae
+                check_video(video.unsqueeze(0), spatial.in_channels, spatial.patch_size[1])
+            else:
+                self.vae.check_size(*video.shape[-2:])
 
     def _save_config(self) -> None:
         """config.py: what the run trains (its model as built); run.json: the identity of the config that made it
@@ -255,7 +317,7 @@ class Trainer:
             if warning:
                 logger.warning(warning)
         path = ckpt.save_checkpoint(
-            self.run_dir, self.epoch, self.global_step, self.dist.rank, unwrap(self.model),
+            self.run_dir, self.epoch, self.global_step, self.dist.rank, self.vae,
             self.loss_fn.state_dict(), ckpt.consolidated_optimizer_state(self.optimizer), self.running_states(),
             ckpt.rng_state({"data": self.data_gen, "noise": self.noise_gen}), self._checkpoint_extras(),
         )
@@ -270,10 +332,10 @@ class Trainer:
 
     def _checkpoint_extras(self) -> Dict[str, Any]:
         """Collective (the sharded discriminator optimizer is gathered on rank 0)."""
-        model = unwrap(self.model)
         extras: Dict[str, Any] = {}
-        if self.ema is not None:  # the published format: loadable by --ckpt-path RUN/epochE-global_stepS/ema
-            extras["ema"] = lambda folder: model.save_pretrained(folder, state_dict=self.ema.full_state_dict(model))
+        if self.ema is not None:  # the model's own format: loadable by --ckpt-path RUN/epochE-global_stepS/ema
+            extras["ema"] = lambda folder: self.vae.save_pretrained(folder,
+                                                                    state_dict=self.ema.full_state_dict(self.model))
         if self.discriminator is not None:
             extras[DISCRIMINATOR] = {"model": self.discriminator.state_dict(), "loss": self.adversarial.state_dict()}
             extras[DISCRIMINATOR_OPTIMIZER] = ckpt.consolidated_optimizer_state(self.disc_optimizer)
@@ -281,12 +343,12 @@ class Trainer:
 
     def _estimated_checkpoint_bytes(self) -> int:
         """Before the first save: the weights plus AdamW's two moments per trainable value."""
-        weights = sum(t.numel() * t.element_size() for t in unwrap(self.model).state_dict().values())
+        weights = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
         return weights + sum(2 * p.numel() * p.element_size() for p in self.params)
 
     def _resume(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path, self.dist.rank)
-        load_state_dict_file(self.model, str(state["model_dir"]))
+        load_strict(self.model, self.vae.saved_state_dict(state["model_dir"]), str(state["model_dir"]))
         if self.loss_fn.learn_logvar:
             self.loss_fn.load_state_dict(state["loss"])
         elif float(state["loss"]["logvar"]) != float(self.loss_fn.logvar):
@@ -310,7 +372,7 @@ class Trainer:
                 logger.warning("%s has no discriminator: it starts from its initial weights", path)
         if self.ema is not None:
             if (path / "ema").is_dir():
-                self.ema.load_state_dict(read_state_dict(path / "ema" / WEIGHTS_NAME))
+                self.ema.load_state_dict(self.vae.saved_state_dict(path / "ema"))
             else:
                 logger.warning("%s has no EMA: the average starts from its weights", path)
         self._rescale_batch(running["world_size"], running["batch_size"])
@@ -342,7 +404,8 @@ class Trainer:
     # ----- loop --------------------------------------------------------------------------------------------
     def train_step(self, batch: Dict[str, Any]) -> Dict[str, float]:
         x = batch["video"].to(self.device, non_blocking=True)
-        x = apply_mixed_strategy(x, self.cfg.mixed_strategy, self.cfg.mixed_image_ratio, self.data_gen)
+        x = apply_mixed_strategy(x, self.cfg.mixed_strategy, self.cfg.mixed_image_ratio, self.data_gen,
+                                 self.mixed_lengths)
         use_autocast = self.precision == "autocast" and self.dtype != torch.float32
         if self.precision == "params":
             x = x.to(self.dtype)
@@ -368,7 +431,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(unwrap(self.model))
+            self.ema.update(self.model)
         if disc_terms:
             self._discriminator_update(disc_terms["disc_total"])
         out["grad_norm"] = grad_norm.detach().float()
