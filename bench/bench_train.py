@@ -29,6 +29,13 @@ The published strategy draws a random clip length every step (`mixed_video_rando
 python bench/bench_train.py --device cuda --frames 33 --size 256 --steps 4 --levers fused compile_temporal no_ckpt
 python bench/bench_train.py --device cpu --model tiny --dtype fp32 --frames 17 --size 64 --threads 2
 python bench/bench_train.py --device cpu --model tiny --dtype fp32 --frames 9 --size 64 --levers adversarial decoder_only ema
+
+`--model wan cogvideox ltx` (any of them): diffusers' video VAEs side by side instead of levers, each a real `Trainer`
+of its fine-tuning template (configs/vae/train/finetune_wan.py; finetune_cogvideox.py for CogVideoX and LTX-Video:
+the whole model, pixel losses with LPIPS, EMA) at reduced widths with the published compression (CLASSES below,
+random weights: no download), without gradient checkpointing (Wan has none in diffusers); --frames must fit every
+class's rule (17 fits 4k+1 and 8k+1).
+python bench/bench_train.py --device cpu --model wan cogvideox ltx --frames 17 --size 64 --threads 2
 """
 from __future__ import annotations
 
@@ -49,6 +56,19 @@ from common import _peak_gib, _reset_peak, header, provenance, provenance_end, s
 ROOT = Path(__file__).resolve().parents[1]
 STAGE3 = ROOT / "configs" / "vae" / "train" / "stage3.py"
 TINY_WIDTHS = ROOT / "configs" / "vae" / "tiny" / "widths.py"
+TRAIN = ROOT / "configs" / "vae" / "train"
+# --model NAME -> (template, class, reduced widths with the published compression: Wan 4x8x8, CogVideoX 4x8x8 with
+# its 8k+1 batches, LTX-Video 8x32x32)
+CLASSES = {
+    "wan": ("finetune_wan.py", "AutoencoderKLWan", dict(base_dim=32, z_dim=16, dim_mult=[1, 2, 4, 4],
+                                                        num_res_blocks=1)),
+    "cogvideox": ("finetune_cogvideox.py", "AutoencoderKLCogVideoX",
+                  dict(block_out_channels=(32, 64, 128, 128), latent_channels=16, layers_per_block=1,
+                       norm_num_groups=16)),
+    "ltx": ("finetune_cogvideox.py", "AutoencoderKLLTXVideo",
+            dict(block_out_channels=(32, 64, 128, 128), decoder_block_out_channels=(32, 64, 128, 128),
+                 latent_channels=32, layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5)),
+}
 
 LEVERS = {
     "plain": {},
@@ -110,10 +130,15 @@ def build_trainer(name: str, args, data_csv: Path, outputs: Path):
                "num_workers": 0, "tensorboard": False, "ckpt_every": 0, "shard_optimizer": False}
     if not args.mixed:
         options["mixed_strategy"] = None
-    if args.model == "tiny":
+    if args.model[0] == "tiny":
         widths = Config.fromfile(str(TINY_WIDTHS))
         options["model.vae_2d"] = widths._tiny_vae_2d.to_dict()
         options["model.vae_temporal"] = widths._tiny_vae_temporal.to_dict()
+    if name in CLASSES:
+        template, cls, widths = CLASSES[name]
+        options.update({"model": dict(type=f"diffusers:{cls}", config=widths), "grad_checkpoint": False})
+        options.pop("model.vae_2d.from_pretrained")
+        return Trainer(load_config(TRAIN / template, options), config_name="bench")
     options.update(lever_options(name))
     return Trainer(load_config(STAGE3, options), config_name="bench")
 
@@ -132,15 +157,18 @@ def write_clip(folder: Path, frames: int, size: int) -> Path:
 
 def run(args):
     device = torch.device(args.device)
-    names = ["plain"] + [n for n in args.levers if n != "plain"]
+    by_class = args.model[0] in CLASSES
+    names = list(args.model) if by_class else ["plain"] + [n for n in args.levers if n != "plain"]
     clips = [torch.rand(args.batch, 3, args.frames, args.size, args.size, generator=torch.Generator().manual_seed(i))
              * 2 - 1 for i in range(args.warmup + args.steps)]
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         csv = write_clip(Path(tmp), args.frames, args.size)
         trainers = {n: build_trainer(n, args, csv, Path(tmp) / "runs") for n in names}
-        params = sum(p.numel() for p in trainers["plain"].model.parameters())
-        print(f"{header(device)}, stage 3 ({args.model} model, {params / 1e6:.1f}M parameters), dtype {args.dtype}, "
+        params = {n: sum(p.numel() for p in t.model.parameters()) / 1e6 for n, t in trainers.items()}
+        what = ("fine-tuning templates, " + ", ".join(f"{n} {m:.1f}M" for n, m in params.items()) + " parameters"
+                if by_class else f"stage 3 ({args.model[0]} model, {params['plain']:.1f}M parameters)")
+        print(f"{header(device)}, {what}, dtype {args.dtype}, "
               f"clip {args.batch}x{args.frames}x{args.size}x{args.size}, {args.warmup} warm-up + {args.steps} timed steps",
               flush=True)
         res = {n: {"times": [], "peak": 0.0, "loss": []} for n in names}
@@ -162,6 +190,8 @@ def run(args):
                 res[n]["peak"] = max(res[n]["peak"], _static_gib(trainer) + rise)
         for trainer in trainers.values():
             trainer.close()
+    if by_class:
+        return _class_table(res, device, params)
     base = statistics.median(res["plain"]["times"])
     mem = "peak CUDA alloc GiB" if device.type == "cuda" else "peak RSS GiB (lower bound)"
     print(f"| variant | s / step | {mem} | ratio to plain (time) | memory ratio | max loss diff (relative) |")
@@ -176,11 +206,23 @@ def run(args):
     return rows
 
 
+def _class_table(res, device, params):
+    mem = "peak CUDA alloc GiB" if device.type == "cuda" else "peak RSS GiB (lower bound)"
+    print(f"| model | parameters (M) | s / step | {mem} |")
+    print("|---|---|---|---|")
+    rows = {}
+    for n, r in res.items():
+        rows[n] = dict(seconds=statistics.median(r["times"]), peak_gib=r["peak"], parameters_m=params[n])
+        print(f"| {CLASSES[n][1]} | {params[n]:.1f} | {rows[n]['seconds']:.3f} | {r['peak']:.2f} |", flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], help="default: the config's bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--model", choices=["full", "tiny"], default="full")
+    parser.add_argument("--model", nargs="+", choices=["full", "tiny", *CLASSES], default=["full"],
+                        help="full or tiny: the Open-Sora pipeline with --levers; or diffusers classes side by side")
     parser.add_argument("--frames", type=int, default=33, help="clip length (stage 3: 33)")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=1)
@@ -197,6 +239,9 @@ def main():
     info = provenance(args.device)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     logging.basicConfig(level=logging.WARNING)
+    if len(args.model) > 1 and not all(m in CLASSES for m in args.model) or args.model[0] in CLASSES and \
+            not all(m in CLASSES for m in args.model):
+        raise SystemExit(f"--model: full or tiny alone, or classes from {', '.join(CLASSES)}")
     for name in args.levers:
         lever_options(name)
     rows = run(args)

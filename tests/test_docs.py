@@ -55,7 +55,7 @@ NEEDS = {
     "docs/evaluation.md": ("README.md", "configs/vae/inference/video.py"),  # samples/vae_ori, samples/vae_rec
 }
 
-TRAIN_CONFIGS = ("stage1", "stage2", "stage3", "finetune_decoder")
+TRAIN_CONFIGS = ("stage1", "stage2", "stage3", "finetune_decoder", "finetune_wan", "finetune_wan_decoder")
 INFERENCE_CONFIGS = ("video", "image", "latents", "published_eval", "published_eval_image")
 SUBSTITUTIONS = [  # (regex, replacement), applied in order to every runnable block
     (r"hpcai-tech/OpenSora-VAE-v1\.2", "{ckpt}"),

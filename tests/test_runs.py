@@ -32,7 +32,7 @@ def no_heavy_work(monkeypatch):
     def refused(*args, **kwargs):
         raise AssertionError("the model was built before the check")
 
-    monkeypatch.setattr(trainer, "build_model", refused)
+    monkeypatch.setattr(trainer, "build_autoencoder", refused)
 
 
 def test_load_auto_continues_only_a_run_of_the_same_config(tmp_path, clip_csv, caplog):
