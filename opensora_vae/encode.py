@@ -369,7 +369,7 @@ def encode_dataset(cfg, num_frames: Optional[int] = None, image_size: Optional[S
     buckets = parse_buckets(cfg.buckets or [(cfg.dataset.num_frames, *cfg.dataset.image_size)], num_frames, image_size)
     base = clip_dataset(cfg.dataset, (1, *buckets[0][1:]))  # the rows, numbered as every bucket numbers them
     paths = list(base.data["path"])
-    model = job_model(cfg.model, device, dtype)
+    model = job_model(cfg.model, device, dtype, log=info.is_main)
     check_frame_sizes(model, [b[1:] for b in buckets], "bucket height x width")
     check_frame_counts(model, [b[0] for b in buckets], "bucket num_frames")
     if any(is_image_path(p) for p in paths):  # images are 1-frame clips

@@ -149,7 +149,7 @@ def reconstruct_dataset(cfg, overwrite: bool = False, stats_path: Optional[str] 
     paths = list(dataset.data["path"])
     names = output_names(paths)
     rows = range(len(paths)) if cfg.num_samples is None else range(min(len(paths), cfg.num_samples))
-    model = job_model(cfg.model, device, dtype)  # before any folder is made: a bad checkpoint leaves none
+    model = job_model(cfg.model, device, dtype, log=info.is_main)  # before any folder: a bad checkpoint leaves none
     check_frame_sizes(model, [dataset.image_size])
     check_frame_counts(model, [dataset.num_frames])
     report = InferenceReport(model=recorded_model_config(cfg.model, model, log=info.is_main))

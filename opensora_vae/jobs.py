@@ -16,9 +16,8 @@ from torch.utils.data import Dataset
 from .data import VideoReadError
 from .errors import RunError, UserError
 from .models.autoencoders import DiffusersAutoencoder, VideoAutoencoder
-from .models.build import as_autoencoder, build_autoencoder, build_model, load_autoencoder, parse_vae_spec
+from .models.build import build_autoencoder, model_entry
 from .provenance import absolute_if_local
-from .registry import to_plain
 
 __all__ = ["RowReader", "absolute_if_local", "check_frame_counts", "check_frame_sizes", "check_output_folder",
            "job_model", "merge_skips", "rank_share", "report_skips"]
@@ -58,10 +57,6 @@ def check_frame_counts(model: VideoAutoencoder, counts: Iterable[int], what: str
             raise UserError(f"{what} {t}: {err}") from None
 
 
-# Runtime options of the Open-Sora pipeline that a diffusers model has no counterpart for.
-_PIPELINE_ONLY = ("compile", "winograd")
-
-
 def _own_tiling(vae: DiffusersAutoencoder, tiling: Any) -> None:
     """`--tiling` (model.tiling: True or a dict) on a diffusers model: its own `enable_tiling()`; tile_size is its
     tile's height and width, overlap what neighbouring tiles share (its stride, or CogVideoX's overlap factor)."""
@@ -69,7 +64,8 @@ def _own_tiling(vae: DiffusersAutoencoder, tiling: Any) -> None:
     size, overlap = options.pop("tile_size", None), options.pop("overlap", None)
     if any(options.values()):
         raise UserError(f"model.tiling {sorted(k for k, v in options.items() if v)}: the Open-Sora pipeline's tile "
-                        f"options; {type(vae.model).__name__} takes tile_size and overlap (--tile-size, --tile-overlap)")
+                        f"options; {type(vae.model).__name__} takes tile_size and overlap (--tile-size, "
+                        f"--tile-overlap)")
     takes = inspect.signature(vae.model.enable_tiling).parameters
     kwargs: Dict[str, Any] = {}
     if size is not None:
@@ -85,35 +81,16 @@ def _own_tiling(vae: DiffusersAutoencoder, tiling: Any) -> None:
     vae.enable_tiling(**kwargs)
 
 
-def _build(cfg: Dict[str, Any], device: torch.device, dtype: torch.dtype) -> VideoAutoencoder:
-    """A `VideoAutoencoder` from a job's `model` entry: a diffusers type (`type="diffusers:CLASS"`), a
-    `from_pretrained` spec or folder of a diffusers model (it replaces the entry's Open-Sora structure), or this
-    project's pipeline (weights from `from_pretrained`, runtime options applied)."""
-    source = cfg.get("from_pretrained")
-    if str(cfg.get("type", "")).startswith("diffusers:"):
-        return build_autoencoder(cfg, device, dtype)
-    if isinstance(source, str) and source:
-        spec = parse_vae_spec(source)
-        if spec.kind == "diffusers":
-            return load_autoencoder(spec, device, dtype)
-    return as_autoencoder(build_model(cfg).to(device=device, dtype=dtype).eval())
-
-
-def job_model(model_cfg, device: torch.device, dtype: torch.dtype) -> VideoAutoencoder:
-    """The model of a job as a `VideoAutoencoder` (models/autoencoders.py), on `device` in `dtype`, in eval mode.
-    `model_cfg`: a job config's `model` entry; `tiling` turns on a diffusers model's own tiling."""
-    cfg = to_plain(dict(model_cfg))
-    diffusers_entry = str(cfg.get("type", "")).startswith("diffusers:")
-    options = {k: cfg.pop(k) for k in ("tiling", *_PIPELINE_ONLY) if diffusers_entry and k in cfg}
-    vae = _build(cfg, device, dtype)
-    if isinstance(vae, DiffusersAutoencoder):
-        for key in _PIPELINE_ONLY:
-            if options.get(key, cfg.get(key)):
-                raise UserError(f"model.{key}: a runtime option of the Open-Sora pipeline; {vae.name} has none "
-                                f"(docs/speed.md)")
-        tiling = options.get("tiling", cfg.get("tiling"))
-        if tiling:
-            _own_tiling(vae, tiling)
+def job_model(model_cfg, device: torch.device, dtype: torch.dtype, log: bool = True) -> VideoAutoencoder:
+    """The model of a job as a `VideoAutoencoder` (`models.build.build_autoencoder`: an Open-Sora entry, a spec
+    string, a diffusers entry, or a `from_pretrained` spec that replaces the entry), on `device` in `dtype`, in eval
+    mode. `tiling` (--tiling, --tile-size, --tile-overlap) turns on a diffusers model's own tiling (`_own_tiling`);
+    the Open-Sora pipeline applies it as a runtime option. `log`: rank 0 (a replaced entry is warned about once)."""
+    entry = model_entry(model_cfg, log=log)
+    tiling = entry.pop("tiling", None) if str(entry.get("type", "")).startswith("diffusers:") else None
+    vae = build_autoencoder(entry, device, dtype, log=False)
+    if tiling is True or isinstance(tiling, dict):  # --tiling alone gives {} (as for the pipeline)
+        _own_tiling(vae, tiling)
     return vae.eval()
 
 

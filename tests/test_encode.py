@@ -264,3 +264,37 @@ def test_meta_json_reopens_from_any_folder(job, tmp_path, sample_videos, monkeyp
     meta_path = tmp_path / "latents" / "meta.json"  # as earlier versions wrote it: relative to the job's folder
     meta_path.write_text(json.dumps(dict(meta, checkpoint="ckpt", model=dict(meta["model"], from_pretrained="ckpt"))))
     assert encode_latents.main(argv) == 0  # the same job started there again: resumes, not "another job"
+
+
+def test_folders_of_earlier_versions_read_as_before_and_are_not_resumed(whole, job, tmp_path, capsys):
+    """Format 1 (earlier versions) stored the pipeline's normalised latents, with shift/scale in meta.json and no
+    "format": LatentDataset gives what it gave (normalised by default, as this version's folders), or the posterior
+    before normalisation; an encode job into it stops in one line."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from opensora_vae.data.latents import read_shard_records
+
+    old = tmp_path / "old"
+    shutil.copytree(whole, old)
+    meta = read_meta(whole)
+    shift, scale = (torch.tensor(meta[k]).reshape(-1, 1, 1, 1) for k in ("shift", "scale"))
+    for shard in (old / "shards").glob("*.safetensors"):  # as encode_posterior wrote them
+        records, stored = read_shard_records(shard), load_file(str(shard))
+        normalised = {k: (v - shift) / scale if k.endswith("/mean") else v / scale for k, v in stored.items()}
+        save_file(normalised, str(shard), metadata={"clips": json.dumps(records)})
+    legacy = {k: v for k, v in meta.items() if k not in ("format", "normalization", "autoencoder")}
+    (old / "meta.json").write_text(json.dumps(dict(legacy, latent_space="normalised")))
+
+    new, before = LatentDataset(whole), LatentDataset(old)
+    raw_new, raw_old = LatentDataset(whole, normalize=False), LatentDataset(old, normalize=False)
+    assert (new.format, before.format) == (2, 1)
+    for i in range(len(new)):
+        a, b = new[i], before[i]
+        assert torch.equal(a["mean"], b["mean"]) and torch.equal(a["std"], b["std"]), i
+        assert torch.allclose(raw_old[i]["mean"], raw_new[i]["mean"], rtol=1e-5, atol=1e-6)
+        assert torch.allclose(raw_old[i]["std"], raw_new[i]["std"], rtol=1e-5, atol=1e-7)
+        assert not torch.allclose(raw_new[i]["mean"], a["mean"])  # shift / scale are not the identity
+    assert run_main(encode_latents.main, args(job, old)) == 2
+    assert "format 1" in _error_line(capsys)
