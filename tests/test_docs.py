@@ -5,7 +5,8 @@ that cannot run here is listed in NOT_RUN with the reason, matched by its doc an
 runs. Each doc runs its blocks in order in its own folder, as a user would from the repository root (scripts/, eval/,
 configs/ and .venv are links there), with these substitutions (SUBSTITUTIONS):
 
-- the published weights (`hpcai-tech/OpenSora-VAE-v1.2`) and diffusers models -> tiny random checkpoints saved here;
+- the published weights (`hpcai-tech/OpenSora-VAE-v1.2`) and diffusers models (CogVideoX-2b's and Wan 2.1's VAE, as
+  `vae/` of a pipeline folder) -> tiny random checkpoints saved here;
 - training configs -> their tiny versions (configs/vae/tiny/) stopped after one step; published inference and
   encoding configs -> the same configs at 32x32; an eval protocol -> the same protocol on one clip at 64x64;
 - `--nproc_per_node=N` -> 1, `--device cuda` / `"cuda"` -> CPU, 256-pixel evaluation -> 64 pixels;
@@ -60,6 +61,7 @@ INFERENCE_CONFIGS = ("video", "image", "latents", "published_eval", "published_e
 SUBSTITUTIONS = [  # (regex, replacement), applied in order to every runnable block
     (r"hpcai-tech/OpenSora-VAE-v1\.2", "{ckpt}"),
     (r"THUDM/CogVideoX-2b", "{cogvideox}"),
+    (r"Wan-AI/Wan2\.1-T2V-1\.3B-Diffusers", "{wan}"),
     (r"configs/vae/(?:train|tiny)/(" + "|".join(TRAIN_CONFIGS) + r")\.py", r"{configs}/\1.py"),
     (r"configs/vae/inference/(" + "|".join(INFERENCE_CONFIGS) + r")\.py", r"{configs}/\1.py"),
     (r"configs/eval/(\w+)\.json", r"{configs}/\1.json"),
@@ -115,7 +117,7 @@ def test_every_block_has_a_language_and_the_not_run_list_is_current():
 
 
 def test_substitutions_and_commands():
-    values = {"ckpt": "/c", "cogvideox": "/g", "configs": "/d"}
+    values = {"ckpt": "/c", "cogvideox": "/g", "wan": "/w", "configs": "/d"}
     text = substitute("torchrun --nproc_per_node=8 scripts/inference_vae.py configs/vae/inference/video.py \\\n"
                       "    --ckpt-path hpcai-tech/OpenSora-VAE-v1.2 [--cal-stats]  # a comment", values)
     assert [shlex.split(line, comments=True) for line in commands(text)] == [
@@ -229,6 +231,9 @@ def shared(tmp_path_factory, sample_videos):
     cog = dict(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=4,
                temporal_compression_ratio=4)
     diffusers.AutoencoderKLCogVideoX(**cog).save_pretrained(root / "cogvideox" / "vae")
+    wan = dict(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, latents_mean=[0.1, -0.2, 0.3, 0.0],
+               latents_std=[1.5, 0.5, 2.0, 1.0])
+    diffusers.AutoencoderKLWan(**wan).save_pretrained(root / "wan" / "vae")
     hub = root / "torch" / "hub" / "checkpoints"
     hub.mkdir(parents=True)
     for net in ("alex", "vgg"):  # random stand-ins in torchvision's format
@@ -238,7 +243,7 @@ def shared(tmp_path_factory, sample_videos):
                hub / "network-default.pytorch")
     clips = [sample_videos["carphone_pristine"], sample_videos["carphone_distorted"]]
     return {"root": root, "clips": clips, "values": {"ckpt": str(root / "ckpt"), "configs": str(configs),
-                                                     "cogvideox": str(root / "cogvideox")}}
+                                                     "cogvideox": str(root / "cogvideox"), "wan": str(root / "wan")}}
 
 
 @pytest.fixture
