@@ -1,7 +1,9 @@
-"""Encode a CSV of videos/images to latent shards (posterior mean and std) for diffusion training.
+"""Encode a CSV of videos/images with any video VAE to latent shards (posterior mean and std before normalisation;
+the model's own normalisation in meta.json, applied by LatentDataset) for diffusion training.
 
 torchrun --standalone --nproc_per_node=N scripts/encode_latents.py configs/vae/inference/latents.py \
     --ckpt-path CKPT --data-path CSV --save-dir DIR
+CKPT: an Open-Sora checkpoint or a spec string such as diffusers:AutoencoderKLWan=PATH_OR_ID,subfolder=vae.
 Rerun the same command to resume: stored clips are skipped, with any number of ranks. SIGTERM/SIGUSR1/Ctrl-C:
 each rank writes what it encoded and exits 75.
 """

@@ -1,7 +1,10 @@
-"""Reconstruct a CSV of videos: writes SAVE_DIR_ori, SAVE_DIR_rec (full pipeline) and SAVE_DIR_spatial (2D VAE).
+"""Reconstruct a CSV of videos with any video VAE: writes SAVE_DIR_ori, SAVE_DIR_rec (the model's reconstruction)
+and, for a model with a spatial-only path (the Open-Sora pipeline), SAVE_DIR_spatial (its 2D VAE alone).
 
 torchrun --standalone --nproc_per_node=1 scripts/inference_vae.py configs/vae/inference/video.py \
     --ckpt-path CKPT --data-path CSV --save-dir DIR
+CKPT: an Open-Sora checkpoint (folder, file, trainer checkpoint, hub id) or a spec string such as
+diffusers:AutoencoderKLWan=Wan-AI/Wan2.1-T2V-1.3B-Diffusers,subfolder=vae (docs/inference.md#any-video-vae).
 """
 import argparse
 import sys
@@ -17,7 +20,7 @@ from opensora_vae.train.logging import setup_logging
 def main(argv=None) -> int:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_job_arguments(parser, "inference")
-    add_clip_arguments(parser, "output prefix: DIR_ori, DIR_rec, DIR_spatial (sets save_dir)")
+    add_clip_arguments(parser, "output prefix: DIR_ori, DIR_rec, DIR_spatial (a spatial-only path) (sets save_dir)")
     parser.add_argument("--fps", type=float, help="fps of the written videos (sets fps; default: the source's)")
     parser.add_argument("--crf", type=int, help="H.264 quality of the written videos (sets crf)")
     parser.add_argument("--num-samples", type=int, help="reconstruct only the first N rows of the CSV")
