@@ -100,18 +100,15 @@ def declared_model(model_cfg: Any) -> Optional[Dict[str, Any]]:
     return description
 
 
-def _diffusers_entry(cfg: Dict[str, Any], vae: DiffusersAutoencoder, log: bool) -> Dict[str, Any]:
+def _diffusers_entry(cfg: Dict[str, Any], vae: DiffusersAutoencoder) -> Dict[str, Any]:
     """The model entry that rebuilds a diffusers autoencoder (`models.build.build_autoencoder`): its class and
-    source, absolute where local, with the spec's options; a randomly initialised one keeps the config's entry."""
+    source, absolute where local, with the spec's options; a randomly initialised one keeps the config's entry.
+    (A checkpoint that replaced the config's entry was warned about when it was built: `models.build.model_entry`.)"""
     info = vae.info
     if info.get("source") is None:
         return cfg
-    entry = {"type": f"diffusers:{info['class_name']}", "from_pretrained": absolute_if_local(info["source"]),
-             **(info.get("options") or {})}
-    if log and cfg.get("type") != entry["type"]:
-        logger.info("model: %s from %s (what the run records; the config's %s entries do not apply)",
-                    info["class_name"], entry["from_pretrained"], cfg.get("type"))
-    return entry
+    return {"type": f"diffusers:{info['class_name']}", "from_pretrained": absolute_if_local(info["source"]),
+            **(info.get("options") or {})}
 
 
 def recorded_model_config(model_cfg: Any, model: torch.nn.Module, log: bool = True) -> Dict[str, Any]:
@@ -125,7 +122,7 @@ def recorded_model_config(model_cfg: Any, model: torch.nn.Module, log: bool = Tr
 
     cfg = to_plain(dict(model_cfg))
     if isinstance(model, DiffusersAutoencoder):
-        return _diffusers_entry(cfg, model, log)
+        return _diffusers_entry(cfg, model)
     if isinstance(model, OpenSoraAutoencoder):
         model = model.model
     if not cfg.get("from_pretrained"):
