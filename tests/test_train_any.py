@@ -44,7 +44,8 @@ def trained(config, csv, outputs, **opts):
 
 
 def test_the_templates_and_their_tiny_versions_load():
-    for name, hub in (("finetune_wan", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"), ("finetune_cogvideox", "THUDM/CogVideoX-2b")):
+    hubs = {"finetune_wan": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "finetune_cogvideox": "THUDM/CogVideoX-2b"}
+    for name, hub in hubs.items():
         full, decoder = (load_config(TRAIN / f"{n}.py", job="train") for n in (name, f"{name}_decoder"))
         assert (full.model.from_pretrained, full.model.subfolder) == (hub, "vae")
         assert full.use_real_rec_loss and not full.use_z_rec_loss and not full.use_image_identity_loss

@@ -160,14 +160,15 @@ class Trainer:
         self.mixed_lengths = mixed_lengths(cfg, self.vae, getattr(self.dataset, "num_frames", 1),
                                            getattr(self.dataset, "image_frames", "repeat"))
         # What the run saves describes what it trains: a --ckpt-path checkpoint may bring another structure.
-        self.model_config = recorded_model_config(cfg.model, self.model, log=self.dist.is_main)
+        self.model_config = recorded_model_config(cfg.model, self.vae, log=self.dist.is_main)
         if self.precision == "params":
             self.model.to(self.dtype)
         # grad_checkpoint: True (the whole model), "temporal" or "spatial" (one VAE of the pipeline), False (none).
         grad_checkpoint = cfg.grad_checkpoint
         if grad_checkpoint:
             try:
-                self.vae.enable_gradient_checkpointing(**({} if grad_checkpoint is True else {"parts": grad_checkpoint}))
+                parts = {} if grad_checkpoint is True else {"parts": grad_checkpoint}
+                self.vae.enable_gradient_checkpointing(**parts)
             except UserError as err:
                 raise UserError(f"grad_checkpoint=True: {err}; set grad_checkpoint=False") from None
         # train_spatial_only: fit the spatial VAE alone (pixel losses; the temporal VAE frozen and unused), where
