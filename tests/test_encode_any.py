@@ -94,7 +94,7 @@ def one_rank(job):
     return {name: job / f"{name}-1" for name in CLASSES}
 
 
-def test_one_and_two_ranks_give_identical_shards(job, one_rank):
+def test_one_and_two_ranks_give_identical_shards_and_resume(job, one_rank):
     runs = [args(job, name, job / f"{name}-2") + ["dist_timeout=60"] for name in CLASSES]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
@@ -110,6 +110,10 @@ def test_one_and_two_ranks_give_identical_shards(job, one_rank):
         from opensora_vae.data.latents import read_index
 
         assert list(read_index(one_rank[name])["key"]) == list(read_index(job / f"{name}-2")["key"])
+        # resumable: a 1-rank rerun into the 2-rank folder is the same job (meta.json alike) and finds nothing to do
+        shards = sorted(p.name for p in (job / f"{name}-2" / "shards").iterdir())
+        assert encode_latents.main(args(job, name, job / f"{name}-2")) == 0
+        assert sorted(p.name for p in (job / f"{name}-2" / "shards").iterdir()) == shards
 
 
 @pytest.mark.parametrize("name", CLASSES)
