@@ -136,9 +136,10 @@ def build_trainer(name: str, args, data_csv: Path, outputs: Path):
         options["model.vae_temporal"] = widths._tiny_vae_temporal.to_dict()
     if name in CLASSES:
         template, cls, widths = CLASSES[name]
-        options.update({"model": dict(type=f"diffusers:{cls}", config=widths), "grad_checkpoint": False})
         options.pop("model.vae_2d.from_pretrained")
-        return Trainer(load_config(TRAIN / template, options), config_name="bench")
+        cfg = load_config(TRAIN / template, dict(options, grad_checkpoint=False))
+        cfg.model = dict(type=f"diffusers:{cls}", config=widths)  # the whole entry: random weights, no download
+        return Trainer(cfg, config_name="bench")
     options.update(lever_options(name))
     return Trainer(load_config(STAGE3, options), config_name="bench")
 
