@@ -15,6 +15,9 @@ import torch
 
 from .models.autoencoders import DiffusersAutoencoder, OpenSoraAutoencoder
 from .models.build import build_model
+from .models.pipeline import VideoAutoencoderPipeline
+from .models.spatial import SDXL_VAE_HUB_ID
+from .models.speed import RUNTIME_OPTIONS
 from .registry import MODELS, to_plain
 
 logger = logging.getLogger("opensora_vae.provenance")
@@ -62,8 +65,6 @@ def _with_defaults(component: Dict[str, Any]) -> Dict[str, Any]:
 def model_description(model: torch.nn.Module) -> Optional[Dict[str, Any]]:
     """The structure of a built pipeline as a VideoAutoencoderPipeline model entry (what its config.json holds:
     the spatial VAE's AutoencoderKL config, the temporal VAE's type and arguments); None for other models."""
-    from .models.pipeline import VideoAutoencoderPipeline
-
     if not isinstance(model, VideoAutoencoderPipeline):
         return None
     cfg = json.loads(json.dumps(to_plain(model.config), default=str))
@@ -79,9 +80,6 @@ def declared_model(model_cfg: Any) -> Optional[Dict[str, Any]]:
     """The description (`model_description`) of the model a config entry asks for, weights aside: built on the
     meta device (no memory, no download). None when it cannot be told offline. A spatial VAE given only as a hub
     id other than the SDXL VAE's has no known structure: its `config` is left out."""
-    from .models.spatial import SDXL_VAE_HUB_ID
-    from .models.speed import RUNTIME_OPTIONS
-
     cfg = {k: v for k, v in to_plain(dict(model_cfg)).items() if k not in RUNTIME_OPTIONS and k != "from_pretrained"}
     vae_2d = dict(cfg.get("vae_2d") or {})
     default_source = SDXL_VAE_HUB_ID if cfg.get("type") == "OpenSoraVAE_V1_2" else None
@@ -118,8 +116,6 @@ def recorded_model_config(model_cfg: Any, model: torch.nn.Module, log: bool = Tr
     Otherwise the checkpoint's structure (with the entry's `from_pretrained` and runtime options), and one warning
     (when `log`: rank 0) naming the keys where config and checkpoint disagree. Training saves it in the run's
     config.py; inference and encoding record it the same way."""
-    from .models.speed import RUNTIME_OPTIONS
-
     cfg = to_plain(dict(model_cfg))
     if isinstance(model, DiffusersAutoencoder):
         return _diffusers_entry(cfg, model)

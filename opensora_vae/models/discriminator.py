@@ -27,6 +27,7 @@ from torch import nn
 
 from ..registry import MODELS
 from ..runtime import DTYPES
+from .pretrained import load_strict, read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +74,6 @@ def load_discriminator_weights(module: nn.Module, path: Union[str, os.PathLike],
                                inflate_from_2d: bool = False) -> None:
     """Load a checkpoint (file, folder, or the trainer's `subfolder` in it) into `module`, strictly; with
     `inflate_from_2d`, 2D conv kernels are placed in the centre of the 3D kernels' time axis."""
-    from .pretrained import load_strict, read_state_dict
-
     files = _find_weights(Path(os.path.expanduser(str(path))), subfolder)
     state: Dict[str, torch.Tensor] = {}
     for file in files:

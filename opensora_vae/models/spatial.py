@@ -74,6 +74,8 @@ class VideoAutoencoderKL(RuntimeOptionsMixin, nn.Module):
     Fast paths (sub-pixel upsampling on by default) and runtime options: `speed.RuntimeOptionsMixin`.
     """
 
+    vae_part = "spatial"
+
     def __init__(
         self,
         from_pretrained: Optional[str] = None,

@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..registry import MODELS
 from .distributions import DiagonalGaussianDistribution
+from .pretrained import load_state_dict_file
 from .spatial import check_video
 from .speed import RuntimeOptionsMixin
 
@@ -148,6 +149,7 @@ class VAE_Temporal(RuntimeOptionsMixin, nn.Module):
     Fast paths (oneDNN convolutions on by default) and runtime options: `speed.RuntimeOptionsMixin`."""
 
     _supported_options = ("tiling",)  # a pipeline's compile and winograd reach its networks too
+    vae_part = "temporal"
 
     def __init__(
         self,
@@ -182,8 +184,6 @@ class VAE_Temporal(RuntimeOptionsMixin, nn.Module):
         self.quant_conv = CausalConv3d(2 * latent_embed_dim, 2 * embed_dim, 1)
         self.post_quant_conv = CausalConv3d(embed_dim, latent_embed_dim, 1)
         if from_pretrained is not None:
-            from .pretrained import load_state_dict_file
-
             load_state_dict_file(self, from_pretrained, prefix="temporal_vae.")
         self._apply_default_options()
 

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..config import check_config, load_config
 from ..errors import RunError, UserError
 from ..provenance import absolute_if_local, describe_keys, differing_keys, flatten
 from ..registry import to_plain
@@ -77,8 +78,6 @@ def read_identity(run_dir: Path) -> Optional[Dict[str, Any]]:
         pass
     if not (run_dir / "config.py").is_file():
         return None
-    from ..config import check_config, load_config
-
     try:
         return config_identity(check_config(load_config(run_dir / "config.py"), "train"))
     except Exception as err:  # noqa: BLE001 - an unreadable record is no record

@@ -1,7 +1,8 @@
 """Fast paths and runtime options, outside the model files. Each fast path swaps a module's class for a subclass with
 the same parameters and state-dict names: `Conv2d` / `Conv3d` (the first backend enabled on the module that applies to
-the call and measured faster on this machine, `calibrate`, else PyTorch's forward), `subpixel.Upsample2D`, the `tiled` VAEs. `RuntimeOptionsMixin` gives the models
-enable_<name>() / disable_<name>(); `apply_runtime_options` maps config values onto them."""
+the call and measured faster on this machine, `calibrate`, else PyTorch's forward), `subpixel.Upsample2D`, the
+`tiled` VAEs. `RuntimeOptionsMixin` gives the models enable_<name>() / disable_<name>(); `apply_runtime_options` maps
+config values onto them. Nothing here imports the model files: a VAE class says what it is (`vae_part`)."""
 from __future__ import annotations
 
 from typing import Any, List, Optional, Sequence, Tuple, Union
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from . import calibrate, derived, onednn, subpixel, winograd
+from .tiled import set_tiling
 from .tiling import TilingConfig
 
 # name -> backend module: wins(conv) (the shapes it serves), applies(x) (the calls), forward(conv, x); on CPU each
@@ -92,6 +94,7 @@ class RuntimeOptionsMixin:
 
     _supported_options: Tuple[str, ...] = ("compile", "winograd", "subpixel", "tiling", "micro_batching")
     tiling: Optional[TilingConfig] = None  # a tiled VAE's configuration
+    vae_part: Optional[str] = None  # "spatial" / "temporal": the VAE classes say which they are (a pipeline: None)
 
     def _apply_default_options(self, **options: Any) -> None:
         """End of the constructor: the fast paths on by default (sub-pixel, oneDNN Conv3d), then `options`."""
@@ -105,15 +108,10 @@ class RuntimeOptionsMixin:
 
     def _vaes(self, parts: Parts = ("spatial", "temporal")) -> List[Tuple[str, nn.Module]]:
         """(part, VAE) for each spatial and/or temporal VAE (`parts`) of this model: itself, or a pipeline's."""
-        from ..spatial import VideoAutoencoderKL
-        from ..temporal import VAE_Temporal
-
         parts = (parts,) if isinstance(parts, str) else tuple(parts)
         if not parts or set(parts) - {"spatial", "temporal"}:
             raise ValueError(f"parts must name 'spatial' and/or 'temporal', got {list(parts)}")
-        found = [("spatial" if isinstance(m, VideoAutoencoderKL) else "temporal", m)
-                 for m in self.modules() if isinstance(m, (VideoAutoencoderKL, VAE_Temporal))]
-        return [(part, m) for part, m in found if part in parts]
+        return [(m.vae_part, m) for m in self.modules() if getattr(m, "vae_part", None) in parts]
 
     def _compiled_parts(self, parts: Parts = ("spatial", "temporal")) -> List[nn.Module]:
         """The networks that hold the time: each VAE's encoder and decoder (the spatial VAE's AutoencoderKL's)."""
@@ -152,13 +150,9 @@ class RuntimeOptionsMixin:
     def enable_tiling(self, **kwargs: Any) -> None:
         """Any H/W in bounded memory: overlapping tiles through the VAEs (`tiling`; arguments: `TilingConfig`)."""
         self._supports("tiling")
-        from .tiled import set_tiling
-
         set_tiling(self, TilingConfig(**kwargs))
 
     def disable_tiling(self) -> None:
-        from .tiled import set_tiling
-
         set_tiling(self, None)
 
     def enable_micro_batching(self, micro_batch_size: int) -> None:

@@ -1,10 +1,15 @@
-"""The VAE classes `enable_tiling` swaps in: their per-frame / per-chunk hook runs through `tiling`."""
-from ..spatial import VideoAutoencoderKL
-from ..temporal import VAE_Temporal
+"""The VAE classes `enable_tiling` swaps in: a plain VAE class with its per-frame / per-chunk hook run through
+`tiling`. Made from the plain class (by its `vae_part`), so the fast path needs no import of the model files."""
+from __future__ import annotations
+
+from typing import Dict
+
 from .tiling import autoencoderkl_decode, autoencoderkl_encode, temporal_tiled
 
 
-class TiledVideoAutoencoderKL(VideoAutoencoderKL):
+class TiledSpatial:
+    """Mixed in before a spatial VAE class (VideoAutoencoderKL)."""
+
     def _encode_frames(self, f, dest):
         y = autoencoderkl_encode(self.module, f, self.tiling)
         return y if dest is None else dest.copy_(y)
@@ -14,19 +19,31 @@ class TiledVideoAutoencoderKL(VideoAutoencoderKL):
         return autoencoderkl_decode(self.module, f, self.tiling, out=dest, divisor=self.scaling_factor)
 
 
-class TiledVAE_Temporal(VAE_Temporal):
+class TiledTemporal:
+    """Mixed in before a temporal VAE class (VAE_Temporal)."""
+
     def _run(self, fn, x):
         return temporal_tiled(fn, self, x, self.tiling)
 
 
-TILED = {VideoAutoencoderKL: TiledVideoAutoencoderKL, VAE_Temporal: TiledVAE_Temporal}
-PLAIN = {v: k for k, v in TILED.items()}
+_MIXINS = {"spatial": TiledSpatial, "temporal": TiledTemporal}
+_TILED: Dict[type, type] = {}  # plain class -> its tiled class
+
+
+def tiled_class(plain: type) -> type:
+    """`Tiled<plain>`, made once; a module attribute here, so a tiled model pickles as the plain classes do."""
+    if plain not in _TILED:
+        name = f"Tiled{plain.__name__}"
+        cls = type(name, (_MIXINS[plain.vae_part], plain), {"__module__": __name__, "__qualname__": name,
+                                                            "_plain_class": plain})
+        _TILED[plain] = globals()[name] = cls
+    return _TILED[plain]
 
 
 def set_tiling(model, cfg) -> None:
     """Each VAE in `model` tiled with `cfg` (a TilingConfig, kept as its `tiling`), or plain again (None)."""
     for m in model.modules():
-        plain = PLAIN.get(type(m), type(m))
-        if plain in TILED:
-            m.__class__ = plain if cfg is None else TILED[plain]
+        if getattr(m, "vae_part", None) in _MIXINS:
+            plain = getattr(type(m), "_plain_class", type(m))
+            m.__class__ = plain if cfg is None else tiled_class(plain)
             m.tiling = cfg
