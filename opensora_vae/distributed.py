@@ -1,4 +1,5 @@
-"""Process group from the torchrun environment, model wrapping, rank-0 helpers."""
+"""Process group from the torchrun environment, model wrapping, rank-0 helpers, and the one split of work across
+ranks (`rank_share`, undone by `gather_shares`)."""
 from __future__ import annotations
 
 import ctypes
@@ -7,6 +8,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -90,3 +92,31 @@ def wrap_model(model: nn.Module, info: DistInfo, find_unused_parameters: bool = 
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def rank_world() -> Tuple[int, int]:
+    """(rank, world size) of the process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_share(items: Sequence[Any], rank: Optional[int] = None, world_size: Optional[int] = None) -> List[Any]:
+    """This rank's part of `items`: every world_size-th one, from its rank (default: the process group's). The split
+    of every job: inference and encoding rows, the evaluators' clips and batches, the training sampler's epoch."""
+    if rank is None or world_size is None:
+        rank, world_size = rank_world()
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"invalid rank {rank} for {world_size} ranks")
+    return list(items[rank::world_size])
+
+
+def gather_shares(share: Sequence[Any], world_size: Optional[int] = None) -> List[Any]:
+    """Every rank's `rank_share` back in the items' order (a collective when world_size > 1): the inverse of the
+    split, so what several ranks computed is what one rank would list."""
+    world_size = rank_world()[1] if world_size is None else world_size
+    if world_size == 1:
+        return list(share)
+    parts: List[Any] = [None] * world_size
+    dist.all_gather_object(parts, list(share))
+    return [parts[i % world_size][i // world_size] for i in range(sum(len(p) for p in parts))]

@@ -30,12 +30,12 @@ from . import __version__
 from .data import is_image_path
 from .data.latents import INDEX_COLUMNS, LATENT_FORMAT, META_NAME, SHARD_DIR, read_meta, read_shard_records
 from .config import check_config
-from .distributed import barrier, init_distributed
+from .distributed import barrier, init_distributed, rank_share
 from .signals import StopSignals, start_loader, worker_init
 from .errors import UserError
 from .models.speed import RUNTIME_OPTIONS
 from .jobs import (RowReader, absolute_if_local, check_frame_counts, check_frame_sizes, check_output_folder, job_model,
-                   rank_share, report_skips)
+                   report_skips)
 from .models.autoencoders import VideoAutoencoder
 from .provenance import recorded_model_config
 from .registry import DATASETS, build_from_cfg, to_plain

@@ -18,10 +18,9 @@ from tqdm import tqdm
 
 from .config import check_config
 from .data import ensure_uint8_video, write_image, write_video
-from .distributed import init_distributed
+from .distributed import init_distributed, rank_share
 from .errors import UserError
-from .jobs import (RowReader, check_frame_counts, check_frame_sizes, check_output_folder, job_model, rank_share,
-                   report_skips)
+from .jobs import RowReader, check_frame_counts, check_frame_sizes, check_output_folder, job_model, report_skips
 from .models.autoencoders import VideoAutoencoder
 from .provenance import recorded_model_config
 from .registry import DATASETS, build_from_cfg

@@ -20,7 +20,7 @@ from .models.build import build_autoencoder, model_entry
 from .provenance import absolute_if_local
 
 __all__ = ["RowReader", "absolute_if_local", "check_frame_counts", "check_frame_sizes", "check_output_folder",
-           "job_model", "merge_skips", "rank_share", "report_skips"]
+           "job_model", "merge_skips", "report_skips"]
 
 logger = logging.getLogger("opensora_vae.jobs")
 
@@ -92,11 +92,6 @@ def job_model(model_cfg, device: torch.device, dtype: torch.dtype, log: bool = T
     if tiling is True or isinstance(tiling, dict):  # --tiling alone gives {} (as for the pipeline)
         _own_tiling(vae, tiling)
     return vae.eval()
-
-
-def rank_share(items: Sequence[Any], rank: int, world_size: int) -> List[Any]:
-    """This rank's part of `items`: every world_size-th one, from its rank."""
-    return list(items[rank::world_size])
 
 
 class RowReader(Dataset):

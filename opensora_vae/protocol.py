@@ -68,6 +68,7 @@ import torch.distributed as dist
 from . import __version__
 from .data.transforms import center_crop, resize_short_side
 from .data.video import VideoReadError, probe_video, read_frames
+from .distributed import gather_shares, rank_share, rank_world
 from .errors import UserError
 from .metrics.evaluate import build_frame_metrics, build_fvd
 from .metrics.fvd import FEATURE_DIM, FVDAccumulator
@@ -431,7 +432,7 @@ def _fvd_scorer(i3d, unavailable: Dict[str, str]) -> Scorer:
 
     def finish(world: int) -> Dict[str, Dict[str, Any]]:
         acc = FVDAccumulator(dim=FEATURE_DIM)
-        for real, fake in _in_clip_order(features, world):
+        for real, fake in gather_shares(features, world):
             acc.add_features(real, fake)
         try:
             value = acc.compute()
@@ -440,15 +441,6 @@ def _fvd_scorer(i3d, unavailable: Dict[str, str]) -> Scorer:
         return {"fvd": {"available": True, "mean": value, "std": None, "num_clips": acc.real.count, "per_clip": {}}}
 
     return Scorer(("fvd",), per_clip, finish, reset)
-
-
-def _in_clip_order(items: List[Any], world: int) -> List[Any]:
-    """Every rank's per-clip list (rank r scored clips r, r + world, ...), back in clip order (collective)."""
-    if world == 1:
-        return list(items)
-    parts: List[Any] = [None] * world
-    dist.all_gather_object(parts, list(items))
-    return [parts[i % world][i // world] for i in range(sum(len(p) for p in parts))]
 
 
 def _summary(values: Dict[str, Optional[float]]) -> Dict[str, Any]:
@@ -486,8 +478,8 @@ def score_vae(vae: VideoAutoencoder, clips: Sequence[LoadedClip], scorers: Seque
     times: List[float] = []
     peak, peak_from_reset = 0, True
     # Under torchrun each rank scores every world-th clip; values are gathered back into clip order.
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    items = clips[rank::world]
+    rank, world = rank_world()
+    items = rank_share(clips, rank, world)
     if progress and rank == 0:
         try:
             from tqdm import tqdm
@@ -517,7 +509,7 @@ def score_vae(vae: VideoAutoencoder, clips: Sequence[LoadedClip], scorers: Seque
         rows.append((clip.name, scores))
         del rec, x
     values: Dict[str, Dict[str, Optional[float]]] = {n: {} for s in scorers for n in s.names}
-    for name, scores in _in_clip_order(rows, world):
+    for name, scores in gather_shares(rows, world):
         for score, value in scores.items():
             values[score][name] = value
     timing = [(sum(times), len(times), times[:1], peak, peak_from_reset)]

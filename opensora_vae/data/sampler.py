@@ -5,8 +5,9 @@ import math
 from typing import Any, Iterator, Sized
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import Sampler
+
+from ..distributed import rank_share, rank_world
 
 __all__ = ["ResumableDistributedSampler"]
 
@@ -37,10 +38,9 @@ class ResumableDistributedSampler(Sampler[int]):
         seed: int = 0,
         drop_last: bool = False,
     ):
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if rank is None:
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        group_rank, group_size = rank_world()
+        num_replicas = group_size if num_replicas is None else num_replicas
+        rank = group_rank if rank is None else rank
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"invalid rank {rank} for num_replicas {num_replicas}")
         self.dataset = dataset
@@ -77,7 +77,7 @@ class ResumableDistributedSampler(Sampler[int]):
         order = self._order()
         end = self.start + self._share(self.start) * self.num_replicas
         cycled = order * math.ceil(end / len(order))  # padding repeats the order from its front
-        return cycled[self.start + self.rank : end : self.num_replicas]
+        return rank_share(cycled[self.start:end], self.rank, self.num_replicas)
 
     @property
     def position(self) -> int:

@@ -27,8 +27,8 @@ import sys
 from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
-import torch.distributed as dist
 
+from opensora_vae.distributed import gather_shares, rank_world
 from opensora_vae.perceptual import MissingWeightsError
 from opensora_vae.runtime import resolve_device
 
@@ -110,14 +110,14 @@ def build_fvd(metrics, device, num_frames: int, weights, random_weights: bool, u
 def _fvd_result(features, unavailable: Dict[str, str]) -> Optional[dict]:
     """rFVD from per-batch features added in batch order (the same sums whatever the number of ranks)."""
     acc = FVDAccumulator(dim=FEATURE_DIM)
-    for _, real, fake in features:
+    for real, fake in features:
         acc.add_features(real, fake)
     try:
         value = acc.compute()
     except ValueError as e:  # fewer than 2 clips
         unavailable["fvd"] = str(e)
         return None
-    n = sum(f[1].shape[0] for f in features)
+    n = sum(f[0].shape[0] for f in features)
     return {"available": True, "mean": value, "std": 0.0, "num_videos": n, "per_video": {}}
 
 
@@ -169,12 +169,10 @@ def evaluate(
     fns, unavailable = build_frame_metrics(
         metrics, dev, num_frames, lpips_net, lpips_backbone, flolpips_backbone, pwcnet_weights, random_weights
     )
-    per_video: Dict[str, Dict[str, float]] = {m: {} for m in fns}
-    per_clip: Dict[str, dict] = {}  # temporal scores
     i3d = build_fvd(metrics, dev, num_frames, i3d_weights, random_weights, unavailable)
-    features = []  # (first pair index, real features, reconstructed features) per batch, for rFVD
-    order = {p.name: i for i, p in enumerate(pairs)}
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    # per batch: ({metric: {video: value}}, {video: temporal scores}, (real, reconstructed) rFVD features or None)
+    done = []
+    rank, world = rank_world()
     batches = iter_batches(pairs, batch_size, num_frames, sample_rate, resolution, crop_size, num_workers,
                            rank, world)
     if progress and rank == 0:
@@ -188,23 +186,15 @@ def evaluate(
     with torch.no_grad():
         for batch in batches:
             real, gen = batch.real.to(dev), batch.generated.to(dev)
-            for name, fn in fns.items():
-                video_vals = fn(real, gen).double().nanmean(dim=1).cpu().tolist()
-                per_video[name].update(zip(batch.names, video_vals))
-            if "temporal" in metrics:
-                per_clip.update(zip(batch.names, temporal_scores(real, gen, chunk=chunk_frames or None)))
-            if i3d is not None:
-                features.append((order[batch.names[0]], i3d(real).cpu(), i3d(gen).cpu()))
-    if world > 1:  # every rank's videos, in the order one rank gives
-        parts = [None] * world
-        dist.all_gather_object(parts, (per_video, per_clip, features))
-        features = [f for part in parts for f in part[2]]
-
-        def merged(dicts):
-            return dict(sorted(((k, v) for d in dicts for k, v in d.items()), key=lambda kv: order[kv[0]]))
-
-        per_video = {m: merged(part[0][m] for part in parts) for m in per_video}
-        per_clip = merged(part[1] for part in parts)
+            values = {name: dict(zip(batch.names, fn(real, gen).double().nanmean(dim=1).cpu().tolist()))
+                      for name, fn in fns.items()}
+            temporal = dict(zip(batch.names, temporal_scores(real, gen, chunk=chunk_frames or None))) \
+                if "temporal" in metrics else {}
+            done.append((values, temporal, None if i3d is None else (i3d(real).cpu(), i3d(gen).cpu())))
+    done = gather_shares(done, world)  # every rank's batches, in the order one rank gives
+    per_video = {name: {k: v for values, _, _ in done for k, v in values[name].items()} for name in fns}
+    per_clip = {k: v for _, temporal, _ in done for k, v in temporal.items()}
+    features = [f for _, _, f in done if f is not None]
 
     config = dict(
         real_video_dir=str(real_video_dir), generated_video_dir=str(generated_video_dir), batch_size=batch_size,
@@ -218,7 +208,7 @@ def evaluate(
     )
     results = {}
     if i3d is not None:
-        results_fvd = _fvd_result(sorted(features, key=lambda f: f[0]), unavailable)
+        results_fvd = _fvd_result(features, unavailable)
     for name in metrics:
         if name == "fvd" and name not in unavailable:
             results[name] = results_fvd

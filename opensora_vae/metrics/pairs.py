@@ -28,6 +28,7 @@ import torch
 
 from opensora_vae.data.transforms import center_crop, resize_short_side
 from opensora_vae.data.video import VideoReadError, probe_video, read_frames
+from opensora_vae.distributed import rank_share
 
 __all__ = [
     "VIDEO_EXTENSIONS",
@@ -161,7 +162,7 @@ def iter_batches(
     kw = dict(num_frames=num_frames, sample_rate=sample_rate, resolution=resolution, crop_size=crop_size)
     pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
     try:
-        for start in range(rank * batch_size, len(pairs), batch_size * world_size):
+        for start in rank_share(range(0, len(pairs), batch_size), rank, world_size):
             chunk = list(pairs[start : start + batch_size])
             loaded = list(pool.map(lambda p: _load_pair(p, kw), chunk)) if pool else [_load_pair(p, kw) for p in chunk]
             shapes = {r.shape for r, _ in loaded}
