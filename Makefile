@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	OPENSORA_VAE_REQUIRE_SAMPLES=1 $(PY) -m pytest -q tests
 
 # DEMO_FLAGS: e.g. --force (redo finished stages) or --pretrained DIR (also score the published weights)

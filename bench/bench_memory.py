@@ -226,8 +226,8 @@ def measure(**kw) -> dict:
 
 
 def row(label: str, r: dict) -> str:
-    heap = [f"{name} {r[key] / MiB:6.1f}" for name, key in (("malloc in use", "heap_extra"), ("between ops", "op_extra"))
-            if r.get(key) is not None]
+    heap = [f"{name} {r[key] / MiB:6.1f}"
+            for name, key in (("malloc in use", "heap_extra"), ("between ops", "op_extra")) if r.get(key) is not None]
     heap = f" ({', '.join(heap)})" if heap else ""
     return (f"{label:<34} peak {r['peak'] / MiB:8.1f} MiB  in {r['input'] / MiB:7.1f} MiB  "
             f"out {r['output'] / MiB:7.1f} MiB  beyond in+out {r['extra'] / MiB:7.1f} MiB{heap}  {r['seconds']:7.2f} s "
@@ -302,8 +302,9 @@ def main(argv=None) -> None:
             r0 = res[legacy, a]
             for b in args.frames[1:]:
                 r1 = res[legacy, b]
-                print(f"{'old' if legacy else 'new'}: {b} / {a} frames: beyond in+out {r1['extra'] / r0['extra']:.2f}x, "
-                      f"peak {r1['peak'] / r0['peak']:.2f}x, time per frame {r1['seconds'] / b / (r0['seconds'] / a):.2f}x "
+                print(f"{'old' if legacy else 'new'}: {b} / {a} frames: "
+                      f"beyond in+out {r1['extra'] / r0['extra']:.2f}x, peak {r1['peak'] / r0['peak']:.2f}x, "
+                      f"time per frame {r1['seconds'] / b / (r0['seconds'] / a):.2f}x "
                       f"(CPU {r1['cpu_seconds'] / b / (r0['cpu_seconds'] / a):.2f}x)")
 
 if __name__ == "__main__":

@@ -95,7 +95,8 @@ def main():
         rows = []
         for k, r in res.items():
             rows.append(dict(name=k, seconds=r["seconds"] / n, peak_gib=r["peak_gib"], flops=flops and flops.get(k),
-                             ratio=res[base]["seconds"] / r["seconds"], diff=max_diff(r["out"].cpu(), res[base]["out"].cpu())))
+                             ratio=res[base]["seconds"] / r["seconds"],
+                             diff=max_diff(r["out"].cpu(), res[base]["out"].cpu())))
         return rows
 
     for name, loop, fn in (("ssim", loop_ssim, ssim), ("psnr", loop_psnr, psnr)):
@@ -122,14 +123,18 @@ def main():
         if "lpips" in args.sections:
             def per_frame():
                 with torch.no_grad():
-                    return torch.cat([lpips_distance(model, x[i:i + 1] * 2 - 1, y[i:i + 1] * 2 - 1) for i in range(len(x))])
+                    return torch.cat([lpips_distance(model, x[i:i + 1] * 2 - 1, y[i:i + 1] * 2 - 1)
+                                      for i in range(len(x))])
             batched = lambda: lpips(rd, gd, model=model).flatten()  # noqa: E731
-            res = compare({"lpips: one frame per call": per_frame, "lpips: batched (package)": batched}, device, args.repeat)
-            flops = {k: count_flops(f) for k, f in (("lpips: one frame per call", per_frame), ("lpips: batched (package)", batched))}
-            table(rows_from(res, "lpips: one frame per call", flops), device, torch.float32, frames_per_item=args.frames)
+            fns = {"lpips: one frame per call": per_frame, "lpips: batched (package)": batched}
+            res = compare(fns, device, args.repeat)
+            flops = {k: count_flops(f) for k, f in fns.items()}
+            table(rows_from(res, "lpips: one frame per call", flops), device, torch.float32,
+                  frames_per_item=args.frames)
             print()
         if "flolpips" in args.sections:
-            r0, r1, g0, g1 = rd[:, :-1].flatten(0, 1), rd[:, 1:].flatten(0, 1), gd[:, :-1].flatten(0, 1), gd[:, 1:].flatten(0, 1)
+            r0, r1 = rd[:, :-1].flatten(0, 1), rd[:, 1:].flatten(0, 1)
+            g0, g1 = gd[:, :-1].flatten(0, 1), gd[:, 1:].flatten(0, 1)
 
             def per_pair():
                 with torch.no_grad():

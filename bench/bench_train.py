@@ -28,7 +28,8 @@ The published strategy draws a random clip length every step (`mixed_video_rando
 
 python bench/bench_train.py --device cuda --frames 33 --size 256 --steps 4 --levers fused compile_temporal no_ckpt
 python bench/bench_train.py --device cpu --model tiny --dtype fp32 --frames 17 --size 64 --threads 2
-python bench/bench_train.py --device cpu --model tiny --dtype fp32 --frames 9 --size 64 --levers adversarial decoder_only ema
+python bench/bench_train.py --device cpu --model tiny --dtype fp32 --frames 9 --size 64 \\
+    --levers adversarial decoder_only ema
 
 `--model wan cogvideox ltx` (any of them): diffusers' video VAEs side by side instead of levers, each a real `Trainer`
 of its fine-tuning template (configs/vae/train/finetune_wan.py; finetune_cogvideox.py for CogVideoX and LTX-Video:
@@ -170,7 +171,8 @@ def run(args):
         what = ("fine-tuning templates, " + ", ".join(f"{n} {m:.1f}M" for n, m in params.items()) + " parameters"
                 if by_class else f"stage 3 ({args.model[0]} model, {params['plain']:.1f}M parameters)")
         print(f"{header(device)}, {what}, dtype {args.dtype}, "
-              f"clip {args.batch}x{args.frames}x{args.size}x{args.size}, {args.warmup} warm-up + {args.steps} timed steps",
+              f"clip {args.batch}x{args.frames}x{args.size}x{args.size}, "
+              f"{args.warmup} warm-up + {args.steps} timed steps",
               flush=True)
         res = {n: {"times": [], "peak": 0.0, "loss": []} for n in names}
         for step in range(args.warmup + args.steps):

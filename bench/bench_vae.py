@@ -247,7 +247,8 @@ def _lever_variants(model, x, device, names):
         if device.type == "cpu":
             out["compile + inductor freezing"] = (copy.deepcopy(model), x, {"options": {"freezing": True}})
         else:
-            out["compile max-autotune-no-cudagraphs"] = (copy.deepcopy(model), x, {"mode": "max-autotune-no-cudagraphs"})
+            out["compile max-autotune-no-cudagraphs"] = (copy.deepcopy(model), x,
+                                                         {"mode": "max-autotune-no-cudagraphs"})
             out["compile reduce-overhead (CUDA graphs)"] = (copy.deepcopy(model), x, {"mode": "reduce-overhead"})
     return out
 
@@ -266,7 +267,8 @@ def bench_levers(model, x, device, dtype, repeat, names, f64=False):
             t = time.perf_counter()
             _encode_decode_out(m, inp)()
             sync(device)
-            print(f"{name}: first call (compilation, or a load from inductor's disk cache) {time.perf_counter() - t:.1f} s")
+            print(f"{name}: first call (compilation, or a load from inductor's disk cache) "
+                  f"{time.perf_counter() - t:.1f} s")
         fns[name] = _encode_decode_out(m, inp)
     with torch.inference_mode():
         flops = count_flops(fns["plain eager"])

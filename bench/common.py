@@ -182,7 +182,8 @@ def header(device: torch.device) -> str:
         what = torch.cuda.get_device_name(device)
     else:
         peak = cpu_peak_tflops(torch.float32)
-        what = f"CPU, {torch.get_num_threads()} threads" + (f", nominal fp32 peak {peak * 1e3:.0f} GFLOP/s" if peak else "")
+        what = f"CPU, {torch.get_num_threads()} threads" + (
+            f", nominal fp32 peak {peak * 1e3:.0f} GFLOP/s" if peak else "")
     return f"device {device} ({what}), torch {torch.__version__}"
 
 

@@ -69,8 +69,9 @@ class JobConfig:
     seed: int = 42
     num_workers: NonNegativeInt = 0  # data-loading processes
     dist_timeout: PositiveFloat = 600.0  # seconds a collective waits for a dead or hung peer before the job fails
+    # finish the step/clip, save, exit 75 (docs/cluster.md)
     stop_signals: List[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"]] = field(
-        default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])  # finish the step/clip, save, exit 75 (docs/cluster.md)
+        default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
 
 
 @dataclass

@@ -88,7 +88,8 @@ class VAELoss(nn.Module):
             )
         # A parameter either way, so checkpoints keep one layout; frozen unless learned.
         self.learn_logvar = bool(learn_logvar)
-        self.logvar = nn.Parameter(torch.tensor(float(logvar_init), dtype=torch.float32), requires_grad=self.learn_logvar)
+        self.logvar = nn.Parameter(torch.tensor(float(logvar_init), dtype=torch.float32),
+                                   requires_grad=self.learn_logvar)
         self.lpips_net = lpips_net
         self.lpips_backbone_path = lpips_backbone_path
         self.allow_missing_lpips = bool(allow_missing_lpips)

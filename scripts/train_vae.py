@@ -16,9 +16,9 @@ gc.enable()
 def main(argv=None) -> int:
     parser = ArgumentParser(description=__doc__)
     add_job_arguments(parser, "train")
-    parser.add_argument("--load", help="resume exactly: a checkpoint (RUN/epochE-global_stepS), a run folder (its newest "
-                        "checkpoint) or 'auto' (the newest run of this config if it has a checkpoint, else a new run: "
-                        "the command to requeue)")
+    parser.add_argument("--load", help="resume exactly: a checkpoint (RUN/epochE-global_stepS), a run folder "
+                        "(its newest checkpoint) or 'auto' (the newest run of this config if it has a checkpoint, "
+                        "else a new run: the command to requeue)")
     parser.add_argument("--outputs", help="folder for run folders (sets outputs)")
     args = parser.parse_args(argv)
     cfg = job_config(args, "train", {"outputs": args.outputs} if args.outputs else None)

@@ -37,7 +37,8 @@ def reference_fixture():
     from safetensors.torch import load_file
 
     meta = json.loads((DATA / "tiny_pipeline.json").read_text())
-    return meta, load_file(str(DATA / "tiny_pipeline.safetensors")), load_file(str(DATA / "tiny_pipeline_io.safetensors"))
+    return (meta, load_file(str(DATA / "tiny_pipeline.safetensors")),
+            load_file(str(DATA / "tiny_pipeline_io.safetensors")))
 
 
 # ----- training runs -------------------------------------------------------------------------------------------

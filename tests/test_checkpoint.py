@@ -472,7 +472,7 @@ def test_a_failure_on_one_rank_stops_every_rank(tmp_path):
                 q.kill()
             pytest.fail("a rank hung after another failed to save")
         assert p.returncode == 0, err
-        results.append(json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:]))
+        results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
     good = run / "epoch0-global_step2"
     want = (f"could not save checkpoint epoch0-global_step4 in {run}: rank 1: permission denied on rank1.pt; "
             f"the last complete checkpoint, {good}, is intact")

@@ -79,7 +79,8 @@ def test_sample_indices_follow_reference_linspace():
 def test_pairing_by_stem_and_errors(folders, tmp_path):
     real, gen = folders
     pairs = pair_videos(real, gen)
-    assert [(p.name, p.real.name, p.generated.name) for p in pairs] == [("a", "a.mp4", "a.mkv"), ("b", "b.mp4", "b.mkv")]
+    assert [(p.name, p.real.name, p.generated.name) for p in pairs] == [("a", "a.mp4", "a.mkv"),
+                                                                         ("b", "b.mp4", "b.mkv")]
     assert [p.name for p in pair_videos(real, gen, subset_size=1)] == ["a"]
     extra = tmp_path / "gen"
     shutil.copytree(gen, extra)
@@ -159,7 +160,8 @@ def test_cli_fails_clearly(folders, tmp_path, capsys):
     lonely = tmp_path / "lonely"
     lonely.mkdir()
     shutil.copy(real / "a.mp4", lonely / "c.mp4")
-    assert cli.main(["--real_video_dir", str(real), "--generated_video_dir", str(lonely), *ARGS, "--metric", "psnr"]) == 2
+    argv = ["--real_video_dir", str(real), "--generated_video_dir", str(lonely), *ARGS, "--metric", "psnr"]
+    assert cli.main(argv) == 2
     assert "c.mp4" in capsys.readouterr().err
     args = ["--real_video_dir", str(real), "--generated_video_dir", str(gen), "--metric", "psnr"]
     assert cli.main([*args, "--num_frames", "7"]) == 2

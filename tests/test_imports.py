@@ -44,7 +44,8 @@ def imports_of(module: str, path: Path, modules: Dict[str, Path]) -> Set[str]:
             else:
                 prefix = node.module or ""
             # `from X import name`: the submodule X.name where there is one, else X itself
-            names = [f"{prefix}.{alias.name}" if f"{prefix}.{alias.name}" in modules else prefix for alias in node.names]
+            names = [f"{prefix}.{alias.name}" if f"{prefix}.{alias.name}" in modules else prefix
+                     for alias in node.names]
         else:
             continue
         out.update(m for m in (_resolve(n, modules) for n in names) if m is not None and m != module)

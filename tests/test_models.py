@@ -172,7 +172,6 @@ def test_latent_sizes_match_reference_table_and_real_encoding():
 def test_micro_batch_size_does_not_change_results():
     model = tiny_pipeline()
     x = torch.rand(2, 3, 7, 8, 8) * 2 - 1
-    g = torch.Generator().manual_seed(1)
     whole_cfg = tiny_model_cfg()
     whole_cfg["micro_batch_size"] = None
     whole = build_model(whole_cfg).eval()
@@ -217,7 +216,7 @@ def test_spatial_training_pass_is_the_spatial_vae_alone():
     assert torch.allclose(x_rec, model.spatial_vae.decode(x_z_plain), atol=1e-6)
     assert posterior.mean.shape == (2, 4, 3, 4, 4)  # the spatial posterior, before scaling_factor
     assert torch.allclose(posterior.mode() * model.spatial_vae.scaling_factor, x_z, atol=1e-6)
-    g = lambda: torch.Generator().manual_seed(0)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     assert torch.equal(model.forward_spatial(x, generator=g()).x_z, model.spatial_vae.encode(x, generator=g()))
 
 
@@ -255,7 +254,8 @@ def test_legacy_bin_checkpoint_loads(tmp_path):
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     (tmp_path / "model.safetensors").unlink()
     loaded = VideoAutoencoderPipeline.from_pretrained(tmp_path)
-    assert torch.equal(loaded.temporal_vae.decoder.conv_out.conv.weight, model.temporal_vae.decoder.conv_out.conv.weight)
+    assert torch.equal(loaded.temporal_vae.decoder.conv_out.conv.weight,
+                       model.temporal_vae.decoder.conv_out.conv.weight)
 
 
 def test_published_config_reads_without_hub_and_names_missing_keys(tmp_path):

@@ -61,7 +61,8 @@ def test_compiled_graphs_match_eager_in_inference_and_training():
 
 
 @pytest.mark.skipif(os.environ.get("OPENSORA_VAE_TEST_COMPILE") != "1",
-                    reason="inductor compiles four C++ graphs: minutes on 2 shared cores; set OPENSORA_VAE_TEST_COMPILE=1")
+                    reason="inductor compiles four C++ graphs: minutes on 2 shared cores; "
+                           "set OPENSORA_VAE_TEST_COMPILE=1")
 def test_compiled_pipeline_matches_eager():
     # One clip shape and micro_batch_size=None: one graph per network.
     model = tiny_pipeline()
@@ -91,7 +92,8 @@ def test_lpips_and_flolpips_batched_equal_one_frame_per_call():
     x, y = a.flatten(0, 1), b.flatten(0, 1)
     with torch.no_grad():
         one = torch.cat([lpips_distance(model, x[i:i + 1] * 2 - 1, y[i:i + 1] * 2 - 1) for i in range(len(x))])
-        pairs = torch.cat([flolpips_pairs(a[i, t:t + 1], a[i, t + 1:t + 2], b[i, t:t + 1], b[i, t + 1:t + 2], model, flow)
+        pairs = torch.cat([flolpips_pairs(a[i, t:t + 1], a[i, t + 1:t + 2], b[i, t:t + 1], b[i, t + 1:t + 2],
+                                          model, flow)
                            for i in range(2) for t in range(2)])
     assert torch.allclose(lpips(a, b, model=model).flatten(), one, rtol=1e-5, atol=1e-7)
     got = flolpips(a, b, lpips_model=model, flow_model=flow)[:, :-1].flatten()
@@ -253,7 +255,8 @@ def test_calibration_picks_the_faster_path_caches_it_and_reuses_it_without_timin
         (machine, calls), = json.loads(calibrating.read_text()).items()
         assert f"threads={torch.get_num_threads()}" in machine and f"torch={torch.__version__}" in machine
         assert sorted(calls.values(), key=lambda e: not e["use"]) == [
-            dict(use=True, seconds=dict(winograd=1.0, plain=2.0)), dict(use=False, seconds=dict(winograd=1.0, plain=1.02))]
+            dict(use=True, seconds=dict(winograd=1.0, plain=2.0)),
+            dict(use=False, seconds=dict(winograd=1.0, plain=1.02))]
         assert all("x=(4, 8, 16, 16)" in key for key in calls)
         # A fresh process (the in-memory choices dropped) reads them from the file: no timing.
         calibrate.forget()

@@ -13,7 +13,7 @@ from opensora_vae import build_model
 from opensora_vae.models.speed import tiling, winograd
 from opensora_vae.models.speed.frame_attention import frame_attention
 
-from helpers import ROOT, tiny_model_cfg, tiny_pipeline
+from helpers import ROOT, tiny_pipeline
 
 
 def psnr(a, b, peak=2.0):
@@ -67,7 +67,7 @@ def test_tiled_close_to_untiled_on_a_real_clip_with_seams(model, clip, part):
         x_z = model.spatial_vae.encode(clip, sample_posterior=False)
         if part == "spatial":
             enc = lambda: vae.encode(clip, sample_posterior=False)  # noqa: E731
-            dec_in, dec = x_z, lambda: vae.decode(x_z)  # noqa: E731
+            dec = lambda: vae.decode(x_z)  # noqa: E731
         else:
             z = vae.encode(x_z).mode()
             enc = lambda: vae.encode(x_z).mode()  # noqa: E731
@@ -146,7 +146,7 @@ def test_tiled_mid_block_close_to_untiled_on_a_real_clip(model, clip, monkeypatc
     with torch.no_grad():
         x_z = vae.encode(clip, sample_posterior=False)
         plain = vae.decode(x_z)
-        got = {}
+        got, encoded = {}, None
         for mid in (False, True):
             vae.enable_tiling(tile_size=48, overlap=16, tile_mid_block=mid)
             try:
@@ -279,8 +279,8 @@ def test_streamed_micro_batches_equal_the_whole_batch(micro, clip):
         torch.testing.assert_close(chunked.spatial_vae.decode(a), whole.spatial_vae.decode(a), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("script, entry", [("inference_vae", "reconstruct_dataset"), ("encode_latents", "encode_dataset"),
-                                           ("train_vae", "Trainer")])
+@pytest.mark.parametrize("script, entry", [("inference_vae", "reconstruct_dataset"),
+                                           ("encode_latents", "encode_dataset"), ("train_vae", "Trainer")])
 def test_tiling_compile_and_winograd_flags_reach_the_model(monkeypatch, script, entry):
     """Every CLI shares the runtime flags (opensora_vae.cli): each sets model.<option>, which build_model applies."""
     sys.path.insert(0, str(ROOT / "scripts"))

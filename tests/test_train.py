@@ -279,7 +279,8 @@ def _assert_same_step(got, want):
 def test_training_speed_options_give_the_plain_step(tmp_path, clip_csv):
     want = _one_step(TINY / "stage3.py", clip_csv, tmp_path, "plain", grad_checkpoint=False)
     for i, opts in enumerate([{"optimizer": {"fused": True}}, {"optimizer": {"foreach": True}},
-                              {"grad_checkpoint": True}, {"grad_checkpoint": "temporal"}, {"grad_checkpoint": "spatial"}]):
+                              {"grad_checkpoint": True}, {"grad_checkpoint": "temporal"},
+                              {"grad_checkpoint": "spatial"}]):
         _assert_same_step(_one_step(TINY / "stage3.py", clip_csv, tmp_path, f"opt{i}", **opts), want)
 
 

@@ -418,7 +418,8 @@ def test_the_config_check_refuses_a_bad_model_entry_in_one_line_before_any_weigh
     for cls in TINY:
         monkeypatch.setattr(getattr(diffusers, cls), "from_pretrained", refuse)
     config = saved / "bad_model.py"
-    model = model.format(wan=saved / "wan").replace("dict(type=", "dict(_delete_=True, type=")  # not merged on the base's
+    # _delete_: the entry replaces the base config's, not merged onto it
+    model = model.format(wan=saved / "wan").replace("dict(type=", "dict(_delete_=True, type=")
     config.write_text(f"_base_ = [{str(TINY_CONFIGS / 'inference.py')!r}]\nmodel = {model}\n")
     with pytest.raises(ConfigError, match=message) as err:
         load_config(config, job="inference")

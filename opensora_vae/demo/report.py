@@ -132,8 +132,8 @@ def write_report(out: Path, data, settings, records: Dict[str, dict], scores: Di
     # Stage 0's spatial VAE too: the demo's stand-in for the pretrained SDXL VAE, before stage 3 retunes it.
     grid_rows = [("original", recon / "stage3" / "heldout_ori"),
                  ("spatial VAE only\n(after stage 0)", recon / "stage0" / "heldout_spatial"),
-                 ("spatial VAE only\n(after stage 3)",
-                 recon / "stage3" / "heldout_spatial"), ("full pipeline\n(after stage 3)", recon / "stage3" / "heldout_rec"),
+                 ("spatial VAE only\n(after stage 3)", recon / "stage3" / "heldout_spatial"),
+                 ("full pipeline\n(after stage 3)", recon / "stage3" / "heldout_rec"),
                  ("full pipeline\n(random start)", recon / "init" / "heldout_rec")]
     _frame_grid([(label, folder / f"{HELD_OUT}.mp4") for label, folder in grid_rows], out / "frames.png")
 
@@ -194,7 +194,8 @@ def _html_table(header: List[str], rows: List[List[str]], groups: Optional[List[
 def _write_html(out, intro, data_text, header, rows, timing_header, timing_rows, notes, short_notes, pretrained,
                 pretrained_size) -> None:
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>opensora-vae demo</title>",
-             f"<style>{_CSS}</style></head><body>", "<h1>opensora-vae demo: the three-stage recipe, tiny, on a CPU</h1>",
+             f"<style>{_CSS}</style></head><body>",
+             "<h1>opensora-vae demo: the three-stage recipe, tiny, on a CPU</h1>",
              f"<p>{intro}</p><p>{data_text}</p>", "<h2>Reconstruction quality</h2>",
              "<p>Rows are the model after each stage (<code>stage0</code>: the spatial VAE alone, the part it trains;"
              " the others: the full pipeline, spatial then temporal VAE). Higher PSNR and SSIM are better.</p>",

@@ -235,7 +235,8 @@ class StageRunner:
             scores[split] = self.reconstruct_and_score(
                 stage, self.out / "recon" / stage / split, csv, CONFIGS / "inference.py", checkpoint,
                 self.settings.image_size, self.settings.num_frames)
-        _write_json(path, {"checkpoint": self._relative(checkpoint), "seconds": time.perf_counter() - tick, "scores": scores})
+        _write_json(path, {"checkpoint": self._relative(checkpoint), "seconds": time.perf_counter() - tick,
+                           "scores": scores})
         return scores
 
     def reconstruct_and_score(self, stage: str, prefix: Path, csv: Path, config: Path, checkpoint,

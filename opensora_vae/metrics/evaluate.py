@@ -84,7 +84,8 @@ def build_frame_metrics(
             unavailable["flolpips"] = f"FloLPIPS needs at least 2 frames per clip (num_frames={num_frames})"
         else:
             # FloLPIPS is defined on AlexNet LPIPS; reuse the LPIPS backbone file only when it is AlexNet's
-            backbone = flolpips_backbone if flolpips_backbone is not None else (lpips_backbone if lpips_net == "alex" else None)
+            backbone = flolpips_backbone if flolpips_backbone is not None else (
+                lpips_backbone if lpips_net == "alex" else None)
             fn, reason = _build_flolpips(device, backbone, pwcnet_weights, random_weights)
             if fn is None:
                 unavailable["flolpips"] = reason

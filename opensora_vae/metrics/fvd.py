@@ -228,7 +228,8 @@ def load_i3d(
         logger.warning("FVD uses a RANDOM I3D: its values are meaningless (tests only)")
         _random_init(net, seed)
     else:
-        candidates = [Path(weights).expanduser()] if weights is not None else [default_i3d_path(), _cdfvd_download_path()]
+        candidates = ([Path(weights).expanduser()] if weights is not None
+                      else [default_i3d_path(), _cdfvd_download_path()])
         path = next((p for p in candidates if p.is_file()), None)
         if path is None:
             searched = [str(p) for p in candidates]
@@ -255,7 +256,8 @@ def get_i3d(
     num_frames: Optional[int] = NUM_FRAMES,
 ) -> I3DFeatureExtractor:
     """load_i3d, memoised per (weights, random, device, num_frames) so repeated batches reuse one network."""
-    key = (None if weights is None else os.fspath(weights), random_weights, str(torch.device(device or "cpu")), num_frames)
+    key = (None if weights is None else os.fspath(weights), random_weights, str(torch.device(device or "cpu")),
+           num_frames)
     if key not in _MODELS:
         _MODELS[key] = load_i3d(weights, random_weights, device or "cpu", num_frames)
     return _MODELS[key]
@@ -351,7 +353,8 @@ class FVDAccumulator:
     """Streaming rFVD: feed (real, reconstructed) batches as they come, then `compute()`.
 
     Distributed: each rank feeds its clips, then `all_reduce()` (or merge the `state()` dicts gathered by the
-    caller) before `compute()`; the result does not depend (beyond round-off) on how clips were split over ranks or batches.
+    caller) before `compute()`; the result does not depend (beyond round-off) on how clips were split over ranks or
+    batches.
     """
 
     def __init__(self, extractor=None, batch_size: int = 8, dim: Optional[int] = None):
@@ -365,7 +368,8 @@ class FVDAccumulator:
     def _features(self, clips: torch.Tensor) -> torch.Tensor:
         if self.extractor is None:
             raise ValueError("FVDAccumulator was built without an extractor: use add_features")
-        return torch.cat([self.extractor(clips[i : i + self.batch_size]) for i in range(0, clips.shape[0], self.batch_size)])
+        return torch.cat([self.extractor(clips[i : i + self.batch_size])
+                          for i in range(0, clips.shape[0], self.batch_size)])
 
     def update(self, real_clips: torch.Tensor, fake_clips: torch.Tensor) -> None:
         """Add a batch of real and reconstructed clips (module docstring's convention), `batch_size` at a time."""
@@ -404,7 +408,8 @@ def rfvd(real_clips: torch.Tensor, fake_clips: torch.Tensor, extractor: torch.nn
         if clips.ndim != 5:
             raise ValueError(f"{name} must be clips (N, T, 3, H, W), got shape {tuple(clips.shape)}")
         if clips.shape[0] < 2:
-            raise ValueError(f"FVD needs at least 2 clips per set to estimate a covariance, {name} has {clips.shape[0]}")
+            raise ValueError(f"FVD needs at least 2 clips per set to estimate a covariance, {name} has "
+                             f"{clips.shape[0]}")
     acc = FVDAccumulator(extractor, batch_size)
     acc.update(real_clips, fake_clips)
     return acc.compute()

@@ -28,9 +28,11 @@ def get_lpips_model(
     device: Optional[Union[str, torch.device]] = None,
 ) -> torch.nn.Module:
     """build_lpips, memoised per (net, backbone, device) so repeated batches reuse one network."""
-    key = (net, None if backbone_path is None else os.fspath(backbone_path), random_backbone, str(torch.device(device or "cpu")))
+    key = (net, None if backbone_path is None else os.fspath(backbone_path), random_backbone,
+           str(torch.device(device or "cpu")))
     if key not in _MODELS:
-        _MODELS[key] = build_lpips(net=net, backbone_path=backbone_path, random_backbone=random_backbone, device=device or "cpu")
+        _MODELS[key] = build_lpips(net=net, backbone_path=backbone_path, random_backbone=random_backbone,
+                                   device=device or "cpu")
     return _MODELS[key]
 
 
@@ -54,5 +56,6 @@ def lpips(
         model = get_lpips_model(net, backbone_path, random_backbone, a.device)
     x = a.detach().flatten(0, 1) * 2 - 1
     y = b.detach().flatten(0, 1) * 2 - 1
-    out = [lpips_distance(model, x[i : i + chunk_size], y[i : i + chunk_size]) for i in range(0, x.shape[0], chunk_size)]
+    out = [lpips_distance(model, x[i : i + chunk_size], y[i : i + chunk_size])
+           for i in range(0, x.shape[0], chunk_size)]
     return torch.cat(out).reshape(bsz, t)

@@ -43,7 +43,8 @@ __all__ = [
     "sample_indices",
 ]
 
-VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".flv", ".wmv", ".mpg", ".mpeg", ".ts", ".gif"})
+VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".flv", ".wmv", ".mpg", ".mpeg", ".ts",
+                              ".gif"})
 PathLike = Union[str, os.PathLike]
 
 
@@ -112,12 +113,14 @@ def sample_indices(total_frames: int, num_frames: int, sample_rate: int = 1) -> 
         raise ValueError(f"num_frames and sample_rate must be >= 1, got {num_frames}, {sample_rate}")
     span = num_frames * sample_rate
     if total_frames < span:
-        raise ValueError(f"needs {span} frames (num_frames {num_frames} x sample_rate {sample_rate}), has {total_frames}")
+        raise ValueError(f"needs {span} frames (num_frames {num_frames} x sample_rate {sample_rate}), has "
+                         f"{total_frames}")
     return np.linspace(0, span - 1, num_frames).astype(int).tolist()
 
 
 def load_clip(
-    path: PathLike, num_frames: int, sample_rate: int = 1, resolution: Optional[int] = None, crop_size: Optional[int] = None,
+    path: PathLike, num_frames: int, sample_rate: int = 1, resolution: Optional[int] = None,
+    crop_size: Optional[int] = None,
 ) -> torch.Tensor:
     """One preprocessed clip: float32 (T, C, H, W) in [0, 1]."""
     info = probe_video(path)

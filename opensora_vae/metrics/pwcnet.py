@@ -44,7 +44,8 @@ _FLOW_SCALE = 20.0  # the network predicts flow / 20
 
 
 def correlation(first: torch.Tensor, second: torch.Tensor, max_displacement: int = MAX_DISPLACEMENT) -> torch.Tensor:
-    """Cost volume: out[n, (dy + d) * (2d + 1) + (dx + d), y, x] = mean_c first[n, c, y, x] * second[n, c, y + dy, x + dx].
+    """Cost volume: out[n, (dy + d) * (2d + 1) + (dx + d), y, x]
+    = mean_c first[n, c, y, x] * second[n, c, y + dy, x + dx].
 
     `second` is zero outside the frame; the channel order (dy outer, dx inner) matches the CUDA kernel.
     """
@@ -95,7 +96,8 @@ class _Extractor(nn.Module):
 
     def __init__(self):
         super().__init__()
-        for name, cin, cout in zip(("netOne", "netTwo", "netThr", "netFou", "netFiv", "netSix"), _EXTRACTOR, _EXTRACTOR[1:]):
+        names = ("netOne", "netTwo", "netThr", "netFou", "netFiv", "netSix")
+        for name, cin, cout in zip(names, _EXTRACTOR, _EXTRACTOR[1:]):
             self.add_module(name, nn.Sequential(
                 _conv(cin, cout, stride=2), _lrelu(), _conv(cout, cout), _lrelu(), _conv(cout, cout), _lrelu(),
             ))
@@ -179,7 +181,8 @@ class PWCNet(nn.Module):
 
     def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         if first.shape != second.shape or first.ndim != 4 or first.shape[1] != 3:
-            raise ValueError(f"PWCNet expects two (N, 3, H, W) images, got {tuple(first.shape)} and {tuple(second.shape)}")
+            raise ValueError(f"PWCNet expects two (N, 3, H, W) images, got {tuple(first.shape)} and "
+                             f"{tuple(second.shape)}")
         n, _, h, w = first.shape
         ph, pw = 64 * math.ceil(h / 64), 64 * math.ceil(w / 64)
         both = torch.cat([first, second], dim=0)
@@ -210,7 +213,8 @@ def resolve_pwcnet_weights(weights: Optional[Union[str, os.PathLike]] = None) ->
     places = "\n".join(f"  - {p}" for p in candidates)
     raise MissingWeightsError(
         f"PWC-Net (FloLPIPS) needs the weights file '{WEIGHTS_FILENAME}' ({WEIGHTS_URL}), which cannot be "
-        f"downloaded here. Looked at:\n{places}\nPut it at {Path(torch.hub.get_dir()) / 'checkpoints' / WEIGHTS_FILENAME}, "
+        f"downloaded here. Looked at:\n{places}\n"
+        f"Put it at {Path(torch.hub.get_dir()) / 'checkpoints' / WEIGHTS_FILENAME}, "
         f"set ${WEIGHTS_ENV} to its path, or pass it explicitly (--pwcnet-weights / load_pwcnet(weights=...)).",
         searched=[str(p) for p in candidates],
     )

@@ -94,7 +94,8 @@ class VideoAutoencoderPipeline(RuntimeOptionsMixin, nn.Module):
         latents are un-normalised a chunk at a time (that copy is freed before the chunk is yielded)."""
         expected = self.get_latent_size([num_frames, None, None])[0]
         if z.shape[2] != expected:
-            raise ValueError(f"{z.shape[2]} latent frames cannot decode to num_frames={num_frames} (that needs {expected})")
+            raise ValueError(f"{z.shape[2]} latent frames cannot decode to num_frames={num_frames} "
+                             f"(that needs {expected})")
         if self.micro_frame_size is None:
             micro_z, micro_x = z.shape[2], num_frames
         else:
@@ -198,7 +199,8 @@ class VideoAutoencoderPipeline(RuntimeOptionsMixin, nn.Module):
         return next(self.parameters()).dtype
 
     # ----- published format --------------------------------------------------------------------------------
-    def save_pretrained(self, folder: Union[str, os.PathLike], state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    def save_pretrained(self, folder: Union[str, os.PathLike],
+                        state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """Write config.json + model.safetensors (the published layout); each file is replaced atomically.
         `state_dict`: the weights to write instead of this model's (e.g. their moving average)."""
         from safetensors.torch import save_file

@@ -39,7 +39,8 @@ def check_video(x: torch.Tensor, channels: int, spatial_factor: int = 1, name: s
     if spatial_factor > 1 and (h % spatial_factor or w % spatial_factor):
         raise ValueError(
             f"{name} height and width must be multiples of {spatial_factor} (the spatial compression), "
-            f"got {h}x{w}; resize or crop, e.g. to {h // spatial_factor * spatial_factor}x{w // spatial_factor * spatial_factor}"
+            f"got {h}x{w}; resize or crop, e.g. to "
+            f"{h // spatial_factor * spatial_factor}x{w // spatial_factor * spatial_factor}"
         )
 
 

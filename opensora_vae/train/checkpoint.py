@@ -66,7 +66,8 @@ def checkpoint_name(epoch: int, step: int) -> str:
 
 
 def rng_state(generators: Dict[str, torch.Generator]) -> Dict[str, Any]:
-    state: Dict[str, Any] = {"torch": torch.get_rng_state(), "generators": {k: g.get_state() for k, g in generators.items()}}
+    state: Dict[str, Any] = {"torch": torch.get_rng_state(),
+                             "generators": {k: g.get_state() for k, g in generators.items()}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state

@@ -43,7 +43,8 @@ def superseded(path: Path, step: int) -> None:
         tmp = path.with_name(".metrics.jsonl.tmp")
         tmp.write_text("".join(keep))
         os.replace(tmp, path)
-        logger.info("moved %d record(s) after step %d to %s", len(moved), step, path.with_name("metrics.superseded.jsonl"))
+        logger.info("moved %d record(s) after step %d to %s", len(moved), step,
+                    path.with_name("metrics.superseded.jsonl"))
 
 
 class RunLogger:

@@ -529,8 +529,8 @@ class Trainer:
 
     def train(self) -> Optional[Path]:
         # What exists now (imported code, modules, tensors' wrappers: ~0.5M objects) lives for the whole run: out of
-        # the collector's full passes, which otherwise walk it all (a measurable part of a demo step). Unfrozen after, so that a
-        # caller's later garbage can still be collected.
+        # the collector's full passes, which otherwise walk it all (a measurable part of a demo step). Unfrozen after,
+        # so that a caller's later garbage can still be collected.
         gc.freeze()
         try:
             return self._train()

@@ -57,7 +57,8 @@ def _cpu() -> str:
             if key.strip() == "model name" and not model:
                 model = value.strip()
             elif key.strip() in ("flags", "Features") and not flags:
-                flags = " ".join(sorted(f for f in value.split() if f.startswith(("avx", "amx", "fma", "sve", "asimd"))))
+                flags = " ".join(sorted(f for f in value.split()
+                                        if f.startswith(("avx", "amx", "fma", "sve", "asimd"))))
     except OSError:
         pass
     return f"{model or platform.processor() or platform.machine()} [{torch.backends.cpu.get_cpu_capability()}: {flags}]"
@@ -127,7 +128,8 @@ def _measure(conv: nn.Module, x: torch.Tensor, train: bool,
     def work():
         try:
             shadow = copy.copy(conv)  # same class and buffers; parameters replaced below, the module untouched
-            shadow._parameters = {k: None if p is None else nn.Parameter(p.detach(), requires_grad=train and p.requires_grad)
+            shadow._parameters = {k: None if p is None else
+                                  nn.Parameter(p.detach(), requires_grad=train and p.requires_grad)
                                   for k, p in conv._parameters.items()}
             xd = x.detach().clone().requires_grad_(train and x.requires_grad)
             leaves = [t for t in (xd, *shadow._parameters.values()) if t is not None and t.requires_grad]
