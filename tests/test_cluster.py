@@ -198,7 +198,7 @@ def test_keep_last_and_keep_every_leave_only_what_they_name(tmp_path, clip_csv):
                                 keep_last=2)
     assert sorted(p.name for p in run_dir.iterdir() if "global_step" in p.name) == [
         "epoch0-global_step4", "epoch1-global_step5"]
-    with pytest.raises(ValueError, match="keep_last must be"):
+    with pytest.raises(ValueError, match="keep_last=0 is out of range"):
         run_in_process(TINY / "stage1.py", clip_csv, tmp_path, **EXACT, keep_last=0)
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from opensora_vae import build_model
+from opensora_vae.errors import RunError
 from opensora_vae.models import OpenSoraVAE_V1_2, VAE_Temporal, VideoAutoencoderKL, VideoAutoencoderPipeline
 
 from helpers import DATA, TINY, reference_fixture, tiny_model_cfg, tiny_pipeline
@@ -286,11 +287,13 @@ def test_missing_files_give_clear_errors(tmp_path):
         VideoAutoencoderPipeline.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="not found"):
         VideoAutoencoderPipeline.from_pretrained(tmp_path / "nope" / "deeper")
-    with pytest.raises(OSError, match="huggingface-cli download"):
+    with pytest.raises(RunError, match="not in the Hugging Face cache: pass a local folder.*hf download"):
         VideoAutoencoderPipeline.from_pretrained("no-such-org/no-such-model", cache_dir=str(tmp_path),
                                                  local_files_only=True)
-    with pytest.raises(OSError, match="subfolder 'vae'"):
+    with pytest.raises(FileNotFoundError, match="missing_vae not found: neither a local path nor a hub id"):
         VideoAutoencoderKL(from_pretrained=str(tmp_path / "missing_vae"), subfolder="vae", local_files_only=True)
+    with pytest.raises(RunError, match="subfolder 'vae'"):  # the folder exists, its vae/ does not
+        VideoAutoencoderKL(from_pretrained=str(tmp_path), subfolder="vae", local_files_only=True)
 
 
 @torch.no_grad()
