@@ -2,7 +2,6 @@
 is, rows split across ranks, bad rows reported instead of substituted, and the error when nothing was produced."""
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import re
@@ -15,8 +14,8 @@ from torch.utils.data import Dataset
 
 from .data import VideoReadError
 from .errors import RunError, UserError
-from .models.autoencoders import DiffusersAutoencoder, VideoAutoencoder
-from .models.build import build_autoencoder, model_entry
+from .models.autoencoders import VideoAutoencoder
+from .models.build import build_autoencoder
 from .provenance import absolute_if_local
 
 __all__ = ["RowReader", "absolute_if_local", "check_frame_counts", "check_frame_sizes", "check_output_folder",
@@ -57,41 +56,12 @@ def check_frame_counts(model: VideoAutoencoder, counts: Iterable[int], what: str
             raise UserError(f"{what} {t}: {err}") from None
 
 
-def _own_tiling(vae: DiffusersAutoencoder, tiling: Any) -> None:
-    """`--tiling` (model.tiling: True or a dict) on a diffusers model: its own `enable_tiling()`; tile_size is its
-    tile's height and width, overlap what neighbouring tiles share (its stride, or CogVideoX's overlap factor)."""
-    options = dict(tiling) if isinstance(tiling, dict) else {}
-    size, overlap = options.pop("tile_size", None), options.pop("overlap", None)
-    if any(options.values()):
-        raise UserError(f"model.tiling {sorted(k for k, v in options.items() if v)}: the Open-Sora pipeline's tile "
-                        f"options; {type(vae.model).__name__} takes tile_size and overlap (--tile-size, "
-                        f"--tile-overlap)")
-    takes = inspect.signature(vae.model.enable_tiling).parameters
-    kwargs: Dict[str, Any] = {}
-    if size is not None:
-        kwargs.update(tile_sample_min_height=int(size), tile_sample_min_width=int(size))
-    if overlap is not None:
-        size = int(size if size is not None else vae.model.tile_sample_min_height)
-        if "tile_sample_stride_height" in takes:
-            kwargs.update(tile_sample_stride_height=size - int(overlap), tile_sample_stride_width=size - int(overlap))
-        elif "tile_overlap_factor_height" in takes:
-            kwargs.update(tile_overlap_factor_height=overlap / size, tile_overlap_factor_width=overlap / size)
-        else:
-            raise UserError(f"model.tiling overlap: {type(vae.model).__name__}.enable_tiling takes no overlap")
-    vae.enable_tiling(**kwargs)
-
-
 def job_model(model_cfg, device: torch.device, dtype: torch.dtype, log: bool = True) -> VideoAutoencoder:
     """The model of a job as a `VideoAutoencoder` (`models.build.build_autoencoder`: an Open-Sora entry, a spec
     string, a diffusers entry, or a `from_pretrained` spec that replaces the entry), on `device` in `dtype`, in eval
-    mode. `tiling` (--tiling, --tile-size, --tile-overlap) turns on a diffusers model's own tiling (`_own_tiling`);
-    the Open-Sora pipeline applies it as a runtime option. `log`: rank 0 (a replaced entry is warned about once)."""
-    entry = model_entry(model_cfg, log=log)
-    tiling = entry.pop("tiling", None) if str(entry.get("type", "")).startswith("diffusers:") else None
-    vae = build_autoencoder(entry, device, dtype, log=False)
-    if tiling is True or isinstance(tiling, dict):  # --tiling alone gives {} (as for the pipeline)
-        _own_tiling(vae, tiling)
-    return vae.eval()
+    mode; `tiling` (--tiling, --tile-size, --tile-overlap) is the model's own. `log`: rank 0 (a replaced entry is
+    warned about once)."""
+    return build_autoencoder(model_cfg, device, dtype, log=log).eval()
 
 
 class RowReader(Dataset):

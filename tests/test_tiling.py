@@ -215,17 +215,26 @@ def test_exact_statistics_of_a_flattened_norm_at_a_lower_resolution():
         assert (naive - net(x)).abs().max() > 1e-3
 
 
+# (h, w) -> floors against untiled for per-tile statistics on the random tiny model: decode PSNR (measured 15.05,
+# 16.40, 19.73 dB) and latent MSE relative to the latents' power (measured 0.077, 0.051, 0.038)
+_ODD = {(64, 80): (14.5, 0.1), (16, 80): (15.8, 0.07), (64, 16): (19.2, 0.05)}
+
+
 def test_odd_sizes_and_frames_smaller_than_a_tile(model, clip):
-    model.enable_tiling(tile_size=48, overlap=16, temporal_tile_size=10, temporal_overlap=4, exact_norms=0)
-    try:
-        with torch.no_grad():
-            for h, w in ((64, 80), (16, 80), (64, 16)):
-                x = clip[:, :, :3, :h, :w]
+    with torch.no_grad():
+        for (h, w), (floor, rel) in _ODD.items():
+            x = clip[:, :, :3, :h, :w]
+            z0 = model.encode(x, sample_posterior=False)
+            plain = model.decode(z0, num_frames=3)
+            model.enable_tiling(tile_size=48, overlap=16, temporal_tile_size=10, temporal_overlap=4, exact_norms=0)
+            try:
                 z = model.encode(x, sample_posterior=False)
-                assert list(z.shape[2:]) == model.get_latent_size([3, h, w])
-                assert model.decode(z, num_frames=3).shape == x.shape
-    finally:
-        model.disable_tiling()
+                out = model.decode(z0, num_frames=3)
+            finally:
+                model.disable_tiling()
+            assert list(z.shape[2:]) == model.get_latent_size([3, h, w]) and out.shape == x.shape
+            err, dec = float(((z - z0) ** 2).mean() / (z0 ** 2).mean()), psnr(plain.clamp(-1, 1), out.clamp(-1, 1))
+            assert err < rel and dec > floor, (h, w, err, dec)
 
 
 def test_bounded_tiled_decode_holds_no_whole_frame_tensor_but_the_latents_and_output():

@@ -47,6 +47,7 @@ causal (r*k+1); the spec's `frames=` overrides. The Open-Sora pipeline takes any
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -314,10 +315,35 @@ class VideoAutoencoder(nn.Module):
         if getattr(self.model, "_supports_gradient_checkpointing", True):
             self.model.disable_gradient_checkpointing(**kwargs)
 
-    def enable_tiling(self, **kwargs: Any) -> None:
-        if not hasattr(self.model, "enable_tiling"):
-            raise UserError(f"{self.name}: {type(self.model).__name__} has no tiling")
-        self.model.enable_tiling(**kwargs)
+    def enable_tiling(self, tile_size: Optional[int] = None, overlap: Optional[int] = None, **options: Any) -> None:
+        """The model's own tiling. `tile_size` and `overlap` (the jobs' --tile-size, --tile-overlap) in pixels: a
+        diffusers model's tile height and width, and what neighbouring tiles share (its stride, or CogVideoX's
+        overlap factor); the Open-Sora pipeline takes its `TilingConfig` keys."""
+        model = self.model
+        if not hasattr(model, "enable_tiling"):
+            raise UserError(f"{self.name}: {type(model).__name__} has no tiling")
+        if isinstance(self, OpenSoraAutoencoder):
+            model.enable_tiling(**{k: v for k, v in dict(options, tile_size=tile_size, overlap=overlap).items()
+                                   if v is not None})
+            return
+        if any(options.values()):
+            raise UserError(f"model.tiling {sorted(k for k, v in options.items() if v)}: the Open-Sora pipeline's "
+                            f"tile options; {type(model).__name__} takes tile_size and overlap (--tile-size, "
+                            f"--tile-overlap)")
+        takes = inspect.signature(model.enable_tiling).parameters
+        kwargs: Dict[str, Any] = {}
+        if tile_size is not None:
+            kwargs.update(tile_sample_min_height=int(tile_size), tile_sample_min_width=int(tile_size))
+        if overlap is not None:
+            size = int(tile_size if tile_size is not None else model.tile_sample_min_height)
+            if "tile_sample_stride_height" in takes:
+                stride = size - int(overlap)
+                kwargs.update(tile_sample_stride_height=stride, tile_sample_stride_width=stride)
+            elif "tile_overlap_factor_height" in takes:
+                kwargs.update(tile_overlap_factor_height=overlap / size, tile_overlap_factor_width=overlap / size)
+            else:
+                raise UserError(f"model.tiling overlap: {type(model).__name__}.enable_tiling takes no overlap")
+        model.enable_tiling(**kwargs)
 
     def disable_tiling(self) -> None:
         if hasattr(self.model, "disable_tiling"):

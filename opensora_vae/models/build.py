@@ -384,7 +384,7 @@ def _diffusers_spec(cfg: Mapping[str, Any]) -> VaeSpec:
     elif config is None:
         raise UserError(f"model type 'diffusers:{class_name}': give either config=dict(...) (random weights) or "
                         f"from_pretrained=PATH_OR_ID")
-    if "tiling" in cfg and isinstance(cfg["tiling"], Mapping):  # a tile size and overlap: the job applies them
+    if "tiling" in cfg and isinstance(cfg["tiling"], Mapping):  # tile size and overlap: VideoAutoencoder.enable_tiling
         cfg.pop("tiling")
     text = f"diffusers:{class_name}={source if source is not None else '<config>'}"
     spec = _checked(VaeSpec(text, "diffusers", None if source is None else os.path.expanduser(str(source)),
@@ -425,10 +425,11 @@ def build_autoencoder(cfg: Any, device: Union[str, torch.device] = "cpu",
         model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
         info = dict(source=entry.get("from_pretrained"), loader="build_model", type=entry.get("type"))
         return as_autoencoder(model.eval(), posterior=posterior, info=info)
-    if isinstance(entry.get("tiling"), Mapping):
-        raise UserError("model.tiling: a dict of tile options is applied by the job (jobs.job_model); "
-                        "build_autoencoder takes tiling=True or False")
-    return load_autoencoder(_diffusers_spec(entry), device, dtype, posterior)
+    tiling = entry.pop("tiling") if isinstance(entry.get("tiling"), Mapping) else None  # --tile-size, --tile-overlap
+    vae = load_autoencoder(_diffusers_spec(entry), device, dtype, posterior)
+    if tiling is not None:
+        vae.enable_tiling(**tiling)
+    return vae
 
 
 def as_autoencoder(model: nn.Module, name: Optional[str] = None, posterior: str = "mode",
