@@ -90,3 +90,26 @@ def poison_loss(trainer, at) -> None:
         return terms
 
     trainer.loss_fn.forward = poisoned
+
+
+# Tiny diffusers video VAEs: tiny widths, the published compression (Wan 4x8x8, CogVideoX 4x8x8, LTX 8x32x32); each
+# builds in well under a second. Wan's latent statistics and the scaling factors are not the identity, so a
+# normalisation applied wrongly shows.
+TINY_DIFFUSERS = {
+    "AutoencoderKLWan": dict(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                             latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0]),
+    "AutoencoderKLCogVideoX": dict(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1,
+                                   norm_num_groups=4, scaling_factor=0.7),
+    "AutoencoderKLLTXVideo": dict(block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                                  latent_channels=8, layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5,
+                                  scaling_factor=0.5),
+}
+
+
+def error_line(capsys) -> str:
+    """The one line a failed job printed (stderr of run_main), and no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    return errors[0]

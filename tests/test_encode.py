@@ -16,7 +16,7 @@ from opensora_vae.data.latents import read_index, read_meta
 from opensora_vae.encode import parse_buckets
 from opensora_vae.errors import run_main
 
-from helpers import ROOT, tiny_pipeline
+from helpers import ROOT, error_line, tiny_pipeline
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import encode_latents  # noqa: E402
@@ -214,12 +214,6 @@ def small_job(job, tmp_path, rows, *extra):
             str(tmp_path / "latents"), *map(str, extra)]
 
 
-def _error_line(capsys):
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, err
-    return errors[0]
 
 
 def test_bad_rows_are_counted_as_rows_not_per_bucket(job, tmp_path, sample_videos, caplog):
@@ -235,7 +229,7 @@ def test_a_job_that_encodes_nothing_fails_in_one_line_and_leaves_no_folder(job, 
     (tmp_path / "empty.mp4").write_bytes(b"")
     rows = [job / "broken.mp4", tmp_path / "empty.mp4"]
     assert run_main(encode_latents.main, small_job(job, tmp_path, rows)) == 1
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "nothing produced: 2 of 2 row(s) failed" in line, line
     assert not (tmp_path / "latents").exists()  # a rerun with a fixed CSV is not refused as another job's
 
@@ -243,7 +237,7 @@ def test_a_job_that_encodes_nothing_fails_in_one_line_and_leaves_no_folder(job, 
 def test_a_frame_size_the_model_cannot_take_is_refused_before_the_folder(job, tmp_path, sample_videos, capsys):
     argv = small_job(job, tmp_path, [sample_videos["carphone_pristine"]], "--image-size", 33, 48)
     assert run_main(encode_latents.main, argv) == 2
-    assert "33x48" in _error_line(capsys)
+    assert "33x48" in error_line(capsys)
     assert not (tmp_path / "latents").exists()
 
 
@@ -297,4 +291,4 @@ def test_folders_of_earlier_versions_read_as_before_and_are_not_resumed(whole, j
         assert torch.allclose(raw_old[i]["std"], raw_new[i]["std"], rtol=1e-5, atol=1e-7)
         assert not torch.allclose(raw_new[i]["mean"], a["mean"])  # shift / scale are not the identity
     assert run_main(encode_latents.main, args(job, old)) == 2
-    assert "format 1" in _error_line(capsys)
+    assert "format 1" in error_line(capsys)

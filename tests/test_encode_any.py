@@ -16,23 +16,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import ROOT
+from helpers import ROOT, TINY_DIFFUSERS, error_line
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import encode_latents  # noqa: E402
 
 CONFIG = ROOT / "configs" / "vae" / "tiny" / "latents.py"
-# Tiny widths, published compression (as tests/test_video_autoencoders.py); normalisation statistics that are not
-# the identity, so that a formula applied wrongly shows.
-TINY = {
-    "AutoencoderKLWan": dict(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                             latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0]),
-    "AutoencoderKLCogVideoX": dict(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1,
-                                   norm_num_groups=4, scaling_factor=0.7),
-    "AutoencoderKLLTXVideo": dict(block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
-                                  latent_channels=8, layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5,
-                                  scaling_factor=0.5),
-}
+TINY = TINY_DIFFUSERS
 CLASSES = list(TINY)
 # class -> buckets (each length fits the class's rule: Wan 4k+1, CogVideoX and LTX 8k+1), a length it refuses
 BUCKETS = {
@@ -176,12 +166,6 @@ def test_latent_dataset_normalises_as_the_pipelines_do(job, one_rank, name):
 
 
 # ----- misfits: one line, no folder -----------------------------------------------------------------------------------
-def _error_line(capsys):
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, err
-    return errors[0]
 
 
 @pytest.mark.parametrize("case", ["unknown class", "frame count", "subfolder", "image frame count"])
@@ -204,7 +188,7 @@ def test_misfits_end_in_one_line_before_any_folder(job, tmp_path, capsys, case):
         argv[-1] = "buckets=[(8, 16, 16)]"
         expect = "an image row's num_frames 1"
     assert run_main(encode_latents.main, argv) != 0
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert expect in line, line
     assert not (tmp_path / "out").exists()
 

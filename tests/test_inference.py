@@ -12,7 +12,7 @@ from opensora_vae.data import probe_video, read_video
 from opensora_vae.errors import run_main
 from opensora_vae.inference import output_names
 
-from helpers import ROOT, tiny_pipeline
+from helpers import ROOT, error_line, tiny_pipeline
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import inference_vae  # noqa: E402
@@ -161,13 +161,6 @@ def test_a_stop_signal_ends_after_the_current_clip_and_a_rerun_writes_the_rest(t
     assert sorted(p.stem for p in (tmp_path / "r_rec").iterdir()) == ["bikes", "carphone_pristine", "still"]
 
 
-def _error_line(capsys):
-    """The one line a failed job printed (stderr of run_main), and no traceback."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, err
-    return errors[0]
 
 
 def test_a_job_whose_every_row_fails_exits_non_zero_and_leaves_no_folders(tmp_path, ckpt, capsys):
@@ -178,7 +171,7 @@ def test_a_job_whose_every_row_fails_exits_non_zero_and_leaves_no_folders(tmp_pa
     argv = [str(CONFIG), "--ckpt-path", str(ckpt), "--data-path", str(path), "--save-dir", str(tmp_path / "r"),
             "--num-frames", "5"]
     assert run_main(inference_vae.main, argv) == 1
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "nothing produced: 2 of 2 row(s) failed" in line and "broken.mp4 [row 0]" in line, line
     assert not list(tmp_path.glob("r_*"))
 
@@ -199,7 +192,7 @@ def test_a_frame_size_the_model_cannot_take_is_refused_before_any_folder(tmp_pat
     argv = [str(CONFIG), "--ckpt-path", str(ckpt), "--data-path", str(csv), "--save-dir", str(tmp_path / "r"),
             "--num-frames", "5", "--image-size", "33", "48"]
     assert run_main(inference_vae.main, argv) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "dataset.image_size 33x48" in line and "multiples of 2" in line and "--image-size 32 48" in line, line
     assert not list(tmp_path.glob("r_*"))
 
@@ -240,7 +233,7 @@ def test_a_ctrl_c_outside_the_stop_signals_ends_in_one_line_with_exit_130(tmp_pa
     except KeyboardInterrupt:
         pytest.fail("KeyboardInterrupt escaped run_main")
     assert code == 130
-    assert "interrupted" in _error_line(capsys)
+    assert "interrupted" in error_line(capsys)
 
 
 def test_an_unreachable_hub_fails_at_once_in_one_line_naming_the_model_and_the_offline_way(tmp_path, csv):

@@ -11,7 +11,7 @@ import diffusers
 import pytest
 import torch
 
-from helpers import ROOT
+from helpers import ROOT, error_line
 from opensora_vae.config import load_config
 from opensora_vae.errors import run_main
 from test_encode_any import TINY, save_tiny
@@ -121,12 +121,6 @@ def test_tiling_is_the_model_own(models, tmp_path):
     assert vae.model.tile_overlap_factor_height == pytest.approx(1 / 3)
 
 
-def _error_line(capsys):
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, err
-    return errors[0]
 
 
 @pytest.mark.parametrize("case", ["unknown class", "frame count", "subfolder", "frame size", "tile option"])
@@ -147,6 +141,6 @@ def test_misfits_end_in_one_line_before_any_folder(models, csv, tmp_path, capsys
     argv = [str(CONFIG), "--ckpt-path", ckpt, "--data-path", str(csv), "--save-dir", str(tmp_path / "r"),
             "--num-frames", str(frames), "--image-size", *map(str, size), *extra]
     assert run_main(inference_vae.main, argv) != 0
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert expect in line, line
     assert not list(tmp_path.glob("r_*"))

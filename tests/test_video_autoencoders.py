@@ -11,23 +11,13 @@ import diffusers
 import pytest
 import torch
 
-from helpers import tiny_model_cfg, tiny_pipeline
+from helpers import TINY_DIFFUSERS, tiny_model_cfg, tiny_pipeline
 from opensora_vae.errors import UserError
 from opensora_vae.models.autoencoders import FrameRule
 from opensora_vae.models.build import as_autoencoder, build_autoencoder, load_autoencoder, parse_vae_spec
 from opensora_vae.models.pipeline import VideoAutoencoderPipeline
 
-# Tiny widths with the published compression (Wan 4x8x8, CogVideoX 4x8x8, LTX 8x32x32); each builds in well under
-# a second. Wan's latent statistics and LTX's scaling factor are not the identity, so normalisation is visible.
-TINY = {
-    "AutoencoderKLWan": dict(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                             latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0]),
-    "AutoencoderKLCogVideoX": dict(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1,
-                                   norm_num_groups=4, scaling_factor=0.7),
-    "AutoencoderKLLTXVideo": dict(block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
-                                  latent_channels=8, layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5,
-                                  scaling_factor=0.5),
-}
+TINY = TINY_DIFFUSERS
 CLASSES = list(TINY)
 # class -> (valid frame count, a frame count the rule refuses, frame rule, temporal, spatial compression)
 GEOMETRY = {
