@@ -130,6 +130,23 @@ def test_two_ranks_train_wan_adversarially_with_ema(tmp_path, clip_csv):
     assert (ckpt / "discriminator.pt").is_file()
 
 
+@pytest.mark.parametrize("name", ["AutoencoderKLCogVideoX", "AutoencoderKLLTXVideo"])
+def test_two_ranks_train_cogvideox_and_ltx(tmp_path, clip_csv, name):
+    """Full fine-tuning (encoder and decoder) on 2 gloo ranks: every step on both ranks, a checkpoint per step in the
+    class's own format, and the weights move between them."""
+    opts = dict(QUIET, max_steps=2, ckpt_every=1, shard_optimizer=True)
+    torchrun(2, TINY / f"{CONFIGS[name]}.py", "--data-path", clip_csv, "--outputs", tmp_path,
+             "--cfg-options", *options(opts))
+    run_dir = next(p for p in tmp_path.iterdir() if p.is_dir())
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2] and all(len(r["frames_per_rank"]) == 2 for r in rows)
+    cls = getattr(diffusers, name)
+    first, second = (cls.from_pretrained(run_dir / f"epoch{e}-global_step{s}" / "model").state_dict()
+                     for e, s in ((0, 1), (0, 2)))
+    for side in ("encoder.", "decoder."):
+        assert any(not torch.equal(first[k], second[k]) for k in first if k.startswith(side)), side
+
+
 @pytest.fixture(scope="module")
 def train_main():
     return runpy.run_path(str(ROOT / "scripts" / "train_vae.py"), run_name="test")["main"]
