@@ -40,10 +40,12 @@ def check_frame_sizes(model: VideoAutoencoder, sizes: Iterable[Tuple[int, int]],
     folder is made or clip read, in the terms of the setting that gave them."""
     factor = model.spatial_compression
     for h, w in sizes:
-        if h % factor or w % factor:
+        try:
+            model.check_size(h, w)  # the model's own rule; this adds the setting and the flag that fixes it
+        except UserError:
             fit = f"{max(factor, h // factor * factor)} {max(factor, w // factor * factor)}"
             raise UserError(f"{what} {h}x{w}: height and width must be multiples of {factor} (the model's spatial "
-                            f"compression); e.g. --image-size {fit}")
+                            f"compression); e.g. --image-size {fit}") from None
 
 
 def check_frame_counts(model: VideoAutoencoder, counts: Iterable[int], what: str = "dataset.num_frames") -> None:
