@@ -128,7 +128,7 @@ def build_trainer(name: str, args, data_csv: Path, outputs: Path):
     options = {"dataset.data_path": str(data_csv), "outputs": str(outputs), "run_name": name.replace("+", "_"),
                "model.vae_2d.from_pretrained": None, "lpips_random_backbone": True, "device": args.device,
                "dtype": args.dtype, "dataset.num_frames": args.frames, "dataset.image_size": (args.size, args.size),
-               "num_workers": 0, "tensorboard": False, "ckpt_every": 0, "shard_optimizer": False}
+               "num_workers": 0, "trackers": [], "ckpt_every": 0, "shard_optimizer": False}
     if not args.mixed:
         options["mixed_strategy"] = None
     if args.model[0] == "tiny":

@@ -43,6 +43,7 @@ class ConfigError(UserError):
 
 # ----- the declared keys ----------------------------------------------------------------------------------------
 DtypeName = Literal[tuple(DTYPES)]
+TRACKERS = ("tensorboard", "wandb")  # train/logging.py runs each
 
 
 @dataclass
@@ -114,7 +115,11 @@ class TrainConfig(JobConfig):
     log_samples: bool = False  # each step's dataset rows (per rank) in metrics.jsonl
     outputs: str = "outputs"
     run_name: Optional[str] = None  # None: the config file's name
-    tensorboard: bool = True
+    # where the logged values go besides metrics.jsonl (rank 0): TensorBoard events in the run folder, W&B
+    trackers: List[Literal[TRACKERS]] = field(default_factory=lambda: ["tensorboard"])
+    wandb_project: Optional[str] = None  # None: $WANDB_PROJECT, else "opensora-vae"
+    wandb_entity: Optional[str] = None  # None: $WANDB_ENTITY, else the W&B account's default
+    log_reconstructions_every: NonNegativeInt = 0  # a clip and its reconstruction to the trackers (0: never)
 
 
 @dataclass
@@ -151,7 +156,7 @@ REFERENCE_KEYS = {
         "frame_interval": "dataset.frame_interval",
         "batch_size": "nothing for inference and encoding: one clip at a time",
         "plugin": "nothing: DDP under torchrun, shard_optimizer=True for ZeRO-style sharding",
-        "wandb": "tensorboard=True (TensorBoard events and metrics.jsonl in the run folder)",
+        "wandb": "nothing for inference and encoding (training reads wandb=True as trackers including 'wandb')",
         "record_time": "nothing: seconds per step are in metrics.jsonl",
     },
     "model.": {
@@ -160,6 +165,8 @@ REFERENCE_KEYS = {
     },
 }
 _warned: set = set()
+# Training keys replaced by `trackers`: key -> (the tracker it switches on or off, whose key it is).
+TRACKER_SWITCHES = {"tensorboard": "an earlier key of this project", "wandb": "the reference's key"}
 
 
 def _reference_key(where: str, name: str) -> bool:
@@ -170,6 +177,29 @@ def _reference_key(where: str, name: str) -> bool:
         _warned.add((where, name))
         logger.warning("config key %s%s is kept for reference configs and ignored; use %s", where, name, known[name])
     return True
+
+
+def _tracker_switches(values: Dict[str, Any]) -> Dict[str, Any]:
+    """`tensorboard=` (this project's earlier key) and the reference's `wandb=`, as `trackers` (training): True adds
+    that tracker to the list, False removes it; one warning each."""
+    switches = [k for k in TRACKER_SWITCHES if k in values]
+    if not switches:
+        return values
+    values = dict(values)
+    trackers = list(values.get("trackers", ["tensorboard"]))
+    for key in switches:
+        on = values.pop(key)
+        if not isinstance(on, bool):
+            raise ConfigError(f"config key {key}={on!r} has the wrong type: expected bool (better: trackers=[...])")
+        trackers = [t for t in trackers if t != key] + ([key] if on else [])
+        switches[switches.index(key)] = f"{key}={on}"
+    for said in switches:
+        if ("", said) not in _warned:
+            _warned.add(("", said))
+            logger.warning("config key %s (%s) is read as trackers=%r: write that instead", said,
+                           TRACKER_SWITCHES[said.split("=")[0]], trackers)
+    values["trackers"] = trackers
+    return values
 
 
 def drop_reference_keys(where: str, values: Mapping[str, Any]) -> Dict[str, Any]:
@@ -298,6 +328,17 @@ def _check_job(cfg: Config, job: str, values: Mapping[str, Any], hints: Mapping[
                       f"config (it sets {keys}); {JOB_NAMES[job]} takes a config like {JOB_EXAMPLES[job]}")
 
 
+def _check_trackers(trackers: Any) -> None:
+    if not isinstance(trackers, (list, tuple)):
+        return  # the type check says what is expected
+    unknown = [t for t in trackers if t not in TRACKERS]
+    if unknown:
+        raise ConfigError(f"config key trackers={list(trackers)!r}: unknown tracker {unknown[0]!r}; known: "
+                          f"{', '.join(TRACKERS)}")
+    if len(set(trackers)) != len(trackers):
+        raise ConfigError(f"config key trackers={list(trackers)!r} names a tracker twice")
+
+
 def check_config(cfg: Config, job: str) -> Config:
     """Validate `cfg` against the job's declared keys (raises ConfigError naming the key) and fill in defaults;
     the file's `_` variables are dropped. Idempotent."""
@@ -305,7 +346,10 @@ def check_config(cfg: Config, job: str) -> Config:
     hints = _job_hints(job)
     losses = _job_losses(job)
     values = cfg.to_dict()
+    if "trackers" in hints:
+        values = _tracker_switches(values)
     _check_job(cfg, job, values, hints)
+    _check_trackers(values.get("trackers", []))
     _check_fields("", values, hints)
     for required in ("dataset", "model"):
         if not values.get(required):

@@ -19,7 +19,7 @@ TINY = ROOT / "configs" / "vae" / "tiny"
 TINY_MODEL_CONFIG = TINY / "model.py"
 # Deterministic training settings so runs can be compared number for number.
 EXACT = {"mixed_strategy": None, "sample_posterior": False, "dataset.image_size": (16, 16),
-         "dataset.num_frames": 5, "tensorboard": False}
+         "dataset.num_frames": 5, "trackers": []}
 
 
 def tiny_model_cfg(**overrides) -> dict:

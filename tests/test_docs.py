@@ -209,7 +209,7 @@ def shared(tmp_path_factory, sample_videos):
     for name in TRAIN_CONFIGS:
         (configs / f"{name}.py").write_text(
             f"_base_ = [{str(ROOT / 'configs' / 'vae' / 'tiny' / f'{name}.py')!r}]\n"
-            "max_steps = 1\nckpt_every = 1\ntensorboard = False\n")
+            "max_steps = 1\nckpt_every = 1\ntrackers = []\n")
     for name in INFERENCE_CONFIGS:  # the published configs themselves, at 32x32 (the checkpoint brings the model)
         source = ROOT / "configs" / "vae" / "inference" / f"{name}.py"
         buckets = "buckets = [(17, 32, 32)]\n" if name == "latents" else ""

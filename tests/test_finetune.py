@@ -151,7 +151,7 @@ def test_the_decoder_fine_tuning_config_keeps_the_latents_and_trains_adversarial
     start_dir, start = run_in_process(TINY / "stage3.py", clip_csv, tmp_path / "s", **{**EXACT, "max_steps": 1,
                                       "ckpt_every": 0, "dataset.image_size": (32, 32)})
     run_dir, end = run_in_process(TINY / "finetune_decoder.py", clip_csv, tmp_path / "f",
-                                  **{"model.from_pretrained": str(start), "tensorboard": False})
+                                  **{"model.from_pretrained": str(start), "trackers": []})
     rows = metrics(run_dir)
     assert len(rows) == 4 and all("adversarial" in r and "disc_loss" in r for r in rows)
     x = clip(sample_videos)

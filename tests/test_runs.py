@@ -179,7 +179,7 @@ def test_tensorboard_keeps_one_value_per_step_after_a_resume(tmp_path, clip_csv,
 
     from opensora_vae.train import Trainer
 
-    opts = {**QUICK, "tensorboard": True, "max_steps": 4, "ckpt_every": 2}
+    opts = {**QUICK, "trackers": ["tensorboard"], "max_steps": 4, "ckpt_every": 2}
     with monkeypatch.context() as m:  # stopped after step 3: steps 1-3 logged, the checkpoint is at step 2
         m.setattr(Trainer, "_done", lambda self: self.global_step >= 3)
         run_dir, _ = run_in_process(TINY / "stage1.py", clip_csv, tmp_path, **opts)

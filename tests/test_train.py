@@ -191,7 +191,7 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, clip_csv, monkeyp
 def test_three_tiny_stages_chain_under_torchrun(tmp_path, clip_csv):
     previous = None
     for stage in (1, 2, 3):
-        extra = {"max_steps": 2, "ckpt_every": 0, "tensorboard": False}
+        extra = {"max_steps": 2, "ckpt_every": 0, "trackers": []}
         if previous is not None:
             extra["model.from_pretrained"] = str(previous / "model")
         torchrun(1, TINY / f"stage{stage}.py", "--data-path", clip_csv, "--outputs", tmp_path / f"s{stage}",
@@ -220,7 +220,7 @@ def test_published_stage_configs_run_one_step_full_size(tmp_path, clip_csv, stag
     """The published configs unchanged but for: random SDXL weights (no hub), small frames, one step, and fp32
     (bf16 autocast of 3D convolutions is several times slower on CPU; tiny bf16 runs and the GPU check cover it)."""
     opts = {"model.vae_2d.from_pretrained": None, "dataset.image_size": (16, 16), "max_steps": 1, "dtype": "fp32",
-            "num_workers": 0, "tensorboard": False, "shard_optimizer": False}
+            "num_workers": 0, "trackers": [], "shard_optimizer": False}
     if stage == 3:
         opts["allow_missing_lpips"] = True  # no VGG weights on this machine
     env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -23,7 +23,7 @@ TRAIN = ROOT / "configs" / "vae" / "train"
 CONFIGS = {"AutoencoderKLWan": "finetune_wan", "AutoencoderKLCogVideoX": "finetune_cogvideox",
            "AutoencoderKLLTXVideo": "finetune_ltx"}
 CLASSES = list(CONFIGS)
-QUIET = {"tensorboard": False}
+QUIET = {"trackers": []}
 
 
 def real_clip(sample_videos, frames, size):

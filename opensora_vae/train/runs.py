@@ -24,8 +24,9 @@ IDENTITY_FILE = "run.json"
 # run changes them and continues. Every other key of the resolved config is part of the run's identity.
 RUN_CONTROL = frozenset({
     "max_steps", "epochs", "ckpt_every", "log_every", "keep_last", "keep_every", "keep_global_batch", "outputs",
-    "run_name", "num_workers", "dist_timeout", "stop_signals", "device", "tensorboard", "log_samples",
-    "find_unused_parameters", "shard_optimizer", "optimizer", "grad_checkpoint", "lpips_backbone_path",
+    "run_name", "num_workers", "dist_timeout", "stop_signals", "device", "trackers", "wandb_project", "wandb_entity",
+    "log_reconstructions_every", "log_samples", "find_unused_parameters", "shard_optimizer", "optimizer",
+    "grad_checkpoint", "lpips_backbone_path",
 })
 # Where weights are found and how the model runs (model.<option>, model.vae_2d.<option>): no part of it either.
 MODEL_CONTROL = frozenset({"compile", "winograd", "subpixel", "tiling", "micro_batch_size", "cache_dir",

@@ -19,6 +19,7 @@ from ..config import check_config, save_config
 from ..errors import RunError, UserError
 from ..jobs import check_output_folder
 from ..models.spatial import check_video
+from ..protocol import package_versions
 from ..provenance import recorded_model_config
 from ..data import ResumableDistributedSampler, apply_mixed_strategy, collate_clips
 from ..losses import build_loss
@@ -32,7 +33,7 @@ from ..distributed import any_rank, barrier, close_distributed, init_distributed
 from ..adversarial import AdversarialLoss
 from ..models.discriminator import NLayerDiscriminator
 from .ema import EMA
-from .logging import RunLogger, setup_logging
+from .logging import RunLogger, check_trackers, reconstruction_grid, setup_logging
 from .runs import config_identity, find_resume, new_run_dir, read_identity, write_identity
 from .steps import DiscriminatorStep, TrainStep
 from ..signals import StopSignals, start_loader, worker_init
@@ -133,6 +134,7 @@ class Trainer:
         setup_logging(self.dist.rank)
         self.run_name = cfg.run_name or self.config_name
         self.identity = config_identity(cfg)
+        self._on_rank0(check_trackers, cfg.trackers)
         # Decided on rank 0 (it may rename a recovered checkpoint) and sent to all, errors included. Every check
         # that can refuse the job comes before a run folder is made.
         run_dir, self.load_path = self._on_rank0(find_resume, Path(cfg.outputs), self.run_name, self.load,
@@ -220,7 +222,10 @@ class Trainer:
         total = self._steps_per_epoch() * cfg.epochs
         self.total_steps = min(total, self.max_steps) if self.max_steps else total
         self.run_logger = RunLogger(self.run_dir, self.dist.is_main, self.total_steps, self.global_step,
-                                    tensorboard=cfg.tensorboard, resumed=self.load_path is not None)
+                                    trackers=cfg.trackers, resumed=self.load_path is not None,
+                                    wandb_project=cfg.wandb_project, wandb_entity=cfg.wandb_entity)
+        if self.dist.is_main:  # what config.py holds, and what ran it (package versions, the git commit)
+            self.run_logger.start(dict(to_plain(self.cfg), model=self.model_config, provenance=package_versions()))
         self.sample_rows: list = []  # (step, this rank's rows) since the last log, with log_samples
         self._ckpt_bytes: Optional[int] = None
 
@@ -517,6 +522,22 @@ class Trainer:
             record["max_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.run_logger.log(record)
 
+    @torch.no_grad()
+    def _log_reconstruction(self, batch: Dict[str, Any]) -> None:
+        """Rank 0's first clip of the step above its reconstruction by the weights after the step (posterior
+        mode; the run's random streams untouched), as an image to every tracker."""
+        if not self.dist.is_main or not self.run_logger.trackers:
+            return
+        x = batch["video"][:1].to(self.device)
+        use_autocast = self.precision == "autocast" and self.dtype != torch.float32
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
+                torch.autocast(self.device.type, dtype=self.dtype, enabled=use_autocast):
+            if self.cfg.train_spatial_only:  # the spatial VAE alone is trained: its reconstruction
+                rec = self.model.forward_spatial(x.to(self.vae.dtype), sample_posterior=False).x_rec
+            else:
+                rec = self.vae.reconstruct(x)
+        self.run_logger.log_images(self.global_step, {"train/reconstruction": reconstruction_grid(x[0], rec[0])})
+
     def _count_skips(self, batch: Dict[str, Any]) -> None:
         new = [p for s in batch.get("skipped", []) for p in s.split("\n") if p]
         if new:
@@ -561,6 +582,8 @@ class Trainer:
                         self.sample_rows.append((self.global_step, batch["index"].tolist()))
                     if self.global_step % log_every == 0:
                         self._log_since(metrics)
+                    if cfg.log_reconstructions_every and self.global_step % cfg.log_reconstructions_every == 0:
+                        self._log_reconstruction(batch)
                     self.run_logger.step()  # after the log: the bar shows this step's loss
                     if ckpt_every and self.global_step % ckpt_every == 0:
                         last_saved = self.save()
