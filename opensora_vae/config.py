@@ -24,6 +24,7 @@ from typing import Annotated, Any, Dict, Iterable, List, Literal, Mapping, Optio
 from mmengine.config import Config
 
 from . import data  # noqa: F401  (registers the dataset types)
+from . import storage
 from .adversarial import AdversarialLoss
 from .errors import MissingFileError, UserError
 from .losses import VAELoss
@@ -368,6 +369,9 @@ def check_config(cfg: Config, job: str) -> Config:
             filled[name] = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
         elif dataclasses.is_dataclass(hints.get(name)) and isinstance(filled[name], Mapping):
             filled[name] = {**dataclasses.asdict(hints[name]()), **filled[name]}
+    if job == "train" and storage.is_url(filled["outputs"]):  # checkpoint guarantees are a local filesystem's
+        raise ConfigError(f"config key outputs={storage.redact(filled['outputs'])!r}: run folders (checkpoints) must "
+                          f"be on a local or mounted folder, not a URL; data may be read from URLs")
     return Config(filled, filename=cfg.filename)
 
 

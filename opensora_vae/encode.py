@@ -4,8 +4,9 @@ Any video autoencoder (`models.build`: the Open-Sora pipeline, diffusers' Wan, C
 DIR/shards/run{R}-rank{K}-{S}.safetensors hold, per (row, bucket), the model's posterior mean and std BEFORE any
 latent normalisation (format 2; format 1, written before, held the Open-Sora pipeline's normalised ones), and in
 their metadata the row's fields: each shard describes itself, so a restart finds what is stored by reading shard
-headers, and the index is rebuilt from them. Shards are written under a temporary name and renamed; a kill loses at
-most the shard in the making. DIR/meta.json says which model, data and settings made the latents, and the model's
+headers, and the index is rebuilt from them. Shards are written whole through `storage.committed` (a temporary name
+and a rename; on object storage one upload of the complete file): a kill loses at most the shard in the making, and
+DIR may be a URL (`s3://bucket/latents`). DIR/meta.json says which model, data and settings made the latents, and the model's
 own normalisation (`latent_normalization`), which `LatentDataset(normalize=True)` applies; DIR/index.{parquet,csv}
 lists every stored clip.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, storage
 from .data import is_image_path
 from .data.latents import INDEX_COLUMNS, LATENT_FORMAT, META_NAME, SHARD_DIR, read_meta, read_shard_records
 from .config import check_config
@@ -108,14 +108,17 @@ def clip_key(row: int, name: str) -> str:
     return f"{int(row)}/{name}"
 
 
-def stored_shards(save_dir: Path) -> List[Path]:
-    return sorted((save_dir / SHARD_DIR).glob("*.safetensors"))
+def stored_shards(save_dir: str) -> List[str]:
+    """The complete shards in DIR/shards (what `committed` has not finished is hidden and marked .tmp)."""
+    folder = storage.join(save_dir, SHARD_DIR)
+    return [storage.join(folder, n) for n in storage.listdir(folder)
+            if n.endswith(".safetensors") and not storage.is_temporary(n)]
 
 
 class ShardWriter:
-    """Buffers clips and writes a shard (tmp name, then rename) once the buffer holds `max_bytes`."""
+    """Buffers clips and writes a shard (storage.committed: complete or absent) once the buffer holds `max_bytes`."""
 
-    def __init__(self, folder: Path, prefix: str, max_bytes: int, save_dtype: torch.dtype):
+    def __init__(self, folder: str, prefix: str, max_bytes: int, save_dtype: torch.dtype):
         self.folder, self.prefix, self.max_bytes, self.save_dtype = folder, prefix, max(1, int(max_bytes)), save_dtype
         self.tensors: Dict[str, torch.Tensor] = {}
         self.records: List[Dict[str, Any]] = []
@@ -141,10 +144,10 @@ class ShardWriter:
         name = f"{self.prefix}-{self.shards:06d}.safetensors"
         for r in self.records:
             r["shard"] = name
-        tmp = self.folder / (name + ".tmp")
-        save_file(self.tensors, str(tmp), metadata={"clips": json.dumps(self.records)})
-        os.replace(tmp, self.folder / name)
-        self.bytes_written += (self.folder / name).stat().st_size
+        with storage.committed(storage.join(self.folder, name)) as tmp:
+            save_file(self.tensors, tmp, metadata={"clips": json.dumps(self.records)})
+            size = Path(tmp).stat().st_size
+        self.bytes_written += size
         self.shards += 1
         self.tensors, self.records, self.size = {}, [], 0
 
@@ -154,16 +157,10 @@ class ShardWriter:
 
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_read(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _absolute_checkpoint(meta: Dict[str, Any]) -> Dict[str, Any]:
@@ -174,16 +171,16 @@ def _absolute_checkpoint(meta: Dict[str, Any]) -> Dict[str, Any]:
     return meta
 
 
-def _check_meta(save_dir: Path, meta: Dict[str, Any]) -> None:
+def _check_meta(save_dir: str, meta: Dict[str, Any]) -> None:
     """meta.json from an earlier run must describe the same job, or its latents would be mixed with others."""
     old = _absolute_checkpoint(read_meta(save_dir))
     if old.get("format", 1) != meta["format"]:
-        raise UserError(f"{save_dir} holds latents of format {old.get('format', 1)} (an earlier version: normalised "
+        raise UserError(f"{storage.redact(save_dir)} holds latents of format {old.get('format', 1)} (an earlier version: normalised "
                         f"latents); this version writes format {meta['format']} (before normalisation): use a new "
                         f"--save-dir (LatentDataset reads both)")
     diff = [k for k in RESUME_KEYS if json.dumps(old.get(k), sort_keys=True) != json.dumps(meta.get(k), sort_keys=True)]
     if diff:
-        raise ValueError(f"{save_dir} holds latents of another job ({', '.join(diff)} differ); "
+        raise ValueError(f"{storage.redact(save_dir)} holds latents of another job ({', '.join(diff)} differ); "
                          f"use a new --save-dir. Stored: {({k: old.get(k) for k in diff})}")
 
 
@@ -193,14 +190,14 @@ def _has_pyarrow() -> bool:
     return importlib.util.find_spec("pyarrow") is not None
 
 
-def write_index(save_dir: Path) -> Tuple[Path, int]:
+def write_index(save_dir: str) -> Tuple[str, int]:
     """One index over every shard (any run, any rank), ordered by (row, bucket); a clip stored twice (two jobs
     writing one folder at once) is listed once, from the first shard."""
     records, seen = [], set()
     for shard in stored_shards(save_dir):
         for r in read_shard_records(shard):
             if r["key"] in seen:
-                logger.warning("%s also in %s: listed once", r["key"], shard.name)
+                logger.warning("%s also in %s: listed once", r["key"], storage.basename(shard))
                 continue
             seen.add(r["key"])
             records.append(r)
@@ -208,16 +205,14 @@ def write_index(save_dir: Path) -> Tuple[Path, int]:
     df = df.sort_values(["row", "bucket"], kind="stable").reset_index(drop=True)
     for col in ("frame_indices", "latent_shape"):
         df[col] = df[col].map(json.dumps)
-    if _has_pyarrow():
-        target, other = save_dir / "index.parquet", save_dir / "index.csv"
-        tmp = target.with_name(target.name + ".tmp")
-        df.to_parquet(tmp, index=False)
-    else:
-        target, other = save_dir / "index.csv", save_dir / "index.parquet"
-        tmp = target.with_name(target.name + ".tmp")
-        df.to_csv(tmp, index=False)
-    os.replace(tmp, target)
-    other.unlink(missing_ok=True)  # an older index in the other format would be stale
+    parquet, csv = storage.join(save_dir, "index.parquet"), storage.join(save_dir, "index.csv")
+    target, other = (parquet, csv) if _has_pyarrow() else (csv, parquet)
+    with storage.committed(target) as tmp:
+        if target == parquet:
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_csv(tmp, index=False)
+    storage.remove(other)  # an older index in the other format would be stale
     return target, len(df)
 
 
@@ -265,7 +260,7 @@ def _job_meta(cfg, dataset, buckets: List[Bucket], dtype: torch.dtype, model: Vi
         "normalization": {"shift": norm["shift"], "scale": norm["scale"], "source": norm["source"]},
         "shift": norm["shift"],
         "scale": norm["scale"],
-        "data_path": absolute_if_local(dataset.data_path),
+        "data_path": storage.redact(absolute_if_local(dataset.data_path)),
         "num_rows": len(dataset),
         "csv_sha256": _sha256(dataset.data_path),
         "buckets": [list(b) for b in buckets],
@@ -282,35 +277,39 @@ def _job_meta(cfg, dataset, buckets: List[Bucket], dtype: torch.dtype, model: Vi
     }
 
 
-def _open_folder(out: Path, meta: Dict[str, Any], is_main: bool) -> bool:
+def _open_folder(out: str, meta: Dict[str, Any], is_main: bool) -> bool:
     """Create the folder and its meta.json, or check that an existing one holds this job's latents (new buckets
     join its list); drop the shards a killed run was writing. Returns whether rank 0 created meta.json."""
-    shard_dir = out / SHARD_DIR
+    shard_dir = storage.join(out, SHARD_DIR)
+    meta_path = storage.join(out, META_NAME)
     created = False
     if is_main:
-        created = not out.exists()
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        for tmp in shard_dir.glob("*.tmp"):
-            tmp.unlink()
-        if not (out / META_NAME).is_file():
-            _write_atomic(out / META_NAME, json.dumps(meta, indent=2))
+        created = not storage.exists(out)
+        storage.makedirs(shard_dir)
+        for name in storage.listdir(shard_dir):
+            if storage.is_temporary(name):
+                storage.remove(storage.join(shard_dir, name))
+        if not storage.isfile(meta_path):
+            storage.write_text(meta_path, json.dumps(meta, indent=2))
     barrier()
     _check_meta(out, meta)
     if is_main:
         stored_meta = read_meta(out)
         if stored_meta["buckets"] != meta["buckets"]:
             stored_meta["buckets"] += [b for b in meta["buckets"] if b not in stored_meta["buckets"]]
-            _write_atomic(out / META_NAME, json.dumps(stored_meta, indent=2))
+            storage.write_text(meta_path, json.dumps(stored_meta, indent=2))
     return created
 
 
-def _remove_unused_folder(out: Path) -> None:
+def _remove_unused_folder(out: str) -> None:
     """The folder this run created and stored nothing in: removed, so that a rerun with a fixed CSV is not refused
     as another job's. Only what the job writes goes (meta.json, an empty shards/); anything else keeps it."""
-    (out / META_NAME).unlink(missing_ok=True)
-    for folder in (out / SHARD_DIR, out):
+    storage.remove(storage.join(out, META_NAME))
+    if storage.is_url(out):
+        return  # object stores have no empty folders
+    for folder in (storage.join(out, SHARD_DIR), out):
         try:
-            folder.rmdir()
+            Path(folder).rmdir()
         except OSError:  # not empty: something else is in it
             return
 
@@ -358,7 +357,7 @@ def encode_dataset(cfg, num_frames: Optional[int] = None, image_size: Optional[S
     cfg = check_config(cfg, "encode")
     if not cfg.save_dir:
         raise UserError("no output folder: pass --save-dir DIR (or set save_dir in the config)")
-    out = Path(cfg.save_dir)
+    out = str(cfg.save_dir)
     check_output_folder(out)
     info = init_distributed(cfg.device, cfg.dist_timeout)
     device = info.device
@@ -378,7 +377,7 @@ def encode_dataset(cfg, num_frames: Optional[int] = None, image_size: Optional[S
 
     shards = stored_shards(out)
     stored = {r["key"] for s in shards for r in read_shard_records(s)}
-    run = 1 + max((int(s.name.split("-")[0][3:]) for s in shards), default=-1)
+    run = 1 + max((int(storage.basename(s).split("-")[0][3:]) for s in shards), default=-1)
     barrier()  # every rank has listed the shards before any rank writes one
     keys = [(row, bucket_name(b)) for row, path in enumerate(paths)
             for b in dict.fromkeys(unit_bucket(path, b) for b in buckets)]
@@ -389,7 +388,7 @@ def encode_dataset(cfg, num_frames: Optional[int] = None, image_size: Optional[S
         logger.info("%d clip(s) to encode (%d row(s) x %d bucket(s), %d already stored) on %d rank(s)",
                     len(units), len(paths), len(buckets), len(keys) - len(units), info.world_size)
 
-    writer = ShardWriter(out / SHARD_DIR, f"run{run:03d}-rank{info.rank:03d}", cfg.shard_size_mb * 2**20,
+    writer = ShardWriter(storage.join(out, SHARD_DIR), f"run{run:03d}-rank{info.rank:03d}", cfg.shard_size_mb * 2**20,
                          DTYPES[cfg.save_dtype])
     loader = DataLoader(RowReader(BucketLoader(cfg.dataset, all_buckets), mine), batch_size=None,
                         num_workers=cfg.num_workers, worker_init_fn=worker_init(cfg.stop_signals))
@@ -397,7 +396,8 @@ def encode_dataset(cfg, num_frames: Optional[int] = None, image_size: Optional[S
     loop_start = time.perf_counter()
     stop = StopSignals(cfg.stop_signals).install()
     try:
-        encoded = _encode_rows(model, loader, paths, writer, device, dtype, info.is_main, skipped, stop)
+        shown = [storage.redact(p) for p in paths]  # what records and warnings say: no credentials
+        encoded = _encode_rows(model, loader, shown, writer, device, dtype, info.is_main, skipped, stop)
     finally:
         stop.restore()
     loop_seconds = time.perf_counter() - loop_start
@@ -419,13 +419,14 @@ def encode_dataset(cfg, num_frames: Optional[int] = None, image_size: Optional[S
     barrier()  # every shard is renamed before the index is built
     if info.is_main:
         target, report.stored = write_index(out)
-        report.index = str(target)
+        report.index = storage.redact(target)
     report.seconds = time.perf_counter() - start
     if info.is_main:
         rate = report.encoded / report.loop_seconds if report.loop_seconds else 0.0
         logger.info("encoded %d clip(s) in %.1f s (%.2f clips/s; %.1f s in all), %d already stored, %d row(s) skipped; "
                     "wrote %d shard(s), %.2f MB; %s lists %d clip(s)", report.encoded, report.loop_seconds, rate,
                     report.seconds, report.existing,
-                    len(report.skipped), report.shards_written, report.bytes_written / 1e6, target, report.stored)
+                    len(report.skipped), report.shards_written, report.bytes_written / 1e6, storage.redact(target),
+                    report.stored)
     barrier()
     return report

@@ -1,7 +1,7 @@
 """Reconstruct the clips of a CSV with any video autoencoder (`models.build`): DIR_ori (preprocessed input),
 DIR_rec (the model's reconstruction), DIR_spatial (the spatial VAE alone, for a model with a spatial-only path: the
 Open-Sora pipeline), and optionally the per-channel statistics of the latents before normalisation (the numbers
-behind a model's shift/scale)."""
+behind a model's shift/scale). DIR may be a URL (`s3://bucket/recon`): each clip is uploaded whole (storage.py)."""
 from __future__ import annotations
 
 import json
@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from . import storage
 from .config import check_config
 from .data import ensure_uint8_video, write_image, write_video
 from .distributed import init_distributed, rank_share
@@ -33,7 +34,7 @@ FOLDERS = ("ori", "rec", "spatial")
 
 def output_names(paths: List[str]) -> List[str]:
     """File stems, made unique with the row number where two rows share one."""
-    stems = [Path(p).stem for p in paths]
+    stems = [Path(storage.basename(p)).stem for p in paths]
     counts = Counter(stems)
     return [s if counts[s] == 1 else f"{s}-{i}" for i, s in enumerate(stems)]
 
@@ -98,8 +99,9 @@ def _reconstruct_rows(cfg, model: VideoAutoencoder, loader, total: int, paths, n
             return
         row = entry["row"]
         if "error" in entry:
-            report.skipped[f"{paths[row]} [row {row}]"] = entry["error"]
-            logger.warning("skipping %s [row %d]: %s", paths[row], row, entry["error"])
+            shown = storage.redact(paths[row])
+            report.skipped[f"{shown} [row {row}]"] = entry["error"]
+            logger.warning("skipping %s [row %d]: %s", shown, row, entry["error"])
             continue
         item = entry["item"]
         x = item["video"][None].to(device=device, dtype=dtype)
@@ -116,14 +118,14 @@ def _reconstruct_rows(cfg, model: VideoAutoencoder, loader, total: int, paths, n
         report.written.append(paths[row])
 
 
-def _write(folder: Path, name: str, video: torch.Tensor, fps: float, crf: int) -> Path:
+def _write(folder: str, name: str, video: torch.Tensor, fps: float, crf: int) -> str:
+    """One clip, committed whole: its folder is made with its first clip, so a job that writes none leaves none."""
     frames = ensure_uint8_video(video)
-    folder.mkdir(parents=True, exist_ok=True)  # made with its first clip: a job that writes none leaves no folder
     if frames.shape[0] == 1:  # a single frame is an image
-        path = folder / f"{name}.png"
+        path = storage.join(folder, f"{name}.png")
         write_image(path, frames[0])
     else:
-        path = folder / f"{name}.mp4"
+        path = storage.join(folder, f"{name}.mp4")
         write_video(path, frames, fps, crf=crf)
     return path
 
@@ -137,10 +139,10 @@ def reconstruct_dataset(cfg, overwrite: bool = False, stats_path: Optional[str] 
         raise UserError("no output folder: pass --save-dir DIR (or set save_dir in the config)")
     if cfg.num_samples is not None and cfg.num_samples < 1:
         raise UserError(f"num_samples must be >= 1 or None, got {cfg.num_samples}")
-    base = Path(cfg.save_dir)
-    check_output_folder(base.parent)
+    base = str(cfg.save_dir).rstrip("/")
+    check_output_folder(storage.dirname(base) or ".")
     if stats_path:
-        check_output_folder(Path(stats_path).parent, "--stats-path")
+        check_output_folder(storage.dirname(stats_path) or ".", "--stats-path")
     info = init_distributed(cfg.device, cfg.dist_timeout)
     device = info.device
     dtype = resolve_dtype(cfg.dtype, device)
@@ -153,13 +155,14 @@ def reconstruct_dataset(cfg, overwrite: bool = False, stats_path: Optional[str] 
     check_frame_counts(model, [dataset.num_frames])
     report = InferenceReport(model=recorded_model_config(cfg.model, model, log=info.is_main))
     kinds = FOLDERS if model.has_spatial_path else tuple(k for k in FOLDERS if k != "spatial")
-    folders = {k: base.parent / f"{base.name}_{k}" for k in kinds}
+    folders = {k: f"{base}_{k}" for k in kinds}
     if info.is_main and not model.has_spatial_path:
-        logger.info("%s has no spatial-only path: writing %s_ori and %s_rec (no _spatial)", model.name, base.name,
-                    base.name)
+        name = storage.basename(base)
+        logger.info("%s has no spatial-only path: writing %s_ori and %s_rec (no _spatial)", model.name, name, name)
+    written = {k: set(storage.listdir(folder)) for k, folder in folders.items()}  # one listing per folder
 
     def done(row: int) -> bool:
-        return all(any((folders[k] / f"{names[row]}{ext}").exists() for ext in (".mp4", ".png")) for k in folders)
+        return all(any(f"{names[row]}{ext}" in written[k] for ext in (".mp4", ".png")) for k in folders)
 
     mine = rank_share(rows, info.rank, info.world_size)
     kept = set() if overwrite else {r for r in mine if done(r)}
@@ -188,7 +191,7 @@ def reconstruct_dataset(cfg, overwrite: bool = False, stats_path: Optional[str] 
         stats.reduce(device)
         report.stats = stats.as_dict()
         if info.is_main:
-            target = Path(stats_path) if stats_path else base.parent / f"{base.name}_latent_stats.json"
-            target.write_text(json.dumps(report.stats, indent=2))
-            logger.info("latent statistics written to %s", target)
+            target = str(stats_path) if stats_path else f"{base}_latent_stats.json"
+            storage.write_text(target, json.dumps(report.stats, indent=2))
+            logger.info("latent statistics written to %s", storage.redact(target))
     return report

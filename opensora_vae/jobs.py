@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
+from . import storage
 from .data import VideoReadError
 from .errors import RunError, UserError
 from .models.autoencoders import VideoAutoencoder
@@ -24,14 +24,10 @@ __all__ = ["RowReader", "absolute_if_local", "check_frame_counts", "check_frame_
 logger = logging.getLogger("opensora_vae.jobs")
 
 
-def check_output_folder(path: Path, what: str = "save_dir") -> None:
-    """A clear error before any work when `path` cannot be created or written (nothing is created here)."""
-    path = Path(path)
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is None or not existing.is_dir():
-        raise UserError(f"{what} {path}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{what} {path}: {existing} is not writable; choose another folder")
+def check_output_folder(path, what: str = "save_dir") -> None:
+    """A clear error before any work when `path` cannot be created or written (nothing is created here); a URL's
+    bucket must exist (storage.check_writable)."""
+    storage.check_writable(path, what)
 
 
 def check_frame_sizes(model: VideoAutoencoder, sizes: Iterable[Tuple[int, int]],

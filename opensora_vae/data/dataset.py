@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from .. import storage
 from ..schema import Fraction, PositiveInt
 from ..registry import DATASETS
 from .transforms import center_crop_image, resize_crop, to_model_range
@@ -45,7 +46,7 @@ def _opt_float(value: Any) -> float | None:
 class VideoTextDataset(Dataset):
     """Clips of `num_frames` frames from the videos and images listed in a CSV, sampled as the reference does.
 
-    CSV columns: `path` (required; relative paths are taken from the CSV's folder); optional
+    CSV columns: `path` (required; relative paths are taken from the CSV's folder, a URL's too: storage.py); optional
     `num_frames` (drops too-short videos up front and saves a probe), `fps` and `text` are used when
     present; `height`/`width` and any other columns are accepted and ignored (frames get resized).
 
@@ -104,7 +105,8 @@ class VideoTextDataset(Dataset):
             raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
         if image_frames not in IMAGE_FRAMES:
             raise ValueError(f"image_frames must be one of {IMAGE_FRAMES}, got {image_frames!r}")
-        self.data_path = os.path.abspath(os.fspath(data_path))
+        data_path = os.fspath(data_path)
+        self.data_path = data_path if storage.is_url(data_path) else os.path.abspath(data_path)
         self.num_frames = int(num_frames)
         self.frame_interval = int(frame_interval)
         size = (image_size, image_size) if isinstance(image_size, int) else image_size
@@ -125,11 +127,12 @@ class VideoTextDataset(Dataset):
     # ------------------------------------------------------------------ construction
 
     def _load_csv(self) -> pd.DataFrame:
-        csv = self.data_path
-        if not os.path.isfile(csv):
+        csv = storage.redact(self.data_path)
+        if not storage.isfile(self.data_path):
             raise FileNotFoundError(f"dataset CSV {csv} does not exist")
         try:
-            df = pd.read_csv(csv)
+            with storage.open_read(self.data_path) as f:
+                df = pd.read_csv(f)
         except pd.errors.EmptyDataError as e:
             raise ValueError(f"dataset CSV {csv} is empty") from e
         except (pd.errors.ParserError, UnicodeDecodeError) as e:
@@ -139,8 +142,8 @@ class VideoTextDataset(Dataset):
         df = df[df["path"].notna() & (df["path"].astype(str).str.strip() != "")]
         if len(df) == 0:
             raise ValueError(f"dataset CSV {csv} has no rows with a path")
-        root = os.path.dirname(csv)
-        paths = [os.path.normpath(os.path.join(root, os.path.expanduser(p.strip()))) for p in df["path"].astype(str)]
+        root = storage.dirname(self.data_path)
+        paths = [storage.resolve(root, p) for p in df["path"].astype(str)]
         df = df.assign(path=paths)
 
         if "num_frames" in df.columns:
@@ -160,11 +163,12 @@ class VideoTextDataset(Dataset):
 
         # stop at the first existing file: enough to know the dataset is not all-bad, cheap on big CSVs
         for p in df["path"]:
-            if os.path.isfile(p):
+            if storage.isfile(p):
                 break
             self._mark_bad(p, "file does not exist")
         else:
-            raise ValueError(f"dataset CSV {csv}: none of the {len(df)} files exist (first: {df['path'].iloc[0]})")
+            raise ValueError(f"dataset CSV {csv}: none of the {len(df)} files exist (first: "
+                             f"{storage.redact(df['path'].iloc[0])})")
         return df
 
     # ------------------------------------------------------------------ access
@@ -178,7 +182,7 @@ class VideoTextDataset(Dataset):
     def _mark_bad(self, path: str, reason: str) -> None:
         if path not in self.bad_rows:
             self.bad_rows[path] = reason
-            logger.warning("skipping %s: %s", path, reason)
+            logger.warning("skipping %s: %s", storage.redact(path), reason)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         n = len(self)
@@ -198,7 +202,7 @@ class VideoTextDataset(Dataset):
             self.num_skipped += 1
             idx = (idx + 1) % n
         raise RuntimeError(
-            f"dataset CSV {self.data_path}: all {n} rows are unreadable ({len(self.bad_rows)} bad paths)"
+            f"dataset CSV {storage.redact(self.data_path)}: all {n} rows are unreadable ({len(self.bad_rows)} bad paths)"
         )
 
     def load_row(self, idx: int) -> dict[str, Any]:
@@ -255,7 +259,7 @@ class VideoTextDataset(Dataset):
             if decodable >= self.num_frames and path not in _warned_overstated:  # too few: the skip says so
                 _warned_overstated.add(path)
                 logger.warning("%s: %s says %d frames, %d decode; clips are drawn within those",
-                               path, source, total, decodable)
+                               storage.redact(path), source, total, decodable)
         if decodable < self.num_frames:
             raise VideoReadError(path, f"has {decodable} decodable frames ({source} says {total}), "
                                        f"a clip needs {self.num_frames}")

@@ -3,19 +3,20 @@
 Formats (meta.json's "format"): 2 (this version) stores each clip's posterior mean and std BEFORE any latent
 normalisation, with the model's own normalisation in meta.json ("normalization": shift, scale; normalised =
 (z - shift) / scale per channel); 1 (earlier versions, no "format" key; the Open-Sora pipeline only) stored them
-normalised by meta.json's shift / scale. `LatentDataset` reads both, in the space asked for."""
+normalised by meta.json's shift / scale. `LatentDataset` reads both, in the space asked for. The folder may be a URL
+(storage.py): shards are read by byte ranges, header first, then each clip's tensors."""
 from __future__ import annotations
 
 import json
 import os
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from .. import storage
 from ..errors import UserError
 from .dataset import _generator
 
@@ -31,10 +32,11 @@ _JSON_COLUMNS = ("frame_indices", "latent_shape")
 
 
 def read_meta(root) -> Dict[str, Any]:
-    path = Path(root) / META_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {root} is not a latent folder written by encode_latents.py")
-    return json.loads(path.read_text())
+    path = storage.join(root, META_NAME)
+    if not storage.isfile(path):
+        raise FileNotFoundError(f"{storage.redact(path)} not found: {storage.redact(root)} is not a latent folder "
+                                f"written by encode_latents.py")
+    return json.loads(storage.read_text(path))
 
 
 def latent_format(meta: Dict[str, Any]) -> int:
@@ -46,26 +48,65 @@ def latent_format(meta: Dict[str, Any]) -> int:
     return version
 
 
+# safetensors' dtype names (its format: 8-byte little-endian header length, JSON header, then the tensors' bytes)
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+HEADER_BLOCK = 1 << 16  # range size for reading headers: a shard's header is small, its tensors are not
+
+
+class ShardFile:
+    """A safetensors shard read by byte ranges (a local file or a URL): the header once, a tensor's bytes when asked."""
+
+    def __init__(self, path, block_size: int = storage.BLOCK_SIZE):
+        self.path = str(path)
+        self.file = storage.open_read(self.path, block_size=block_size)
+        try:
+            size = int.from_bytes(self.file.read(8), "little")
+            header = json.loads(self.file.read(size))
+        except (ValueError, UnicodeDecodeError) as err:
+            self.file.close()
+            raise UserError(f"{storage.redact(self.path)} is not a safetensors shard ({err})") from None
+        self.metadata: Dict[str, str] = header.pop("__metadata__", None) or {}
+        self.tensors: Dict[str, Dict[str, Any]] = header
+        self.start = 8 + size
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        spec = self.tensors[name]
+        begin, end = spec["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES[spec["dtype"]]
+        if end == begin:
+            return torch.empty(spec["shape"], dtype=dtype)
+        self.file.seek(self.start + begin)
+        data = bytearray(self.file.read(end - begin))
+        return torch.frombuffer(data, dtype=dtype).reshape(spec["shape"])
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def read_shard_records(path) -> List[Dict[str, Any]]:
     """The clip records a shard's header lists (its tensors are not read)."""
-    from safetensors import safe_open
+    shard = ShardFile(path, block_size=HEADER_BLOCK)
+    try:
+        return json.loads(shard.metadata.get("clips", "[]"))
+    finally:
+        shard.close()
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta.get("clips", "[]"))
 
-
-def index_path(root) -> Path:
+def index_path(root) -> str:
     """index.parquet when the job wrote one (pyarrow installed), else index.csv."""
-    parquet = Path(root) / "index.parquet"
-    return parquet if parquet.is_file() else Path(root) / "index.csv"
+    parquet = storage.join(root, "index.parquet")
+    return parquet if storage.isfile(parquet) else storage.join(root, "index.csv")
 
 
 def read_index(root) -> pd.DataFrame:
     path = index_path(root)
-    if not path.is_file():
-        raise FileNotFoundError(f"no index in {root}: the encode job has not finished (rerun it to complete)")
-    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, keep_default_na=False)
+    if not storage.isfile(path):
+        raise FileNotFoundError(f"no index in {storage.redact(root)}: the encode job has not finished (rerun it to "
+                                f"complete)")
+    with storage.open_read(path) as f:
+        df = pd.read_parquet(f) if path.endswith(".parquet") else pd.read_csv(f, keep_default_na=False)
     for col in _JSON_COLUMNS:
         df[col] = df[col].map(json.loads)
     return df
@@ -92,7 +133,7 @@ class LatentDataset(Dataset):
 
     def __init__(self, root, sample: bool = False, seed: int = 0, buckets: Optional[Sequence[str]] = None,
                  max_open_shards: int = 16, normalize: bool = True):
-        self.root = Path(root)
+        self.root = str(root)
         self.meta = read_meta(root)
         self.format = latent_format(self.meta)
         self.normalize = bool(normalize)
@@ -118,17 +159,15 @@ class LatentDataset(Dataset):
         state["_files"] = OrderedDict()  # open files do not travel to worker processes
         return state
 
-    def _shard(self, name: str):
-        from safetensors import safe_open
-
+    def _shard(self, name: str) -> ShardFile:
         if self._pid != os.getpid():  # a forked worker: handles opened by the parent are not ours
             self._files, self._pid = OrderedDict(), os.getpid()
         if name in self._files:
             self._files.move_to_end(name)
             return self._files[name]
         while len(self._files) >= self.max_open_shards:
-            self._files.popitem(last=False)
-        handle = safe_open(str(self.root / SHARD_DIR / name), framework="pt")
+            self._files.popitem(last=False)[1].close()
+        handle = ShardFile(storage.join(self.root, SHARD_DIR, name))
         self._files[name] = handle
         return handle
 

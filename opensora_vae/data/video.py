@@ -1,13 +1,14 @@
 """Video and image IO: PyAV for video, PIL for still images.
 
 Conventions: everything read or written here is uint8 RGB laid out (T, C, H, W); the model's float
-(C, T, H, W) in [-1, 1] layout is converted with `ensure_uint8_video` before writing.
+(C, T, H, W) in [-1, 1] layout is converted with `ensure_uint8_video` before writing. Paths may be URLs (storage.py):
+PyAV reads them through a seekable file with range reads; writes go through `storage.committed`.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-import uuid
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -17,6 +18,8 @@ import av
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from .. import storage
 
 __all__ = [
     "FrameIndex",
@@ -77,24 +80,43 @@ def is_image_path(path: str | os.PathLike) -> bool:
 # --------------------------------------------------------------------------- reading
 
 
-def _open(path: str | os.PathLike):
-    """Open a container with its first video stream, mapping every failure to VideoReadError."""
-    path = str(path)
-    if not os.path.isfile(path):
-        raise VideoReadError(path, "file does not exist")
+def _source(path: str):
+    """What PyAV opens: a local path as it is, a URL as a seekable file with range reads (storage.open_read). A
+    missing file is a VideoReadError (a bad row); a URL that cannot be reached a storage.StorageError."""
+    if not storage.is_url(path):
+        if not os.path.isfile(path):
+            raise VideoReadError(path, "file does not exist")
+        return path
     try:
-        container = av.open(path)
-    except (av.FFmpegError, OSError, ValueError) as e:
-        raise VideoReadError(path, f"cannot open container ({type(e).__name__}: {e})") from e
-    if not container.streams.video:
-        container.close()
-        raise VideoReadError(path, "no video stream")
-    stream = container.streams.video[0]
-    cc = stream.codec_context
-    # Decoder threads take milliseconds to start per open: for thumbnails (the demo's 64-px cache) that is more than the
-    # decode itself, measured with no gain up to 256 px; from 640x272 on they pay.
-    cc.thread_type = "AUTO" if (cc.width or 0) * (cc.height or 0) >= 160 * 160 else "NONE"
-    return container, stream
+        return storage.open_read(path)
+    except FileNotFoundError as e:
+        raise VideoReadError(storage.redact(path), "file does not exist") from e
+
+
+@contextlib.contextmanager
+def _open(path: str | os.PathLike):
+    """A container with its first video stream, every failure mapped to VideoReadError; closed on exit."""
+    path = str(path)
+    source = _source(path)
+    try:
+        try:
+            container = av.open(source)
+        except (av.FFmpegError, OSError, ValueError) as e:
+            raise VideoReadError(storage.redact(path), f"cannot open container ({type(e).__name__}: {e})") from e
+        try:
+            if not container.streams.video:
+                raise VideoReadError(storage.redact(path), "no video stream")
+            stream = container.streams.video[0]
+            cc = stream.codec_context
+            # Decoder threads take milliseconds to start per open: for thumbnails (the demo's 64-px cache) that is more
+            # than the decode itself, measured with no gain up to 256 px; from 640x272 on they pay.
+            cc.thread_type = "AUTO" if (cc.width or 0) * (cc.height or 0) >= 160 * 160 else "NONE"
+            yield container, stream
+        finally:
+            container.close()
+    finally:
+        if source is not path:
+            source.close()
 
 
 def _rate(stream) -> Fraction | None:
@@ -127,18 +149,16 @@ class FrameIndex:
 
 
 def _build_index(path: str) -> FrameIndex:
-    container, stream = _open(path)
     pts: list[int | None] = []
     keys: list[bool] = []
-    try:
-        for p in container.demux(stream):
-            if p.size > 0 and not p.is_discard:
-                pts.append(p.pts)
-                keys.append(p.is_keyframe)
-    except av.FFmpegError:
-        pass  # a damaged tail: the packets before it still number their frames; reads past them decode plainly
-    finally:
-        container.close()
+    with _open(path) as (container, stream):
+        try:
+            for p in container.demux(stream):
+                if p.size > 0 and not p.is_discard:
+                    pts.append(p.pts)
+                    keys.append(p.is_keyframe)
+        except av.FFmpegError:
+            pass  # a damaged tail: the packets before it still number their frames; reads past them decode plainly
     if not pts or None in pts:
         return FrameIndex(len(pts), None, None)
     order = np.argsort(np.asarray(pts, dtype=np.int64), kind="stable")
@@ -149,38 +169,36 @@ def _build_index(path: str) -> FrameIndex:
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_index(path: str, size: int, mtime_ns: int) -> FrameIndex:
+def _cached_index(path: str, size: int, version: str) -> FrameIndex:
     return _build_index(path)
 
 
 def frame_index(path: str | os.PathLike) -> FrameIndex:
     """The FrameIndex of a video file, built once per process (and DataLoader worker) while the file is unchanged
-    (an LRU cache keyed by path, size and mtime)."""
-    path = os.path.abspath(os.fspath(path))
+    (an LRU cache keyed by path, size and version: mtime, or a URL's ETag)."""
+    path = os.fspath(path) if storage.is_url(path) else os.path.abspath(os.fspath(path))
     try:
-        st = os.stat(path)
+        size, version = storage.info(path)
     except OSError as e:
-        raise VideoReadError(path, "file does not exist") from e
-    return _cached_index(path, st.st_size, st.st_mtime_ns)
+        raise VideoReadError(storage.redact(path), "file does not exist") from e
+    return _cached_index(path, size, version)
 
 
 def probe_video(path: str | os.PathLike, decode: bool = False) -> VideoInfo:
     """Frame count, fps and size. The count is the container's, else the number of frames its packets hold (the
     FrameIndex); `decode=True` counts the frames that actually decode instead (a full decode, no pixel
     conversion), for files whose header overstates it."""
-    container, stream = _open(path)
-    try:
-        if decode:
-            n = sum(1 for _ in _decode(container, stream, path))
-        else:
-            n = stream.frames or frame_index(path).count
-        rate = _rate(stream)
-        cc = stream.codec_context
-        return VideoInfo(num_frames=int(n), fps=float(rate) if rate else 0.0, height=cc.height, width=cc.width)
-    except av.FFmpegError as e:
-        raise VideoReadError(path, f"cannot probe ({type(e).__name__}: {e})") from e
-    finally:
-        container.close()
+    with _open(path) as (container, stream):
+        try:
+            if decode:
+                n = sum(1 for _ in _decode(container, stream, path))
+            else:
+                n = stream.frames or frame_index(path).count
+            rate = _rate(stream)
+            cc = stream.codec_context
+            return VideoInfo(num_frames=int(n), fps=float(rate) if rate else 0.0, height=cc.height, width=cc.width)
+        except av.FFmpegError as e:
+            raise VideoReadError(path, f"cannot probe ({type(e).__name__}: {e})") from e
 
 
 def _to_rgb(frame) -> np.ndarray:
@@ -246,15 +264,13 @@ def read_frames(path: str | os.PathLike, indices: Sequence[int], seek: bool = Tr
 
 def _read(path: str, last: int, read):
     """`read(container, stream)` on a freshly opened file, after checking the header's frame count."""
-    container, stream = _open(path)
-    try:
-        if stream.frames and last >= stream.frames:
-            raise ShortVideoError(path, f"has only {stream.frames} frames, asked for frame index {last}")
-        return read(container, stream)
-    except av.FFmpegError as e:
-        raise VideoReadError(path, f"decoding failed ({type(e).__name__}: {e})") from e
-    finally:
-        container.close()
+    with _open(path) as (container, stream):
+        try:
+            if stream.frames and last >= stream.frames:
+                raise ShortVideoError(path, f"has only {stream.frames} frames, asked for frame index {last}")
+            return read(container, stream)
+        except av.FFmpegError as e:
+            raise VideoReadError(path, f"decoding failed ({type(e).__name__}: {e})") from e
 
 
 _LATE = object()  # a seek landed after the first wanted frame
@@ -314,12 +330,9 @@ def _chain(head, rest):
 
 def read_video(path: str | os.PathLike) -> tuple[torch.Tensor, float]:
     """All frames as uint8 (T, C, H, W) and the stream's average fps."""
-    container, stream = _open(path)
-    try:
+    with _open(path) as (container, stream):
         rate = _rate(stream)
         frames = [_to_rgb(f) for f in _decode(container, stream, path)]
-    finally:
-        container.close()
     if not frames:
         raise VideoReadError(path, "no decodable frames")
     return _stack(frames), float(rate) if rate else 0.0
@@ -332,10 +345,9 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     white (so transparent regions look like a blank page rather than black).
     """
     path = str(path)
-    if not os.path.isfile(path):
-        raise VideoReadError(path, "file does not exist")
+    source = _source(path)
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img = ImageOps.exif_transpose(img)
             if img.mode in ("I", "I;16", "I;16B", "I;16L"):
                 # 16-bit grayscale: keep the high byte instead of letting PIL clip to 255
@@ -352,7 +364,10 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
                 img = img.convert("RGB")
             arr = np.asarray(img, dtype=np.uint8).copy()
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise VideoReadError(path, f"cannot read image ({type(e).__name__}: {e})") from e
+        raise VideoReadError(storage.redact(path), f"cannot read image ({type(e).__name__}: {e})") from e
+    finally:
+        if source is not path:
+            source.close()
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
@@ -378,11 +393,6 @@ def _check_frames(frames: torch.Tensor) -> np.ndarray:
     if frames.shape[1] == 1:
         frames = frames.expand(-1, 3, -1, -1)
     return frames.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-
-
-def _tmp_path(path: Path) -> Path:
-    # same folder (so rename is atomic) and same suffix (so the muxer / PIL format is inferred)
-    return path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
 
 
 def _fps_fraction(fps: float) -> Fraction:
@@ -421,49 +431,39 @@ def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: float, crf: 
     keyframe_every: the GOP size (1: every frame a keyframe, so reading any frame decodes only that frame; None:
     the encoder's default).
 
-    Written to a temporary file in the same folder and renamed, so readers never see a partial file.
+    Written to a temporary file and committed whole (storage.committed: a rename, or one upload to a URL), so
+    readers never see a partial file.
     """
-    path = Path(path)
+    path = str(path)
     arr = _check_frames(frames)
     if keyframe_every is not None and keyframe_every < 1:
         raise ValueError(f"keyframe_every must be a positive number of frames or None, got {keyframe_every}")
     if not fps or fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     codecs = [c for c in ("libx264", "mpeg4") if c in av.codecs_available]
     if not codecs:
         raise RuntimeError("this PyAV build has neither libx264 nor mpeg4 encoders")
-    tmp = _tmp_path(path)
-    err: Exception | None = None
-    for codec in codecs:
-        try:
-            _encode(tmp, arr, float(fps), codec, crf, keyframe_every)
-            os.replace(tmp, path)
-            return
-        except (av.FFmpegError, ValueError) as e:
-            err = e
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-    raise RuntimeError(f"could not encode {path} with {codecs}: {err}") from err
+    with storage.committed(path) as tmp:
+        err: Exception | None = None
+        for codec in codecs:
+            try:
+                _encode(Path(tmp), arr, float(fps), codec, crf, keyframe_every)
+                return
+            except (av.FFmpegError, ValueError) as e:
+                err = e
+        raise RuntimeError(f"could not encode {storage.redact(path)} with {codecs}: {err}") from err
 
 
 def write_image(path: str | os.PathLike, frame: torch.Tensor) -> None:
     """Write one uint8 (C, H, W) frame (C = 1 or 3) with PIL, atomically; format from the extension."""
-    path = Path(path)
+    path = str(path)
     ok = isinstance(frame, torch.Tensor) and frame.dtype == torch.uint8 and frame.ndim == 3
     if not ok or frame.shape[0] not in (1, 3):
         raise ValueError("write_image expects a uint8 tensor (C, H, W) with C in (1, 3)")
     arr = frame.permute(1, 2, 0).contiguous().cpu().numpy()
     img = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
-    fmt = Image.registered_extensions().get(path.suffix.lower())
+    fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
     if fmt is None:
-        raise ValueError(f"unknown image extension for {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
+        raise ValueError(f"unknown image extension for {storage.redact(path)}")
+    with storage.committed(path) as tmp:
         img.save(tmp, format=fmt)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -28,6 +28,7 @@ from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 
+from opensora_vae import storage
 from opensora_vae.distributed import gather_shares, rank_world
 from opensora_vae.perceptual import MissingWeightsError
 from opensora_vae.runtime import resolve_device
@@ -198,7 +199,8 @@ def evaluate(
     features = [f for _, _, f in done if f is not None]
 
     config = dict(
-        real_video_dir=str(real_video_dir), generated_video_dir=str(generated_video_dir), batch_size=batch_size,
+        real_video_dir=storage.redact(real_video_dir), generated_video_dir=storage.redact(generated_video_dir),
+        batch_size=batch_size,
         ranks=world,
         num_frames=num_frames, sample_rate=sample_rate, sample_fps=sample_fps, resolution=resolution,
         crop_size=crop_size, subset_size=subset_size, device=str(dev), lpips_net=lpips_net,

@@ -2,7 +2,8 @@
 
 Pairing: the video files (by extension, hidden files skipped) of both folders are matched by file stem, so
 `real/a.mp4` pairs with `generated/a.mkv`; an unmatched or duplicated stem is an error listing the names.
-Pairs are sorted by stem; `subset_size` keeps the first N (the reference's `Subset(range(N))`).
+Pairs are sorted by stem; `subset_size` keeps the first N (the reference's `Subset(range(N))`). A folder may be a
+URL (`s3://bucket/recon_rec`, storage.py): its videos are read by byte ranges.
 
 Frame sampling follows Open-Sora-Plan / Open-Sora's `eval_common_metric.py`:
   span = num_frames * sample_rate, indices = np.linspace(0, span - 1, num_frames).astype(int)
@@ -26,6 +27,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from opensora_vae import storage
 from opensora_vae.data.transforms import center_crop, resize_short_side
 from opensora_vae.data.video import VideoReadError, probe_video, read_frames
 from opensora_vae.distributed import rank_share
@@ -59,8 +61,8 @@ class ClipTooShortError(VideoReadError):
 @dataclass(frozen=True)
 class VideoPair:
     name: str
-    real: Path
-    generated: Path
+    real: Union[Path, str]  # a local Path, or a URL
+    generated: Union[Path, str]
 
 
 @dataclass
@@ -70,20 +72,29 @@ class ClipBatch:
     generated: torch.Tensor
 
 
+def _name(path: Union[Path, str]) -> str:
+    return storage.basename(path)
+
+
 def list_videos(folder: PathLike) -> dict:
-    """stem -> path of the video files in `folder` (not recursive); duplicate stems are an error."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"video folder {folder} does not exist")
+    """stem -> path of the video files in `folder` (not recursive; a local Path, or a URL); duplicate stems are an
+    error."""
+    url = storage.is_url(folder)
+    if not storage.isdir(folder):
+        raise FileNotFoundError(f"video folder {storage.redact(folder)} does not exist")
     out, dups = {}, []
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or not p.is_file() or p.suffix.lower() not in VIDEO_EXTENSIONS:
+    for name in storage.listdir(folder):
+        stem, suffix = os.path.splitext(name)
+        if name.startswith(".") or suffix.lower() not in VIDEO_EXTENSIONS:
             continue
-        if p.stem in out:
-            dups.append(f"{out[p.stem].name} / {p.name}")
-        out[p.stem] = p
+        path = storage.join(folder, name) if url else Path(folder) / name
+        if not url and not path.is_file():
+            continue
+        if stem in out:
+            dups.append(f"{_name(out[stem])} / {name}")
+        out[stem] = path
     if dups:
-        raise PairingError(f"{folder}: several videos share a name: {', '.join(dups)}")
+        raise PairingError(f"{storage.redact(folder)}: several videos share a name: {', '.join(dups)}")
     return out
 
 
@@ -93,12 +104,13 @@ def pair_videos(real_dir: PathLike, generated_dir: PathLike, subset_size: Option
     if only_real or only_gen:
         lines = []
         if only_real:
-            lines.append(f"only in {real_dir}: {', '.join(real[s].name for s in only_real)}")
+            lines.append(f"only in {storage.redact(real_dir)}: {', '.join(_name(real[s]) for s in only_real)}")
         if only_gen:
-            lines.append(f"only in {generated_dir}: {', '.join(gen[s].name for s in only_gen)}")
+            lines.append(f"only in {storage.redact(generated_dir)}: {', '.join(_name(gen[s]) for s in only_gen)}")
         raise PairingError("real and generated videos do not match by name:\n  " + "\n  ".join(lines))
     if not real:
-        raise PairingError(f"no videos ({', '.join(sorted(VIDEO_EXTENSIONS))}) in {real_dir} / {generated_dir}")
+        raise PairingError(f"no videos ({', '.join(sorted(VIDEO_EXTENSIONS))}) in {storage.redact(real_dir)} / "
+                           f"{storage.redact(generated_dir)}")
     pairs = [VideoPair(s, real[s], gen[s]) for s in sorted(real)]
     if subset_size is not None:
         if subset_size < 1:
