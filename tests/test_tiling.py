@@ -1,4 +1,4 @@
-"""Tiling (opensora_vae.models.speed.tiling): one tile == untiled, tiled ~= untiled on a real clip (seams included; the
+"""Tiling's low-memory path (opensora_vae.models.speed.tiling, `recompute=True`): one tile == untiled, tiled ~= untiled on a real clip (seams included; the
 mid-block per tile too), exact blending, whole-frame GroupNorm statistics, odd sizes, streamed frames == whole,
 the bounded decode's whole-frame tensors, the CLI flag."""
 import sys
@@ -40,7 +40,7 @@ def test_one_tile_and_disabled_give_untiled_exactly(model, clip, tile_mid_block)
         z = model.encode(x, sample_posterior=False)
         y = model.decode(z, num_frames=x.shape[2])
         model.enable_tiling(tile_size=64, overlap=16, temporal_tile_size=32, temporal_overlap=4,
-                            tile_mid_block=tile_mid_block)
+                            tile_mid_block=tile_mid_block, recompute=True)
         try:
             assert torch.equal(model.encode(x, sample_posterior=False), z)
             assert torch.equal(model.decode(z, num_frames=x.shape[2]), y)
@@ -73,7 +73,7 @@ def test_tiled_close_to_untiled_on_a_real_clip_with_seams(model, clip, part):
             enc = lambda: vae.encode(x_z).mode()  # noqa: E731
             dec = lambda: vae.decode(z, num_frames=x_z.shape[2])  # noqa: E731
         plain = enc(), dec()
-        vae.enable_tiling(tile_size=48, overlap=16, temporal_tile_size=24, temporal_overlap=8, exact_norms=None)
+        vae.enable_tiling(tile_size=48, overlap=16, temporal_tile_size=24, temporal_overlap=8, recompute=True)
         naive = None
         try:
             tiled = enc(), dec()
@@ -148,7 +148,7 @@ def test_tiled_mid_block_close_to_untiled_on_a_real_clip(model, clip, monkeypatc
         plain = vae.decode(x_z)
         got, encoded = {}, None
         for mid in (False, True):
-            vae.enable_tiling(tile_size=48, overlap=16, tile_mid_block=mid)
+            vae.enable_tiling(tile_size=48, overlap=16, tile_mid_block=mid, recompute=True)
             try:
                 got[mid] = vae.decode(x_z)
                 if mid:  # the encoder keeps its whole-frame mid-block

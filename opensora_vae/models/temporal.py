@@ -197,7 +197,7 @@ class VAE_Temporal(RuntimeOptionsMixin, nn.Module):
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         check_video(x, self.in_out_channels, name="temporal VAE input")
         x = F.pad(x, (0, 0, 0, 0, self.time_padding(x.shape[2]), 0))
-        return DiagonalGaussianDistribution(self._run(lambda v: self.quant_conv(self.encoder(v)), x))
+        return DiagonalGaussianDistribution(self._encode_moments(x))
 
     def decode(self, z: torch.Tensor, num_frames: Optional[int] = None) -> torch.Tensor:
         """Decode latents; `num_frames` (the encoded clip's length) says how much front padding to drop."""
@@ -206,17 +206,20 @@ class VAE_Temporal(RuntimeOptionsMixin, nn.Module):
             full = z.shape[2] * self.time_downsample_factor
             raise ValueError(f"num_frames={num_frames} does not match {z.shape[2]} latent frames "
                              f"(they decode to {full - self.time_downsample_factor + 1}..{full} frames)")
-        pad = 0 if num_frames is None else self.time_padding(num_frames)
-        # Padding frames are dropped per tile: a tiled decode never holds them at full H/W.
-        return self._run(lambda v: self.decoder(self.post_quant_conv(v))[:, :, pad:], z)
+        return self._decode_latents(z, 0 if num_frames is None else self.time_padding(num_frames))
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = True, generator: Optional[torch.Generator] = None):
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z, num_frames=x.shape[2]), posterior, z
 
-    def _run(self, fn, x: torch.Tensor) -> torch.Tensor:
-        return fn(x)
+    # The networks' calls, which the tiled class (`speed.tiled`) replaces.
+    def _encode_moments(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_conv(self.encoder(x))
+
+    def _decode_latents(self, z: torch.Tensor, pad: int) -> torch.Tensor:
+        """The decoded frames without the first `pad` (time padding)."""
+        return self.decoder(self.post_quant_conv(z))[:, :, pad:]
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = enabled

@@ -1,24 +1,23 @@
-"""Tiled encode/decode through both VAEs: overlapping H/W tiles, blended seams, whole-frame GroupNorm statistics.
+"""Tiling's options (`TilingConfig`) and its low-memory path: tiles recomputed per GroupNorm.
 
-Naive tiles (diffusers' `enable_tiling`) differ from the untiled result mostly because each tile normalises with its
-own GroupNorm statistics and attends only within itself. Here the AutoencoderKL's mid-blocks (latent resolution,
-with the attention) run on the whole frame, or per tile with exact attention (`tile_mid_block`: the tile's queries
-over the whole frame's keys/values, recomputed key tile by key tile, `frame_attention`). The full-resolution blocks
-and the temporal VAE run per tile, each tile seeing `overlap / 2` more pixels on every side; outputs are blended
-linearly over the inner half of the shared band (a partition of unity) and the outer half, which saw the padding,
-is dropped. Every GroupNorm in a tiled part normalises with the whole frame's statistics, measured norm by norm:
-pass k runs every tile up to GroupNorm k (earlier norms already exact), records its input over the tile cores and
-stops (about L/2 extra passes for L norms, memory one tile's; `exact_norms` caps how many). Cheaper estimates
-(one pass over a downsampled frame, reusing a previous pass's statistics) measured worse. A frame that fits one
-tile runs the plain path: the untiled result exactly. Options and measurements: docs/speed.md.
+The default path is exact (`executor`): segments between GroupNorms over all tiles with exact halos, outputs
+stored. When a memory budget cannot hold the stored segments, `plan` falls back to the path here, whose memory is
+one tile's: overlapping H/W tiles, blended seams, whole-frame GroupNorm statistics measured norm by norm (pass k
+runs every tile up to GroupNorm k and records its input over the tile cores: about L/2 extra passes for L norms;
+`exact_norms` caps how many). Its remaining error comes from convolutions whose reach outgrows the tiles' overlap.
+The AutoencoderKL's mid-blocks (latent resolution, with the attention) run on the whole frame, or per tile with
+exact attention (`tile_mid_block`: the tile's queries over the whole frame's keys/values, `frame_attention`).
+Outputs are blended linearly over the inner half of the shared band (a partition of unity) and the outer half,
+which saw the padding, is dropped. Options and measurements: docs/speed.md.
 """
 from __future__ import annotations
 
 import itertools
 import math
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Annotated, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +27,38 @@ from ...schema import NonNegativeInt, Range
 from .frame_attention import frame_attention
 
 
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_bytes(value: Union[int, str]) -> int:
+    """8589934592, "8GiB", "8 GB", "512MiB" -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"max_memory must be bytes or a size like '8GiB', got {value!r}")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(value))
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"max_memory must be bytes or a size like '8GiB' or '512MB', got {value!r}")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise ValueError(f"max_memory must be positive, got {value!r}")
+    return n
+
+
 @dataclass(frozen=True)
 class TilingConfig:
-    """`enable_tiling`'s arguments. tile_size / overlap: pixels of the spatial VAE's frames (multiples of 16; overlap
-    None: tile_size // 8 rounded down to a multiple of 16). temporal_*: the same for the temporal VAE in latent pixels
-    (None: tile_size // 4, about tile_size // 16). exact_norms: GroupNorms given whole-frame statistics, one pass each
-    (None: all; 0: each tile's own). tile_mid_block: the spatial decoder's mid-block per tile too (same result)."""
+    """`enable_tiling`'s arguments. tile_size: the largest tile side, in pixels of the layer being run (the exact
+    path; the low-memory path: pixels of the spatial VAE's frames, multiples of 16). max_memory: bytes (or "8GiB")
+    a tiled VAE call may hold beyond its input and output; the plan (where segment outputs live, the tile size, or
+    the low-memory path) follows from it (None: segment outputs on the compute device, tiles of tile_size).
+    The low-memory path's options: overlap (pixels; None: tile_size // 8 rounded down to a multiple of 16),
+    temporal_* (the same for the temporal VAE in latent pixels; None: tile_size // 4, about tile_size // 16),
+    exact_norms (GroupNorms given whole-frame statistics, one pass each; None: all, 0: each tile's own),
+    tile_mid_block (the spatial decoder's mid-block per tile too; same result). recompute: the low-memory path
+    whatever the budget (set by exact_norms or tile_mid_block, its options). parallel: split each frame's tiles
+    across the ranks of the default process group (exact path; every rank gets the whole output)."""
 
     tile_size: Annotated[int, Range(16)] = 512
     overlap: Optional[NonNegativeInt] = None
@@ -41,8 +66,17 @@ class TilingConfig:
     temporal_overlap: Optional[int] = None
     exact_norms: Optional[NonNegativeInt] = None
     tile_mid_block: bool = False
+    max_memory: Optional[Union[int, str]] = None
+    recompute: bool = False
+    parallel: bool = False
 
     def __post_init__(self):
+        if self.exact_norms is not None or self.tile_mid_block:
+            object.__setattr__(self, "recompute", True)
+        if self.recompute and self.parallel:
+            raise ValueError("parallel tiling runs the exact path: drop recompute / exact_norms / tile_mid_block")
+        if self.max_memory is not None:
+            object.__setattr__(self, "max_memory", parse_bytes(self.max_memory))
         if self.overlap is None:
             object.__setattr__(self, "overlap", self.tile_size // 8 // 16 * 16)
         if self.exact_norms is not None and self.exact_norms < 0:
