@@ -283,16 +283,16 @@ def listdir(path: PathLike) -> List[str]:
     return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries if str(e).rstrip("/") != p.rstrip("/"))
 
 
-def open_read(path: PathLike, block_size: int = BLOCK_SIZE, max_blocks: int = MAX_BLOCKS) -> IO[bytes]:
+def open_read(path: PathLike, block_size: int | None = None, max_blocks: int | None = None) -> IO[bytes]:
     """A seekable binary file. On a URL: ranges fetched on demand, at most `max_blocks` blocks of `block_size`
-    bytes kept (module docstring); reads raise the same one-line errors."""
+    bytes kept (default MAX_BLOCKS of BLOCK_SIZE; module docstring); reads raise the same one-line errors."""
     path = _text(path)
     if not is_url(path):
         return open(_local(path), "rb")
     with errors(path, "read"):
         fs, p = _filesystem(path)
-        handle = fs.open(p, "rb", block_size=int(block_size), cache_type="blockcache",
-                         cache_options={"maxblocks": int(max_blocks)})
+        handle = fs.open(p, "rb", block_size=int(block_size or BLOCK_SIZE), cache_type="blockcache",
+                         cache_options={"maxblocks": int(max_blocks or MAX_BLOCKS)})
     return _Reading(handle, path)
 
 

@@ -58,7 +58,7 @@ HEADER_BLOCK = 1 << 16  # range size for reading headers: a shard's header is sm
 class ShardFile:
     """A safetensors shard read by byte ranges (a local file or a URL): the header once, a tensor's bytes when asked."""
 
-    def __init__(self, path, block_size: int = storage.BLOCK_SIZE):
+    def __init__(self, path, block_size: int | None = None):
         self.path = str(path)
         self.file = storage.open_read(self.path, block_size=block_size)
         try:

@@ -101,6 +101,8 @@ def _open(path: str | os.PathLike):
     try:
         try:
             container = av.open(source)
+        except storage.StorageError:
+            raise  # the store, not the file: not a bad row
         except (av.FFmpegError, OSError, ValueError) as e:
             raise VideoReadError(storage.redact(path), f"cannot open container ({type(e).__name__}: {e})") from e
         try:
@@ -363,6 +365,8 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
             else:
                 img = img.convert("RGB")
             arr = np.asarray(img, dtype=np.uint8).copy()
+    except storage.StorageError:
+        raise
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise VideoReadError(storage.redact(path), f"cannot read image ({type(e).__name__}: {e})") from e
     finally:
