@@ -18,13 +18,15 @@ configs/ and .venv are links there), with these substitutions (SUBSTITUTIONS):
 
 A doc whose first blocks read another's output names that block in NEEDS: it runs first in the doc's folder.
 `python` and `torchrun` commands run in this process (torchrun's flags parsed by torchrun's own parser, the script's
-`main` under `run_main`, as its `__main__` does), other commands in bash.
+`main` under `run_main`, as its `__main__` does), other commands in bash; `NAME=value` before a command sets its
+environment.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import os
 import re
 import runpy
 import shlex
@@ -33,6 +35,7 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Dict, List, NamedTuple
+from unittest import mock
 
 import pytest
 import torch
@@ -166,6 +169,15 @@ def run_script(script: str, argv: List[str]) -> None:
 
 def run_command(argv: List[str]) -> None:
     argv = [newest_checkpoint(a) if "epochE-global_stepS" in a else a for a in argv]
+    env = {}
+    while re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", argv[0]):  # `NAME=value command`: the command's environment
+        name, value = argv.pop(0).split("=", 1)
+        env[name] = value
+    with mock.patch.dict(os.environ, env):
+        run_program(argv)
+
+
+def run_program(argv: List[str]) -> None:
     program = Path(argv[0]).name
     if program == "torchrun":
         from torch.distributed.run import get_args_parser
