@@ -129,6 +129,20 @@ def test_reads_ranges_with_a_bounded_read_ahead(s3, data, sample_videos, monkeyp
     assert fetched >= size and held <= 4, (fetched, held)
 
 
+class _Unreachable(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        raise storage.StorageError("cannot read s3://data/x.mp4: the server does not answer")
+
+
+def test_a_storage_error_in_a_loader_worker_stays_one_line():
+    with pytest.raises(storage.StorageError) as err:
+        next(iter(torch.utils.data.DataLoader(_Unreachable(), num_workers=1)))
+    assert str(err.value) == "cannot read s3://data/x.mp4: the server does not answer"
+
+
 # ----- jobs on S3 -----------------------------------------------------------------------------------------------
 def test_train_three_steps_from_s3(data, tmp_path):
     run_dir, _ = run_in_process(TINY / "stage1.py", f"{data}/train.csv", tmp_path / "out",
