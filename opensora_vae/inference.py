@@ -9,7 +9,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -118,7 +118,7 @@ def _reconstruct_rows(cfg, model: VideoAutoencoder, loader, total: int, paths, n
         report.written.append(paths[row])
 
 
-def _write(folder: str, name: str, video: torch.Tensor, fps: float, crf: int) -> str:
+def _write(folder: Union[Path, str], name: str, video: torch.Tensor, fps: float, crf: int) -> str:
     """One clip, committed whole: its folder is made with its first clip, so a job that writes none leaves none."""
     frames = ensure_uint8_video(video)
     if frames.shape[0] == 1:  # a single frame is an image
@@ -155,7 +155,7 @@ def reconstruct_dataset(cfg, overwrite: bool = False, stats_path: Optional[str] 
     check_frame_counts(model, [dataset.num_frames])
     report = InferenceReport(model=recorded_model_config(cfg.model, model, log=info.is_main))
     kinds = FOLDERS if model.has_spatial_path else tuple(k for k in FOLDERS if k != "spatial")
-    folders = {k: f"{base}_{k}" for k in kinds}
+    folders = {k: storage.location(f"{base}_{k}") for k in kinds}
     if info.is_main and not model.has_spatial_path:
         name = storage.basename(base)
         logger.info("%s has no spatial-only path: writing %s_ori and %s_rec (no _spatial)", model.name, name, name)

@@ -31,7 +31,7 @@ from fsspec.core import split_protocol
 from .errors import RunError, UserError
 
 __all__ = ["BLOCK_SIZE", "MAX_BLOCKS", "StorageError", "basename", "committed", "dirname", "exists", "info", "is_url",
-           "isdir", "isfile", "join", "listdir", "makedirs", "open_read", "read_bytes", "read_text", "redact", "remove",
+           "isdir", "isfile", "join", "listdir", "location", "makedirs", "open_read", "read_bytes", "read_text", "redact", "remove",
            "resolve", "write_bytes", "write_text"]
 
 PathLike = Union[str, os.PathLike]
@@ -106,6 +106,11 @@ def _split(url: str) -> Tuple[str, str]:
     """'s3://bucket/a/b' -> ('s3://', 'bucket/a/b')."""
     protocol, rest = split_protocol(url)
     return f"{protocol}://", rest
+
+
+def location(path: PathLike) -> Union[Path, str]:
+    """A local path as a Path (what local callers are given), a URL as its string."""
+    return _text(path) if is_url(path) else Path(_local(path))
 
 
 def join(base: PathLike, *parts: str) -> str:

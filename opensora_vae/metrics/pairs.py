@@ -79,7 +79,6 @@ def _name(path: Union[Path, str]) -> str:
 def list_videos(folder: PathLike) -> dict:
     """stem -> path of the video files in `folder` (not recursive; a local Path, or a URL); duplicate stems are an
     error."""
-    url = storage.is_url(folder)
     if not storage.isdir(folder):
         raise FileNotFoundError(f"video folder {storage.redact(folder)} does not exist")
     out, dups = {}, []
@@ -87,8 +86,8 @@ def list_videos(folder: PathLike) -> dict:
         stem, suffix = os.path.splitext(name)
         if name.startswith(".") or suffix.lower() not in VIDEO_EXTENSIONS:
             continue
-        path = storage.join(folder, name) if url else Path(folder) / name
-        if not url and not path.is_file():
+        path = storage.location(storage.join(folder, name))
+        if isinstance(path, Path) and not path.is_file():
             continue
         if stem in out:
             dups.append(f"{_name(out[stem])} / {name}")
