@@ -25,29 +25,50 @@ from torch import nn
 from ...errors import UserError
 
 
+MARGIN = 2  # rows of the neighbours' bands each rank keeps: the most any segment here reads beyond a band
+
+
 class Unsupported(NotImplementedError):
     """A block configuration the programs do not describe (the caller falls back to another path)."""
 
 
 class Stored:
-    """A whole-frame activation (..., H, W) -- or this rank's rows of it, `rows` -- and the pointwise transform
-    its readers apply (a pending GroupNorm and activation)."""
+    """A whole-frame activation (..., H, W), or with ranks this rank's band of rows plus margins, and the pointwise
+    transform its readers apply (a pending GroupNorm and activation)."""
 
-    def __init__(self, data: torch.Tensor, pre: Optional[Callable] = None, rows: Optional[Tuple[int, int]] = None,
-                 height: Optional[int] = None):
+    def __init__(self, data: torch.Tensor, pre: Optional[Callable] = None, band: Optional[Tuple[int, int]] = None,
+                 rows: Optional[Tuple[int, int]] = None, height: Optional[int] = None, filled: bool = True):
         self.data, self.pre = data, pre
-        self.rows = rows or (0, data.shape[-2])  # the frame rows `data` holds
-        self.height = height or data.shape[-2]  # the whole frame's
+        self.height = height or data.shape[-2]  # the whole frame's rows
+        self.band = band or (0, self.height)  # the rows this rank computes
+        self.rows = rows or (0, data.shape[-2])  # the rows `data` holds: the band and its margins
+        self._filled = [filled]  # whether the margins hold the neighbours' rows yet (shared with `with_pre` views)
+
+    @property
+    def filled(self) -> bool:
+        return self._filled[0]
+
+    @filled.setter
+    def filled(self, value: bool) -> None:
+        self._filled[0] = value
 
     @property
     def size(self) -> Tuple[int, int]:
         return self.height, self.data.shape[-1]
 
+    def own(self) -> torch.Tensor:
+        """The band's rows of data."""
+        return self.data[..., self.band[0] - self.rows[0]:self.band[1] - self.rows[0], :]
+
     def read(self, h: Tuple[int, int], w: Tuple[int, int], device: torch.device) -> torch.Tensor:
-        r0 = self.rows[0]
-        x = self.data[..., h[0] - r0:h[1] - r0, w[0]:w[1]]
+        x = self.data[..., h[0] - self.rows[0]:h[1] - self.rows[0], w[0]:w[1]]
         x = x.to(device, non_blocking=True)
         return x if self.pre is None else self.pre(x)
+
+    def with_pre(self, pre: Callable) -> "Stored":
+        view = Stored(self.data, pre, self.band, self.rows, self.height)
+        view._filled = self._filled
+        return view
 
 
 def _cores(size: int, tile: int, align: int) -> List[Tuple[int, int]]:
@@ -111,30 +132,47 @@ class Executor:
         weakref.finalize(t, self._free, n)
         return t
 
-    def frame(self, x: torch.Tensor) -> Stored:
-        """The program's input (not counted: the caller holds it)."""
-        return Stored(x)
+    def frame(self, x: torch.Tensor, align: int = 1) -> Stored:
+        """The program's input, whole on every rank (not counted: the caller holds it). align: band boundaries on
+        multiples of this (the program's total downsampling), so that every layer's bands are whole rows."""
+        band = self._band(x.shape[-2], align)
+        return Stored(x, band=band)
 
     def _band(self, size: int, align: int) -> Tuple[int, int]:
-        """This rank's rows of a frame `size` rows high."""
+        """This rank's rows of a frame `size` rows high (about equal bands on multiples of `align`)."""
         if self.world == 1:
             return 0, size
-        return _cores(size, math.ceil(size / self.world), align)[self.rank] if size >= self.world * align else \
-            (0, size)
+        units = size // align
+        if units < self.world:
+            raise UserError(f"parallel tiling: a frame of {size} rows cannot be split across {self.world} ranks "
+                            f"(at least {self.world * align} rows)")
+        k = self.rank
+        return align * (k * units // self.world), align * ((k + 1) * units // self.world)
 
     # ----- segments ----------------------------------------------------------------------------------------------
     def local(self, fn: Callable[..., torch.Tensor], inputs: Sequence[Stored], reach: int,
               scale: Tuple[int, int] = (1, 1), out: Optional[torch.Tensor] = None) -> Stored:
         """fn over tiles of `inputs` (same H/W), each tile's window extended by `reach` input pixels (what fn's
         convolutions read beyond an output pixel); the output is (H, W) * num / den. out: where to write the whole
-        output (not counted: the caller's)."""
+        output (not counted: the caller's; with ranks, every rank's gets the whole frame)."""
         num, den = scale
         h, w = inputs[0].size
         reach = -(-reach // den) * den  # whole output pixels, aligned windows
+        b0, b1 = inputs[0].band
+        o0, o1 = b0 * num // den, b1 * num // den
+        ho, wo = h * num // den, w * num // den
+        if self.world > 1:
+            for x in inputs:
+                self._exchange(x, reach)
         if self.plan_only:
-            return self._plan_local(fn, inputs, reach, scale, out, (0, h))
-        dest = out
-        for a, b in _cores(h, self.tile, den):
+            return self._plan_local(fn, inputs, reach, scale, out, (b0, b1))
+        dest, first = out, 0
+        if dest is None:  # this rank's band and a margin the next segment's convolutions read from neighbours
+            m0, m1 = (max(0, o0 - MARGIN), min(ho, o1 + MARGIN)) if self.world > 1 else (0, ho)
+        else:
+            m0, m1 = 0, ho
+        for a, b in _cores(b1 - b0, self.tile, den):
+            a, b = a + b0, b + b0
             for c, d in _cores(w, self.tile, den):
                 h0, h1 = max(0, a - reach), min(h, b + reach)
                 w0, w1 = max(0, c - reach), min(w, d + reach)
@@ -143,75 +181,107 @@ class Executor:
                     raise RuntimeError(f"a segment mapped a {h1 - h0}x{w1 - w0} window to {tuple(y.shape[-2:])}, "
                                        f"expected x{num}/{den}")
                 if dest is None:
-                    dest = self._alloc((*y.shape[:-2], h * num // den, w * num // den), y.dtype)
-                dest[..., a * num // den:b * num // den, c * num // den:d * num // den].copy_(
+                    dest = self._alloc((*y.shape[:-2], m1 - m0, wo), y.dtype)
+                first = m0
+                dest[..., a * num // den - first:b * num // den - first, c * num // den:d * num // den].copy_(
                     y[..., (a - h0) * num // den:(b - h0) * num // den, (c - w0) * num // den:(d - w0) * num // den],
                     non_blocking=True)
-        return Stored(dest)
+        result = Stored(dest, band=(o0, o1), rows=(m0, m1), height=ho, filled=self.world == 1)
+        if out is not None and self.world > 1:
+            self._gather_bands(result)
+        return result
 
     def _plan_local(self, fn, inputs, reach, scale, out, band) -> Stored:
         num, den = scale
         h, w = inputs[0].size
-        th, tw = min(self.tile, band[1] - band[0]) + 2 * reach, min(self.tile, w) + 2 * reach
-        th, tw = min(th, h), min(tw, w)
+        th = min(h, min(self.tile, band[1] - band[0]) + 2 * reach)
+        tw = min(w, min(self.tile, w) + 2 * reach)
         windows = [x.data[..., :th, :tw] for x in inputs]
         y = fn(*(x if i.pre is None else i.pre(x) for x, i in zip(windows, inputs)))
         win = sum(x.numel() * x.element_size() for x in windows)
-        # Read copies and the pending norm's output per input; fn's output, one temporary and the written crop.
-        self.work = max(self.work, 2 * win + 3 * y.numel() * y.element_size())
+        # Per input: the read copy, the norm's float32 output, its activation; fn's output, temporaries, the crop.
+        self.work = max(self.work, 3 * win + 4 * y.numel() * y.element_size())
+        o0, o1, ho = band[0] * num // den, band[1] * num // den, h * num // den
         if out is not None:
-            return Stored(out)
-        rows = (band[1] - band[0]) * num // den
-        return Stored(self._alloc((*y.shape[:-2], rows, w * num // den), y.dtype), rows=(0, rows),
-                      height=h * num // den)
+            return Stored(out, band=(o0, o1))
+        m0, m1 = (max(0, o0 - MARGIN), min(ho, o1 + MARGIN)) if self.world > 1 else (0, ho)
+        return Stored(self._alloc((*y.shape[:-2], m1 - m0, w * num // den), y.dtype), band=(o0, o1), rows=(m0, m1),
+                      height=ho)
 
-    def _gather_rows(self, out: torch.Tensor, rows: Tuple[int, int], height: int) -> None:
-        """Every rank's band of `out` to every rank (all-gather of the bands, padded to one length)."""
+    # ----- ranks: margins from the neighbours, whole frames from all ------------------------------------------------
+    def _exchange(self, x: Stored, reach: int) -> None:
+        """Fill x's margins (`reach` rows) from the neighbouring ranks' bands."""
+        if x.filled or reach == 0:
+            return
+        if reach > MARGIN:
+            raise RuntimeError(f"a segment reads {reach} rows beyond its band, more than the margin {MARGIN}")
+        if self.plan_only:
+            x.filled = True
+            return
+        b0, b1 = x.band
+        r0 = x.rows[0]
+        if b1 - b0 < reach:
+            raise UserError(f"parallel tiling: bands of {b1 - b0} rows are too thin for {self.world} ranks "
+                            f"(a layer reads {reach} rows of its neighbours): use fewer ranks for this frame size")
+        ops, recvs = [], []
+        if b0 > 0:  # a neighbour above
+            ops.append(dist.P2POp(dist.isend, x.data[..., b0 - r0:b0 - r0 + reach, :].contiguous(),
+                                  self._peer(self.rank - 1), self.group))
+            buf = torch.empty_like(x.data[..., :reach, :])
+            ops.append(dist.P2POp(dist.irecv, buf, self._peer(self.rank - 1), self.group))
+            recvs.append((b0 - reach, buf))
+        if b1 < x.height:  # a neighbour below
+            ops.append(dist.P2POp(dist.isend, x.data[..., b1 - r0 - reach:b1 - r0, :].contiguous(),
+                                  self._peer(self.rank + 1), self.group))
+            buf = torch.empty_like(x.data[..., :reach, :])
+            ops.append(dist.P2POp(dist.irecv, buf, self._peer(self.rank + 1), self.group))
+            recvs.append((b1, buf))
+        for req in dist.batch_isend_irecv(ops) if ops else ():
+            req.wait()
+        for start, buf in recvs:
+            x.data[..., start - r0:start - r0 + reach, :] = buf
+        x.filled = True
+
+    def _peer(self, rank: int) -> int:
+        return dist.get_global_rank(self.group, rank) if self.group is not dist.group.WORLD else rank
+
+    def _gather_bands(self, x: Stored) -> torch.Tensor:
+        """The whole frame of x in x.data (every rank's band gathered into it); x.data must be whole-sized."""
         bands = [torch.zeros(2, dtype=torch.long) for _ in range(self.world)]
-        dist.all_gather(bands, torch.tensor(rows), group=self.group)
+        dist.all_gather(bands, torch.tensor(x.band), group=self.group)
         longest = max(int(b[1] - b[0]) for b in bands)
-        mine = out[..., rows[0]:rows[1], :]
-        pad = out.new_zeros((*out.shape[:-2], longest, out.shape[-1]))
-        pad[..., :rows[1] - rows[0], :] = mine
-        got = [torch.empty_like(pad) for _ in range(self.world)]
-        dist.all_gather(got, pad.contiguous(), group=self.group)
+        mine = x.data.new_zeros((*x.data.shape[:-2], longest, x.data.shape[-1]))
+        mine[..., :x.band[1] - x.band[0], :] = x.own()
+        got = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(got, mine, group=self.group)
         for (a, b), g in zip(bands, got):
-            out[..., int(a):int(b), :] = g[..., :int(b - a), :]
+            x.data[..., int(a) - x.rows[0]:int(b) - x.rows[0], :] = g[..., :int(b - a), :]
+        return x.data
 
     # ----- whole-frame reductions --------------------------------------------------------------------------------
     def statistics(self, x: Stored, groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per (sample, group) mean and biased variance of the whole frame (this rank's band, merged over ranks)."""
-        data = x.data
-        n = data.shape[0]
+        n = x.data.shape[0]
         if self.plan_only:
-            return data.new_zeros(n, groups, dtype=torch.float32), data.new_ones(n, groups, dtype=torch.float32)
-        b0, b1 = self._own_rows(x)
-        per_row = data[0].numel() // data.shape[-2]
-        rows = max(1, self.tile ** 2 * 4 // max(1, per_row // max(1, data.shape[1])))
+            return x.data.new_zeros(n, groups, dtype=torch.float32), x.data.new_ones(n, groups, dtype=torch.float32)
+        data = x.own()
+        per_row = data[0].numel() // max(1, data.shape[-2])
+        # Chunks of about a tile's elements (with the tile's channels taken as 64).
+        rows = max(1, self.tile ** 2 * 64 // max(1, per_row))
         acc = None
-        for r in range(b0, b1, rows):
-            v = data[..., r:min(b1, r + rows), :].to(self.device, non_blocking=True)
-            v = v.reshape(n, groups, -1).float()
+        for r in range(0, data.shape[-2], rows):
+            v = data[..., r:r + rows, :].to(self.device, non_blocking=True).reshape(n, groups, -1).float()
             var, mean = torch.var_mean(v, -1, correction=0)
-            cnt = v.shape[-1]
-            acc = _merge(acc, (cnt, mean.double(), var.double() * cnt))
+            acc = _merge(acc, (v.shape[-1], mean.double(), var.double() * v.shape[-1]))
         if self.world > 1:
             acc = self._merge_ranks(acc, n, groups)
         cnt, mean, m2 = acc
         return mean.float(), (m2 / cnt).float()
 
-    def _own_rows(self, x: Stored) -> Tuple[int, int]:
-        """Rows of x.data this rank owns (not the halo computed for the next segment)."""
-        if self.world == 1:
-            return 0, x.data.shape[-2]
-        b0, b1 = self._band(x.height, 1 if x.height % self.world else 1)
-        return b0 - x.rows[0], b1 - x.rows[0]
-
     def _merge_ranks(self, acc, n: int, groups: int):
         mine = torch.zeros(3, n, groups, dtype=torch.float64, device=self.device)
         if acc is not None:
-            cnt, mean, m2 = acc
-            mine[0], mine[1], mine[2] = cnt, mean, m2
+            mine[0], mine[1], mine[2] = acc[0], acc[1], acc[2]
         got = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(got, mine, group=self.group)
         total = None
@@ -227,17 +297,16 @@ class Executor:
         if not isinstance(gn, nn.GroupNorm):
             raise Unsupported(f"a {type(gn).__name__} where a GroupNorm was expected")
         mean, var = self.statistics(x, gn.num_groups)
-        return Stored(x.data, lambda v: _normalise(gn, mean, var, act, v), x.rows, x.height)
+        return x.with_pre(lambda v: _normalise(gn, mean, var, act, v))
 
     def whole(self, x: Stored) -> torch.Tensor:
         """The whole frame of x on the compute device (ranks: their bands gathered)."""
         if self.world == 1 or self.plan_only:
             return x.data.to(self.device)
-        full = x.data.new_empty((*x.data.shape[:-2], x.height, x.data.shape[-1]))
-        b0, b1 = self._own_rows(x)
-        full[..., x.rows[0] + b0:x.rows[0] + b1, :] = x.data[..., b0:b1, :]
-        self._gather_rows(full, (x.rows[0] + b0, x.rows[0] + b1), x.height)
-        return full
+        full = Stored(x.data.new_empty((*x.data.shape[:-2], x.height, x.data.shape[-1])), band=x.band,
+                      height=x.height)
+        full.own().copy_(x.own())
+        return self._gather_bands(full).to(self.device)
 
 
 # ----- the networks' programs -----------------------------------------------------------------------------------
@@ -344,7 +413,8 @@ def autoencoderkl_encode(ex: Executor, vae, x: torch.Tensor, out: Optional[torch
     """diffusers AutoencoderKL `_encode`: (n, C, H, W) frames -> moments (n, 2 * latent, H / f, W / f)."""
     enc = vae.encoder
     _check_autoencoderkl(enc)
-    v = ex.local(enc.conv_in, [ex.frame(x)], _reach(enc.conv_in))
+    v = ex.local(enc.conv_in, [ex.frame(x, align=2 ** len([b for b in enc.down_blocks if b.downsamplers]))],
+                 _reach(enc.conv_in))
     for block in enc.down_blocks:
         for r in block.resnets:
             v = _resnet2d(ex, r, v)

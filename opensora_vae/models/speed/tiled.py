@@ -27,19 +27,21 @@ def _inference_only() -> None:
 class _Tiled:
     tiling: Optional[tiling.TilingConfig] = None
 
+    def _tile(self) -> int:
+        return self.tiling.tile_size
+
     def _plan(self, key, program, largest: int, *args, **kwargs) -> executor.Plan:
         """The plan of program(executor, *args, **kwargs), made once per `key`; `largest`: the biggest layer's
         H/W side (a frame that fits one tile runs the plain path)."""
-        cfg = self.tiling
+        cfg, tile = self.tiling, self._tile()
         if cfg.recompute:
             return executor.Plan("recompute", cfg.tile_size)
-        if largest <= cfg.tile_size and cfg.max_memory is None:
-            return executor.Plan("plain", cfg.tile_size)
+        if largest <= tile and cfg.max_memory is None and not cfg.parallel:
+            return executor.Plan("plain", tile)
         plans: Dict = self.__dict__.setdefault("_tiling_plans", {})
         key = (key, cfg)
         if key not in plans:
-            plans[key] = executor.make_plan(cfg.max_memory, cfg.tile_size, program, *args, device=args[1].device,
-                                            **kwargs)
+            plans[key] = executor.make_plan(cfg.max_memory, tile, program, *args, device=args[1].device, **kwargs)
             plan = plans[key]
             if plan.path == "recompute":
                 logger.warning("tiling: max_memory=%d bytes cannot hold the stored segments of a %s input: tiles of "
@@ -87,6 +89,9 @@ class TiledSpatial(_Tiled):
 
 class TiledTemporal(_Tiled):
     """Mixed in before a temporal VAE class (VAE_Temporal)."""
+
+    def _tile(self) -> int:
+        return self.tiling.temporal[0]  # latent pixels
 
     def _encode_moments(self, x):
         _inference_only()

@@ -54,7 +54,8 @@ class TilingConfig:
     a tiled VAE call may hold beyond its input and output; the plan (where segment outputs live, the tile size, or
     the low-memory path) follows from it (None: segment outputs on the compute device, tiles of tile_size).
     The low-memory path's options: overlap (pixels; None: tile_size // 8 rounded down to a multiple of 16),
-    temporal_* (the same for the temporal VAE in latent pixels; None: tile_size // 4, about tile_size // 16),
+    temporal_tile_size (the temporal VAE's, in latent pixels, both paths; None: tile_size // 4), temporal_overlap
+    (None: about tile_size // 16),
     exact_norms (GroupNorms given whole-frame statistics, one pass each; None: all, 0: each tile's own),
     tile_mid_block (the spatial decoder's mid-block per tile too; same result). recompute: the low-memory path
     whatever the budget (set by exact_norms or tile_mid_block, its options). parallel: split each frame's tiles
