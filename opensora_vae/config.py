@@ -166,7 +166,7 @@ REFERENCE_KEYS = {
     },
 }
 _warned: set = set()
-# Training keys replaced by `trackers`: key -> (the tracker it switches on or off, whose key it is).
+# Training keys replaced by `trackers` (each switches the tracker of its name on or off) -> whose key it was.
 TRACKER_SWITCHES = {"tensorboard": "an earlier key of this project", "wandb": "the reference's key"}
 
 

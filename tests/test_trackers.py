@@ -16,7 +16,7 @@ from opensora_vae.config import TRACKERS, ConfigError, load_config
 from opensora_vae.errors import UserError
 from opensora_vae.registry import to_plain
 
-from helpers import EXACT, ROOT, TINY, metrics, run_in_process
+from helpers import EXACT, ROOT, TINY, metrics, poison_loss, run_in_process
 
 QUICK = {**EXACT, "trackers": ["tensorboard", "wandb"], "log_reconstructions_every": 2}
 
@@ -75,22 +75,40 @@ def git_head() -> str | None:
 def test_trackers_log_the_same_values_and_a_resume_continues_the_wandb_run(tmp_path, clip_csv, offline_wandb):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from opensora_vae.train import Trainer
     from opensora_vae.train.logging import TRACKERS_FILE, scalars
+    from opensora_vae.train.trainer import NonFiniteLossError
 
     head = git_head()
     out = tmp_path / "out"
-    run_dir, _ = run_in_process(TINY / "stage1.py", clip_csv, out, load="auto", **QUICK, max_steps=3, ckpt_every=3)
-    again, _ = run_in_process(TINY / "stage1.py", clip_csv, out, load="auto", **QUICK, max_steps=5, ckpt_every=3)
-    assert again == run_dir
+    cfg = load_config(TINY / "stage1.py", {**QUICK, "dataset.data_path": str(clip_csv), "outputs": str(out),
+                                           "max_steps": 4, "ckpt_every": 2})
+
+    def failing_run():  # a NaN loss at step 3 ends it, after the checkpoint of step 2
+        job = Trainer(cfg, config_name="stage1", load="auto")
+        poison_loss(job, lambda step: step == 2)
+        try:
+            job.train()
+        finally:
+            job.close()
+        return job
+
+    with pytest.raises(NonFiniteLossError):
+        failing_run()
+    run_dir, saved = run_in_process(TINY / "stage1.py", clip_csv, out, load="auto", **QUICK, max_steps=4,
+                                    ckpt_every=2)
+    assert saved.parent == run_dir and saved.name.endswith("global_step4")
     records = {r["step"]: r for r in metrics(run_dir)}
-    assert sorted(records) == [1, 2, 3, 4, 5]
+    assert sorted(records) == [1, 2, 3, 4]
 
     # W&B: two offline runs (one per start) of one run id, the one kept in the run folder; the second continues
+    # where the checkpoint was; the first ended failed
     runs = offline_runs(offline_wandb)
     kept = json.loads((run_dir / TRACKERS_FILE).read_text())["wandb"]
     assert [run_id for run_id, _ in runs] == [kept, kept]
     (_, first), (_, second) = runs
-    assert sorted(history(first)) == [1, 2, 3] and sorted(history(second)) == [4, 5]
+    assert sorted(history(first)) == [1, 2] and sorted(history(second)) == [3, 4]
+    assert [next(r["exit"]["exit_code"] for r in recs if r["type"] == "exit") for _, recs in runs] == [1, 0]
     logged = {**history(first), **history(second)}
     for step, record in records.items():
         assert scalar_view(logged[step]) == pytest.approx(scalars(record)), step

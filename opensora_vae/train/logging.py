@@ -131,7 +131,7 @@ class TensorBoardTracker:
         for key, image in images.items():
             self.writer.add_image(key, image, step, dataformats="HWC")
 
-    def close(self) -> None:
+    def close(self, how: str = "done") -> None:
         self.writer.close()
 
 
@@ -167,8 +167,11 @@ class WandbTracker:
     def log_images(self, step: int, images: Dict[str, np.ndarray]) -> None:
         self.run.log({k: self.wandb.Image(v) for k, v in images.items()}, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, how: str = "done") -> None:
+        """`how`: "done", "failed" (W&B shows the run failed) or "preempted" (stopped by a signal, to be resumed)."""
+        if how == "preempted":
+            self.run.mark_preempting()
+        self.run.finish(exit_code=1 if how == "failed" else 0)
 
 
 class RunLogger:
@@ -220,7 +223,9 @@ class RunLogger:
         for tracker in self.trackers if self.enabled else ():
             tracker.log_images(step, images)
 
-    def close(self) -> None:
-        for h in (self.bar, *self.trackers, self.jsonl):
+    def close(self, how: str = "done") -> None:
+        for h in (self.bar, self.jsonl):
             if h is not None:
                 h.close()
+        for tracker in self.trackers:
+            tracker.close(how)

@@ -5,6 +5,7 @@ import gc
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -629,7 +630,9 @@ class Trainer:
         return last_saved
 
     def close(self) -> None:
-        self.run_logger.close()
+        # Called in a `finally`: an exception on its way out means the run failed (the trackers say so).
+        failed = sys.exc_info()[0] is not None
+        self.run_logger.close("failed" if failed else "preempted" if self.preempted else "done")
         close_distributed()
         if getattr(self, "_stop_signals", None) is not None:  # ignored during the close after a stop
             self._stop_signals.restore()
