@@ -5,6 +5,8 @@ no test here reaches the network."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -72,7 +74,8 @@ def git_head() -> str | None:
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
-def test_trackers_log_the_same_values_and_a_resume_continues_the_wandb_run(tmp_path, clip_csv, offline_wandb):
+def test_trackers_log_the_same_values_and_a_resume_continues_the_wandb_run(tmp_path, clip_csv, offline_wandb,
+                                                                           monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from opensora_vae.train import Trainer
@@ -95,6 +98,14 @@ def test_trackers_log_the_same_values_and_a_resume_continues_the_wandb_run(tmp_p
 
     with pytest.raises(NonFiniteLossError):
         failing_run()
+    step = Trainer.train_step
+
+    def signalled_in_step_4(self, batch):  # the resumed run is preempted at its last step
+        if self.global_step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", signalled_in_step_4)
     run_dir, saved = run_in_process(TINY / "stage1.py", clip_csv, out, load="auto", **QUICK, max_steps=4,
                                     ckpt_every=2)
     assert saved.parent == run_dir and saved.name.endswith("global_step4")
@@ -102,13 +113,14 @@ def test_trackers_log_the_same_values_and_a_resume_continues_the_wandb_run(tmp_p
     assert sorted(records) == [1, 2, 3, 4]
 
     # W&B: two offline runs (one per start) of one run id, the one kept in the run folder; the second continues
-    # where the checkpoint was; the first ended failed
+    # where the checkpoint was; the first ended failed, the second preempted
     runs = offline_runs(offline_wandb)
     kept = json.loads((run_dir / TRACKERS_FILE).read_text())["wandb"]
     assert [run_id for run_id, _ in runs] == [kept, kept]
     (_, first), (_, second) = runs
     assert sorted(history(first)) == [1, 2] and sorted(history(second)) == [3, 4]
     assert [next(r["exit"]["exit_code"] for r in recs if r["type"] == "exit") for _, recs in runs] == [1, 0]
+    assert [any(r["type"] == "preempting" for r in recs) for _, recs in runs] == [False, True]
     logged = {**history(first), **history(second)}
     for step, record in records.items():
         assert scalar_view(logged[step]) == pytest.approx(scalars(record)), step
