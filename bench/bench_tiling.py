@@ -1,15 +1,23 @@
 """Tiled vs untiled on a real clip: PSNR of the encoder latents and the decoded pixels, of the worst 8-pixel row
 or column band (where seams would show), and time relative to untiled, side by side in one run.
 
-Methods: diffusers' AutoencoderKL tiling (spatial VAE only, per-tile statistics), and this package's tiling
-with `exact_norms` 0 (per-tile GroupNorm statistics) and all (whole-frame statistics, see models/speed/tiling.py).
+Methods: diffusers' AutoencoderKL tiling (spatial VAE only, per-tile statistics); this package's exact tiling
+(models/speed/executor.py), at each `--budgets` value too (time and peak memory beyond the call: the budget curve);
+its low-memory path with `--exact-norms` values (0: per-tile GroupNorm statistics; 1000: whole-frame ones).
+`--ranks 1 2`: the exact decode of one frame with its tiles split across gloo ranks of one thread each (torchrun
+children), time per rank count and the speed-up.
 
 python bench/bench_tiling.py                               # full-size SDXL spatial VAE, random weights
+python bench/bench_tiling.py --size 1024 1536 --no-diffusers --budgets 8GiB 2GiB 512MiB
+python bench/bench_tiling.py --ranks 1 2 --size 512 768    # spatial parallelism
 python bench/bench_tiling.py --checkpoint DIR --frames 17  # a trained pipeline (both VAEs)
 """
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -64,8 +72,11 @@ def main(argv=None) -> None:
     p.add_argument("--overlap", type=int, default=32)
     p.add_argument("--temporal-tile-size", type=int)
     p.add_argument("--temporal-overlap", type=int)
-    p.add_argument("--exact-norms", type=int, nargs="+", default=[0, 1000],
-                   help="values of enable_tiling(exact_norms=...) to compare (1000: all)")
+    p.add_argument("--exact-norms", type=int, nargs="*", default=[],
+                   help="the low-memory path with these enable_tiling(exact_norms=...) values (1000: all)")
+    p.add_argument("--budgets", nargs="*", default=[], help="max_memory values for the exact path's budget curve")
+    p.add_argument("--ranks", type=int, nargs="*", default=[], help="rank counts for the parallel decode")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tile-mid-block", nargs="+", type=int, default=[0], choices=[0, 1],
                    help="values of enable_tiling(tile_mid_block=...) to compare, e.g. 0 1")
     p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' tiling")
@@ -73,6 +84,10 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.worker:
+        return ranks_worker(args)
+    if args.ranks:
+        return ranks(args)
     torch.set_num_threads(args.threads)
     provenance(args.device)
     torch.manual_seed(args.seed)
@@ -101,10 +116,12 @@ def main(argv=None) -> None:
     print(f"{'method':<28}{'enc PSNR':>9}{'enc band':>9}{'dec PSNR':>9}{'dec band':>9}{'enc time':>9}{'dec time':>9}")
 
     def report(label):
+        reset_peak()
         zt, te = timed(encode)
         yt, td = timed(decode)
+        extra = f"  peak +{(peak_rss() - base) / 2**20:.0f} MiB" if args.budgets else ""
         print(f"{label:<28}{psnr(z, zt, z_peak):9.1f}{worst_band(z, zt, z_peak):9.1f}{psnr(y, yt, 2):9.1f}"
-              f"{worst_band(y, yt, 2):9.1f}{te / t_enc:8.2f}x{td / t_dec:8.2f}x", flush=True)
+              f"{worst_band(y, yt, 2):9.1f}{te / t_enc:8.2f}x{td / t_dec:8.2f}x{extra}", flush=True)
 
     module = spatial.module  # diffusers' own tiling, same tile size, its default 25% overlap
     if not args.no_diffusers:
@@ -113,12 +130,73 @@ def main(argv=None) -> None:
         module.tile_latent_min_size = args.tile_size // spatial.patch_size[1]
         report("diffusers tiling")
         module.disable_tiling()
+    base = rss()
+    for budget in [None] + args.budgets:
+        model.enable_tiling(tile_size=args.tile_size, max_memory=budget, temporal_tile_size=args.temporal_tile_size)
+        report("exact" + (f" max_memory={budget}" if budget else ""))
+        plans = [f"{k[0][0]} {p.path}/{p.store} tile {p.tile} need {p.need / 2**20:.0f} MiB"
+                 for m in model.modules() for k, p in getattr(m, "_tiling_plans", {}).items()]
+        if budget:
+            print(f"{'':<28}plans: {'; '.join(plans)}")
     for mid in args.tile_mid_block:
         for n in args.exact_norms:
             model.enable_tiling(tile_size=args.tile_size, overlap=args.overlap, exact_norms=n, tile_mid_block=bool(mid),
                                 temporal_tile_size=args.temporal_tile_size, temporal_overlap=args.temporal_overlap)
-            report(f"exact_norms={n}" + (" tile_mid_block" if mid else ""))
+            report(f"low-memory exact_norms={n}" + (" tile_mid_block" if mid else ""))
     model.disable_tiling()
+
+
+def rss() -> int:
+    return _status("VmRSS:")
+
+
+def peak_rss() -> int:
+    return _status("VmHWM:")
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) * 1024
+
+
+def reset_peak() -> None:
+    """Peak RSS (VmHWM) back to the current RSS (Linux)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def ranks(args) -> None:
+    """The worker under torchrun for each rank count, one thread per rank; times and the speed-up."""
+    provenance(args.device, threads=1)
+    times = {}
+    for n in args.ranks:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", __file__,
+               "--worker", "--size", *map(str, args.size), "--tile-size", str(args.tile_size), "--seed",
+               str(args.seed)]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+        times[n] = float(out.strip().splitlines()[-1].split()[-1])
+        print(f"{n} rank(s) x 1 thread: decode {times[n]:.2f} s ({times[args.ranks[0]] / times[n]:.2f}x)", flush=True)
+
+
+def ranks_worker(args) -> None:
+    import torch.distributed as dist
+
+    from opensora_vae.models.spatial import VideoAutoencoderKL
+
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    model = VideoAutoencoderKL(config=None, micro_batch_size=1).eval()
+    f = model.patch_size[1]
+    z = torch.randn(1, 4, 1, args.size[0] // f, args.size[1] // f)
+    model.enable_tiling(tile_size=args.tile_size, parallel=dist.get_world_size() > 1)
+    timed(lambda: model.decode(z[..., :16, :16]))  # warm-up
+    dist.barrier()
+    _, t = timed(lambda: model.decode(z))
+    if dist.get_rank() == 0:
+        print(f"decode {t:.3f}", flush=True)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

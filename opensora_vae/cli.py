@@ -66,10 +66,15 @@ def add_job_arguments(parser: argparse.ArgumentParser, job: str) -> None:
                        ("subpixel", "the spatial decoder's upsamplers as folded 2x2 convolutions (default on)"),
                        ("tiling", "tile H/W through both VAEs (bounded memory)")):
         runtime.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=what)
-    runtime.add_argument("--tile-size", type=int, help="tile side in pixels (implies --tiling; default 512)")
-    runtime.add_argument("--tile-overlap", type=int, help="pixels shared by neighbouring tiles (implies --tiling)")
+    runtime.add_argument("--tile-size", type=int, help="largest tile side in each layer's pixels (implies --tiling; "
+                                                       "default 512)")
+    runtime.add_argument("--tile-overlap", type=int, help="the low-memory path's pixels shared by neighbouring tiles "
+                                                          "(implies --tiling)")
+    runtime.add_argument("--tile-max-memory", help="memory a tiled VAE call may hold beyond its input and output, "
+                                                   "e.g. 8GiB: plans where segment outputs live and the tile size "
+                                                   "(implies --tiling)")
     runtime.add_argument("--tile-mid-block", action="store_true", default=None,
-                         help="decoder mid-block per tile too, exact attention (implies --tiling)")
+                         help="the low-memory path, decoder mid-block per tile too (implies --tiling)")
     runtime.add_argument("--micro-batch-size", type=int, help="frames per spatial VAE call (model.micro_batch_size)")
 
 
@@ -99,7 +104,8 @@ def job_config(args: argparse.Namespace, job: str, options: Optional[Dict[str, o
     merged.update(options or {})
     cfg = load_config(args.config, merged)
     tile = {k: v for k, v in (("tile_size", args.tile_size), ("overlap", args.tile_overlap),
-                              ("tile_mid_block", args.tile_mid_block)) if v is not None}
+                              ("max_memory", args.tile_max_memory), ("tile_mid_block", args.tile_mid_block))
+            if v is not None}
     if args.tiling is not False and (args.tiling or tile):
         current = cfg.model.get("tiling")
         cfg.model.tiling = dict(current if isinstance(current, dict) else {}, **tile)
