@@ -44,12 +44,21 @@ def worst_band(ref: torch.Tensor, x: torch.Tensor, peak: float, band: int = 8) -
 
 
 def clip(name: str, frames: int, h: int, w: int) -> torch.Tensor:
+    """The clip's central h x w crop in [-1, 1]; a clip smaller than that: its largest central crop of that aspect,
+    resized (bicubic) to h x w."""
     video, _ = read_video(sample_clips()[name])
-    if video.shape[0] < frames or video.shape[2] < h or video.shape[3] < w:
-        raise SystemExit(f"{name} is {tuple(video.shape)}; need {frames} frames of at least {h}x{w}")
-    top, left = (video.shape[2] - h) // 2, (video.shape[3] - w) // 2
-    x = video[:frames, :, top:top + h, left:left + w].permute(1, 0, 2, 3)[None]
-    return (x.float() / 127.5 - 1).contiguous()
+    if video.shape[0] < frames:
+        raise SystemExit(f"{name} is {tuple(video.shape)}; need {frames} frames")
+    ch, cw = min(h, video.shape[2]), min(w, video.shape[3])
+    if (ch, cw) != (h, w):
+        scale = min(video.shape[2] / h, video.shape[3] / w)
+        ch, cw = int(h * scale), int(w * scale)
+        print(f"{name}: its central {ch}x{cw} resized to {h}x{w}")
+    top, left = (video.shape[2] - ch) // 2, (video.shape[3] - cw) // 2
+    x = video[:frames, :, top:top + ch, left:left + cw].float()
+    if (ch, cw) != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 255)
+    return (x.permute(1, 0, 2, 3)[None] / 127.5 - 1).contiguous()
 
 
 def timed(fn):
@@ -82,6 +91,7 @@ def main(argv=None) -> None:
     p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' tiling")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.worker:
@@ -91,35 +101,40 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     provenance(args.device)
     torch.manual_seed(args.seed)
-    x = clip(args.clip, args.frames, *args.size).to(args.device)
+    dtype = getattr(torch, args.dtype)
+    x = clip(args.clip, args.frames, *args.size).to(args.device, dtype)
 
     if args.checkpoint:
         from opensora_vae.models.pipeline import VideoAutoencoderPipeline
 
-        model = VideoAutoencoderPipeline.from_pretrained(args.checkpoint).eval().to(args.device)
+        model = VideoAutoencoderPipeline.from_pretrained(args.checkpoint).eval().to(args.device, dtype)
         spatial = model.spatial_vae
         encode = lambda: model.encode(x, sample_posterior=False)  # noqa: E731
         name = f"pipeline {args.checkpoint} (both VAEs)"
     else:
         from opensora_vae.models.spatial import VideoAutoencoderKL
 
-        model = spatial = VideoAutoencoderKL(config=None, micro_batch_size=1).eval().to(args.device)
+        model = spatial = VideoAutoencoderKL(config=None, micro_batch_size=1).eval().to(args.device, dtype)
         encode = lambda: model.encode(x, sample_posterior=False)  # noqa: E731
         name = "full-size SDXL AutoencoderKL, random weights (spatial VAE)"
     z, t_enc = timed(encode)
     decode = (lambda: model.decode(z, num_frames=x.shape[2])) if args.checkpoint else (lambda: model.decode(z))
     y, t_dec = timed(decode)
+    # Warm (first calls pay for kernel selection and calibration): the untiled times of a second run.
+    z, t_enc = timed(encode)
+    y, t_dec = timed(decode)
     z_peak = (z.max() - z.min()).item()
-    print(f"{name}; clip {args.clip} {tuple(x.shape)}; tiles {args.tile_size} px, overlap {args.overlap} px")
+    print(f"{name}; {args.dtype}; clip {args.clip} {tuple(x.shape)}; tiles {args.tile_size} px, overlap "
+          f"{args.overlap} px")
     print(f"untiled: encode {t_enc:.1f} s, decode {t_dec:.1f} s; latent PSNR peak = latent range {z_peak:.2f}, "
           f"pixel peak 2")
     print(f"{'method':<28}{'enc PSNR':>9}{'enc band':>9}{'dec PSNR':>9}{'dec band':>9}{'enc time':>9}{'dec time':>9}")
 
     def report(label):
-        reset_peak()
+        torch.cuda.reset_peak_memory_stats() if x.is_cuda else reset_peak()
         zt, te = timed(encode)
         yt, td = timed(decode)
-        extra = f"  peak +{(peak_rss() - base) / 2**20:.0f} MiB" if args.budgets else ""
+        extra = f"  peak +{(peak() - base) / 2**20:.0f} MiB" if args.budgets else ""
         print(f"{label:<28}{psnr(z, zt, z_peak):9.1f}{worst_band(z, zt, z_peak):9.1f}{psnr(y, yt, 2):9.1f}"
               f"{worst_band(y, yt, 2):9.1f}{te / t_enc:8.2f}x{td / t_dec:8.2f}x{extra}", flush=True)
 
@@ -130,7 +145,12 @@ def main(argv=None) -> None:
         module.tile_latent_min_size = args.tile_size // spatial.patch_size[1]
         report("diffusers tiling")
         module.disable_tiling()
-    base = rss()
+    cuda = x.is_cuda
+    base = torch.cuda.memory_allocated() if cuda else rss()
+
+    def peak():
+        return torch.cuda.max_memory_allocated() if cuda else peak_rss()
+
     for budget in [None] + args.budgets:
         model.enable_tiling(tile_size=args.tile_size, max_memory=budget, temporal_tile_size=args.temporal_tile_size)
         report("exact" + (f" max_memory={budget}" if budget else ""))

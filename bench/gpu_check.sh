@@ -52,7 +52,7 @@ train_stage() {  # a few published-config steps under torchrun (NCCL), last metr
   [ -f /tmp/gpu.csv ] || make_clips || return 1
   torchrun --standalone --nproc_per_node=1 scripts/train_vae.py configs/vae/train/stage$1.py \
     --data-path /tmp/gpu.csv --outputs /tmp/train$1 --cfg-options model.vae_2d.from_pretrained=None \
-    max_steps=4 ckpt_every=0 num_workers=2 allow_missing_lpips=True tensorboard=False mixed_strategy=None &&
+    max_steps=4 ckpt_every=0 num_workers=2 allow_missing_lpips=True trackers=[] mixed_strategy=None &&
     tail -2 /tmp/train$1/*/metrics.jsonl
 }
 
@@ -83,6 +83,16 @@ step long 60 bench.txt python3 bench/bench_vae.py --device cuda --frames 51 --si
   --sections parts
 step conv 60 bench.txt python3 bench/bench_vae.py --device cuda --frames 17 --size 256 --repeat 3 \
   --sections conv dtype micro --json "$OUT/bench.json"
-# Tiles must not show: full-size SDXL spatial VAE (random weights), real 256x384 frame, 128-pixel tiles.
-step tiling 90 tiling.txt python3 bench/bench_tiling.py --device cuda --exact-norms 0 1000 --overlap 48
+# Exact tiling (issue 30): full-size SDXL spatial VAE (random weights), a real frame resized to 1080p and 4K, fp32
+# and bf16: PSNR and time against untiled (4K: untiled may not fit), the budget curve (time, peak memory).
+tiling() {
+  for dtype in bfloat16 float32; do
+    python3 bench/bench_tiling.py --device cuda --dtype $dtype --size 1080 1920 --tile-size 512 --no-diffusers \
+      --budgets 8GiB 4GiB 2GiB
+    python3 bench/bench_tiling.py --device cuda --dtype $dtype --size 2160 3840 --tile-size 512 --no-diffusers \
+      --budgets 16GiB 8GiB 4GiB
+  done
+}
+export -f tiling
+step tiling 150 tiling.txt tiling
 echo "== done in ${SECONDS}s of ${BUDGET}s"
