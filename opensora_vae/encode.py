@@ -6,9 +6,9 @@ latent normalisation (format 2; format 1, written before, held the Open-Sora pip
 their metadata the row's fields: each shard describes itself, so a restart finds what is stored by reading shard
 headers, and the index is rebuilt from them. Shards are written whole through `storage.committed` (a temporary name
 and a rename; on object storage one upload of the complete file): a kill loses at most the shard in the making, and
-DIR may be a URL (`s3://bucket/latents`). DIR/meta.json says which model, data and settings made the latents, and the model's
-own normalisation (`latent_normalization`), which `LatentDataset(normalize=True)` applies; DIR/index.{parquet,csv}
-lists every stored clip.
+DIR may be a URL (`s3://bucket/latents`). DIR/meta.json says which model, data and settings made the latents, and
+the model's own normalisation (`latent_normalization`), which `LatentDataset(normalize=True)` applies;
+DIR/index.{parquet,csv} lists every stored clip.
 """
 from __future__ import annotations
 
@@ -175,9 +175,9 @@ def _check_meta(save_dir: str, meta: Dict[str, Any]) -> None:
     """meta.json from an earlier run must describe the same job, or its latents would be mixed with others."""
     old = _absolute_checkpoint(read_meta(save_dir))
     if old.get("format", 1) != meta["format"]:
-        raise UserError(f"{storage.redact(save_dir)} holds latents of format {old.get('format', 1)} (an earlier version: normalised "
-                        f"latents); this version writes format {meta['format']} (before normalisation): use a new "
-                        f"--save-dir (LatentDataset reads both)")
+        raise UserError(f"{storage.redact(save_dir)} holds latents of format {old.get('format', 1)} (an earlier "
+                        f"version: normalised latents); this version writes format {meta['format']} (before "
+                        f"normalisation): use a new --save-dir (LatentDataset reads both)")
     diff = [k for k in RESUME_KEYS if json.dumps(old.get(k), sort_keys=True) != json.dumps(meta.get(k), sort_keys=True)]
     if diff:
         raise ValueError(f"{storage.redact(save_dir)} holds latents of another job ({', '.join(diff)} differ); "

@@ -3,7 +3,6 @@ is, rows split across ranks, bad rows reported instead of substituted, and the e
 from __future__ import annotations
 
 import logging
-import os
 import re
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 

@@ -31,8 +31,8 @@ from fsspec.core import split_protocol
 from .errors import RunError, UserError
 
 __all__ = ["BLOCK_SIZE", "MAX_BLOCKS", "StorageError", "basename", "committed", "dirname", "exists", "info", "is_url",
-           "isdir", "isfile", "join", "listdir", "location", "makedirs", "open_read", "read_bytes", "read_text", "redact", "remove",
-           "resolve", "write_bytes", "write_text"]
+           "isdir", "isfile", "join", "listdir", "location", "makedirs", "open_read", "read_bytes", "read_text",
+           "redact", "remove", "resolve", "write_bytes", "write_text"]
 
 PathLike = Union[str, os.PathLike]
 

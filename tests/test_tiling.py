@@ -1,6 +1,6 @@
-"""Tiling's low-memory path (opensora_vae.models.speed.tiling, `recompute=True`): one tile == untiled, tiled ~= untiled on a real clip (seams included; the
-mid-block per tile too), exact blending, whole-frame GroupNorm statistics, odd sizes, streamed frames == whole,
-the bounded decode's whole-frame tensors, the CLI flag."""
+"""Tiling's low-memory path (opensora_vae.models.speed.tiling, `recompute=True`): one tile == untiled, tiled ~=
+untiled on a real clip (seams included; the mid-block per tile too), exact blending, whole-frame GroupNorm
+statistics, odd sizes, streamed frames == whole, the bounded decode's whole-frame tensors, the CLI flag."""
 import sys
 
 import pytest

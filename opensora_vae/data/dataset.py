@@ -202,7 +202,8 @@ class VideoTextDataset(Dataset):
             self.num_skipped += 1
             idx = (idx + 1) % n
         raise RuntimeError(
-            f"dataset CSV {storage.redact(self.data_path)}: all {n} rows are unreadable ({len(self.bad_rows)} bad paths)"
+            f"dataset CSV {storage.redact(self.data_path)}: all {n} rows are unreadable "
+            f"({len(self.bad_rows)} bad paths)"
         )
 
     def load_row(self, idx: int) -> dict[str, Any]:
