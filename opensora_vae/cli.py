@@ -73,6 +73,9 @@ def add_job_arguments(parser: argparse.ArgumentParser, job: str) -> None:
     runtime.add_argument("--tile-max-memory", help="memory a tiled VAE call may hold beyond its input and output, "
                                                    "e.g. 8GiB: plans where segment outputs live and the tile size "
                                                    "(implies --tiling)")
+    runtime.add_argument("--tile-parallel", action="store_true", default=None,
+                         help="under torchrun, split each frame's tiles across the ranks (every rank takes every "
+                              "clip, rank 0 writes; implies --tiling)")
     runtime.add_argument("--tile-mid-block", action="store_true", default=None,
                          help="the low-memory path, decoder mid-block per tile too (implies --tiling)")
     runtime.add_argument("--micro-batch-size", type=int, help="frames per spatial VAE call (model.micro_batch_size)")
@@ -104,7 +107,8 @@ def job_config(args: argparse.Namespace, job: str, options: Optional[Dict[str, o
     merged.update(options or {})
     cfg = load_config(args.config, merged)
     tile = {k: v for k, v in (("tile_size", args.tile_size), ("overlap", args.tile_overlap),
-                              ("max_memory", args.tile_max_memory), ("tile_mid_block", args.tile_mid_block))
+                              ("max_memory", args.tile_max_memory), ("parallel", args.tile_parallel),
+                              ("tile_mid_block", args.tile_mid_block))
             if v is not None}
     if args.tiling is not False and (args.tiling or tile):
         current = cfg.model.get("tiling")

@@ -34,8 +34,8 @@ from .distributed import barrier, init_distributed, rank_share
 from .signals import StopSignals, start_loader, worker_init
 from .errors import UserError
 from .models.speed import RUNTIME_OPTIONS
-from .jobs import (RowReader, absolute_if_local, check_frame_counts, check_frame_sizes, check_output_folder, job_model,
-                   report_skips)
+from .jobs import (RowReader, Split, absolute_if_local, check_frame_counts, check_frame_sizes, check_output_folder,
+                   job_model, report_skips, row_split, stopping)
 from .models.autoencoders import VideoAutoencoder
 from .provenance import recorded_model_config
 from .registry import DATASETS, build_from_cfg, to_plain
@@ -315,14 +315,14 @@ def _remove_unused_folder(out: str) -> None:
 
 
 def _encode_rows(model, loader, paths: List[str], writer: ShardWriter, device, dtype, show: bool,
-                 skipped: Dict[str, str], stop: StopSignals) -> int:
-    """Encode each (row, bucket) the loader gives into the writer, until a stop signal; bad rows go to `skipped`.
-    Returns the count."""
+                 skipped: Dict[str, str], stop: StopSignals, split: Split) -> int:
+    """Encode each (row, bucket) the loader gives into the writer (if this rank writes: `split`), until a stop
+    signal; bad rows go to `skipped`. Returns the count written."""
     encoded = 0
     bar = tqdm(start_loader(loader, stop.names), total=len(loader), desc="encode (rank 0)", unit="clip",
                disable=not show, smoothing=0.1)
     for entry in bar:
-        if stop.received:
+        if stopping(stop, split, device):
             break
         row, name = entry["row"]
         if "error" in entry:
@@ -336,6 +336,8 @@ def _encode_rows(model, loader, paths: List[str], writer: ShardWriter, device, d
         with torch.inference_mode():
             posterior = model.encode(x)  # the model's own, before any normalisation
             mean, std = posterior.mean, posterior.std
+        if not split.writes:
+            continue
         t, h, w = (int(v) for v in name.split("x"))
         writer.add({
             "key": clip_key(row, name), "row": int(row), "bucket": name, "num_frames": t, "height": h, "width": w,
@@ -383,7 +385,8 @@ def encode_dataset(cfg, num_frames: Optional[int] = None, image_size: Optional[S
             for b in dict.fromkeys(unit_bucket(path, b) for b in buckets)]
     units = [k for k in keys if clip_key(*k) not in stored]
     all_buckets = sorted({unit_bucket(p, b) for p in paths for b in buckets})
-    mine = rank_share(units, info.rank, info.world_size)
+    split = row_split(model, info.rank, info.world_size)
+    mine = rank_share(units, split.rank, split.world)
     if info.is_main:
         logger.info("%d clip(s) to encode (%d row(s) x %d bucket(s), %d already stored) on %d rank(s)",
                     len(units), len(paths), len(buckets), len(keys) - len(units), info.world_size)
@@ -397,7 +400,7 @@ def encode_dataset(cfg, num_frames: Optional[int] = None, image_size: Optional[S
     stop = StopSignals(cfg.stop_signals).install()
     try:
         shown = [storage.redact(p) for p in paths]  # what records and warnings say: no credentials
-        encoded = _encode_rows(model, loader, shown, writer, device, dtype, info.is_main, skipped, stop)
+        encoded = _encode_rows(model, loader, shown, writer, device, dtype, info.is_main, skipped, stop, split)
     finally:
         stop.restore()
     loop_seconds = time.perf_counter() - loop_start

@@ -21,7 +21,8 @@ from .config import check_config
 from .data import ensure_uint8_video, write_image, write_video
 from .distributed import init_distributed, rank_share
 from .errors import UserError
-from .jobs import RowReader, check_frame_counts, check_frame_sizes, check_output_folder, job_model, report_skips
+from .jobs import (RowReader, Split, check_frame_counts, check_frame_sizes, check_output_folder, job_model,
+                   report_skips, row_split, stopping)
 from .models.autoencoders import VideoAutoencoder
 from .provenance import recorded_model_config
 from .registry import DATASETS, build_from_cfg
@@ -91,11 +92,12 @@ class InferenceReport:
 
 
 def _reconstruct_rows(cfg, model: VideoAutoencoder, loader, total: int, paths, names, folders, device, dtype,
-                      rank: int, stats: LatentStats, report: InferenceReport, stop: StopSignals) -> None:
-    """Reconstruct and write each row the loader gives, until a stop signal."""
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)
-    for entry in tqdm(loader, total=total, desc="reconstruct", disable=rank != 0):
-        if stop.received:
+                      split: Split, stats: LatentStats, report: InferenceReport, stop: StopSignals) -> None:
+    """Reconstruct and write each row the loader gives, until a stop signal. split: `jobs.row_split`'s (ranks that
+    share each clip draw the same posterior samples, stop together, and one of them writes)."""
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + split.rank)
+    for entry in tqdm(loader, total=total, desc="reconstruct", disable=not (split.rank == 0 and split.writes)):
+        if stopping(stop, split, device):
             return
         row = entry["row"]
         if "error" in entry:
@@ -110,6 +112,8 @@ def _reconstruct_rows(cfg, model: VideoAutoencoder, loader, total: int, paths, n
             videos = {"ori": x[0], "rec": out.reconstruction[0]}
             if "spatial" in folders:
                 videos["spatial"] = model.spatial_reconstruction(out)[0]
+        if not split.writes:
+            continue
         if cfg.cal_stats:
             stats.add(out.z.float())
         fps = float(cfg.fps or item.get("fps") or 24.0)  # config/--fps, else the source clip's rate
@@ -164,7 +168,8 @@ def reconstruct_dataset(cfg, overwrite: bool = False, stats_path: Optional[str] 
     def done(row: int) -> bool:
         return all(any(f"{names[row]}{ext}" in written[k] for ext in (".mp4", ".png")) for k in folders)
 
-    mine = rank_share(rows, info.rank, info.world_size)
+    split = row_split(model, info.rank, info.world_size)
+    mine = rank_share(rows, split.rank, split.world)
     kept = set() if overwrite else {r for r in mine if done(r)}
     report.existing = [paths[r] for r in mine if r in kept]
     todo = [r for r in mine if r not in kept]
@@ -177,7 +182,7 @@ def reconstruct_dataset(cfg, overwrite: bool = False, stats_path: Optional[str] 
     stop = StopSignals(cfg.stop_signals).install()
     try:
         _reconstruct_rows(cfg, model, start_loader(loader, cfg.stop_signals), len(todo), paths, names, folders,
-                          device, dtype, info.rank, stats, report, stop)
+                          device, dtype, split, stats, report, stop)
     finally:
         stop.restore()
     if stop.received:  # ranks stop on their own: no collective; a rerun keeps what is written

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from . import storage
+from . import distributed, storage
 from .data import VideoReadError
 from .errors import RunError, UserError
 from .models.autoencoders import VideoAutoencoder
@@ -59,6 +59,28 @@ def job_model(model_cfg, device: torch.device, dtype: torch.dtype, log: bool = T
     mode; `tiling` (--tiling, --tile-size, --tile-overlap) is the model's own. `log`: rank 0 (a replaced entry is
     warned about once)."""
     return build_autoencoder(model_cfg, device, dtype, log=log).eval()
+
+
+class Split(NamedTuple):
+    """How a job's ranks share its clips (`row_split`)."""
+
+    rank: int  # to split the clips by (`distributed.rank_share`)
+    world: int
+    writes: bool  # this rank writes what it computes
+    shared: bool  # every rank takes every clip (they must stop together)
+
+
+def row_split(model: VideoAutoencoder, rank: int, world_size: int) -> Split:
+    """Ranks split a job's clips; ranks that split each frame's tiles instead (tiling `parallel`) all take every
+    clip, and rank 0 writes."""
+    if world_size > 1 and any(getattr(getattr(m, "tiling", None), "parallel", False) for m in model.modules()):
+        return Split(0, 1, rank == 0, True)
+    return Split(rank, world_size, True, False)
+
+
+def stopping(stop, split: Split, device: torch.device) -> bool:
+    """Whether to stop before the next clip: this rank's signal, or any rank's where ranks share clips."""
+    return distributed.any_rank(stop.received, device) if split.shared else stop.received
 
 
 class RowReader(Dataset):

@@ -50,10 +50,9 @@ class _Tiled:
         return plans[key]
 
     def _group(self):
-        if not self.tiling.parallel:
+        """The ranks that split each frame: the default process group's (one process: none to split)."""
+        if not self.tiling.parallel or not (dist.is_available() and dist.is_initialized()):
             return None
-        if not (dist.is_available() and dist.is_initialized()):
-            raise UserError("tiling parallel=True needs a process group (run under torchrun)")
         return dist.group.WORLD
 
 
