@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from common import provenance  # bench/ is the script's folder
+from opensora_vae.models.speed import executor
 from opensora_vae.data.samples import sample_clips
 from opensora_vae.data.video import read_video
 
@@ -85,7 +86,11 @@ def main(argv=None) -> None:
                    help="the low-memory path with these enable_tiling(exact_norms=...) values (1000: all)")
     p.add_argument("--budgets", nargs="*", default=[], help="max_memory values for the exact path's budget curve")
     p.add_argument("--ranks", type=int, nargs="*", default=[], help="rank counts for the parallel decode")
+    p.add_argument("--curve", action="store_true",
+                   help="the budget curve of the decode instead: each --budgets value in a fresh process (time and "
+                        "peak RSS beyond what the process held before the call; random latents)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--curve-worker", help=argparse.SUPPRESS)
     p.add_argument("--tile-mid-block", nargs="+", type=int, default=[0], choices=[0, 1],
                    help="values of enable_tiling(tile_mid_block=...) to compare, e.g. 0 1")
     p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' tiling")
@@ -96,6 +101,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.worker:
         return ranks_worker(args)
+    if args.curve_worker:
+        return curve_worker(args)
+    if args.curve:
+        return curve(args)
     if args.ranks:
         return ranks(args)
     torch.set_num_threads(args.threads)
@@ -200,6 +209,41 @@ def ranks(args) -> None:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
         times[n] = float(out.strip().splitlines()[-1].split()[-1])
         print(f"{n} rank(s) x 1 thread: decode {times[n]:.2f} s ({times[args.ranks[0]] / times[n]:.2f}x)", flush=True)
+
+
+def curve(args) -> None:
+    """One fresh process per budget ("none": no budget): the decode's time, peak and plan."""
+    provenance(args.device)
+    for budget in args.budgets:
+        cmd = [sys.executable, __file__, "--curve-worker", budget, "--size", *map(str, args.size), "--tile-size",
+               str(args.tile_size), "--threads", str(args.threads), "--seed", str(args.seed)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        print(out.strip().splitlines()[-1], flush=True)
+
+
+def curve_worker(args) -> None:
+    from opensora_vae.models.spatial import VideoAutoencoderKL
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = VideoAutoencoderKL(config=None, micro_batch_size=1).eval()
+    f = model.patch_size[1]
+    z = torch.randn(1, 4, 1, args.size[0] // f, args.size[1] // f)
+    out = torch.empty(1, 3, 1, *args.size)
+    budget = None if args.curve_worker == "none" else args.curve_worker
+    model.enable_tiling(tile_size=args.tile_size, max_memory=budget)
+    timed(lambda: model.decode(z[..., :16, :16]))  # warm-up
+    plan_start = time.perf_counter()
+    with torch.inference_mode():  # the plan (fake tensors) before the measured call
+        plan = model._plan(("decode", z[:, :, 0].shape, z.dtype, z.device), executor.autoencoderkl_decode,
+                    args.size[1], model.module, z[:, :, 0], out=out[:, :, 0], divisor=model.scaling_factor)
+    plan_s = time.perf_counter() - plan_start
+    before = rss()
+    reset_peak()
+    _, t = timed(lambda: model.decode(z, out=out))
+    print(f"max_memory {args.curve_worker}: plan {plan.path}/{plan.store} tile {plan.tile} need "
+          f"{plan.need / 2**20:.0f} MiB; decode {t:.1f} s; peak +{(peak_rss() - before) / 2**20:.0f} MiB "
+          f"(plan made in {plan_s:.1f} s)", flush=True)
 
 
 def ranks_worker(args) -> None:
