@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import weakref
-from contextlib import nullcontext
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -166,7 +165,7 @@ class Executor:
                 self._exchange(x, reach)
         if self.plan_only:
             return self._plan_local(fn, inputs, reach, scale, out, (b0, b1))
-        dest, first = out, 0
+        dest = out
         if dest is None:  # this rank's band and a margin the next segment's convolutions read from neighbours
             m0, m1 = (max(0, o0 - MARGIN), min(ho, o1 + MARGIN)) if self.world > 1 else (0, ho)
         else:
@@ -182,8 +181,7 @@ class Executor:
                                        f"expected x{num}/{den}")
                 if dest is None:
                     dest = self._alloc((*y.shape[:-2], m1 - m0, wo), y.dtype)
-                first = m0
-                dest[..., a * num // den - first:b * num // den - first, c * num // den:d * num // den].copy_(
+                dest[..., a * num // den - m0:b * num // den - m0, c * num // den:d * num // den].copy_(
                     y[..., (a - h0) * num // den:(b - h0) * num // den, (c - w0) * num // den:(d - w0) * num // den],
                     non_blocking=True)
         result = Stored(dest, band=(o0, o1), rows=(m0, m1), height=ho, filled=self.world == 1)
@@ -507,8 +505,7 @@ def fake_mode():
 def run_program(program: Callable, *args, device: torch.device, tile: int, store: str = "device", group=None,
                 **kwargs) -> torch.Tensor:
     """program(executor, *args, **kwargs) for real."""
-    with torch.no_grad() if not torch.is_grad_enabled() else nullcontext():
-        return program(Executor(device, tile, store, group=group), *args, **kwargs)
+    return program(Executor(device, tile, store, group=group), *args, **kwargs)
 
 
 def plan_program(program: Callable, *args, device: torch.device, tile: int, store: str = "device", group=None,
@@ -541,11 +538,10 @@ def _tiles(start: int) -> List[int]:
     return sizes if sizes[-1] <= MIN_TILE else sizes + [MIN_TILE]
 
 
-def make_plan(budget: Optional[int], tile: int, program: Callable, *args, device: torch.device,
-              recompute_tile: Callable[[int], int] = lambda t: t, **kwargs) -> Plan:
+def make_plan(budget: Optional[int], tile: int, program: Callable, *args, device: torch.device, **kwargs) -> Plan:
     """The fastest plan whose estimated memory fits `budget` bytes: segment outputs on the device at the largest
     tile that fits, else (CUDA) in pinned host memory, else tiles recomputed per GroupNorm (memory one tile's:
-    estimated as twice the exact path's working set at `recompute_tile(tile)` layer pixels). None: no budget."""
+    estimated as twice the exact path's working set at that tile). None: no budget."""
     if budget is None:
         return Plan("exact", tile)
     costs = {t: plan_program(program, *args, device=device, tile=t, **kwargs) for t in _tiles(tile)}
@@ -555,8 +551,8 @@ def make_plan(budget: Optional[int], tile: int, program: Callable, *args, device
             if need <= budget:
                 return Plan("exact", t, store, need)
     floor = None
-    for t in _tiles(tile):
-        need = 2 * plan_program(program, *args, device=device, tile=recompute_tile(t), **kwargs)[1]
+    for t, (_, work) in costs.items():
+        need = 2 * work
         if need <= budget:
             return Plan("recompute", t, "device", need)
         floor = need
