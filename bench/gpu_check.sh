@@ -2,13 +2,13 @@
 # One prepared run on a lent GPU machine: installs carried wheels (.whl), checks CUDA/bf16 correctness, then the
 # issue 9 figures, most wanted first. A lease is short (about 15 minutes, at most 10 a command): every step gets
 # at most its cap and what is left of BUDGET seconds, and a step with under 20 s left is skipped (said so).
-# STEPS="vae memory" runs only the named steps (names: check vae memory train metrics stages long conv tiling).
+# STEPS="vae memory" runs only the named steps (names: check tiling vae memory train metrics stages long conv).
 # Every bench script prints a provenance line first; the machine's copy of the tree has no .git, so pass the commit:
 # BENCH_COMMIT=<commit> bash bench/gpu_check.sh.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 BUDGET=${BUDGET:-500}
-STEPS=${STEPS:-"check vae memory train metrics stages long conv tiling"}
+STEPS=${STEPS:-"check tiling vae memory train metrics stages long conv"}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -69,6 +69,21 @@ memory() {  # target 3: tiled 17-frame encode/decode at 1080p (vs untiled) and 4
 
 export -f make_clips train_stage memory  # `step` runs commands in a child bash
 step check 60 cuda_check.txt python3 bench/cuda_check.py
+# Exact tiling (issue 30): full-size SDXL spatial VAE (random weights), a real frame resized to 1080p and 4K, fp32
+# and bf16: PSNR and time against untiled (4K: untiled may not fit), the budget curve (time, peak memory; the
+# smaller budgets keep the segments in pinned host memory), bf16 against float32; then both VAEs on 17 frames.
+tiling() {
+  for dtype in bfloat16 float32; do
+    python3 bench/bench_tiling.py --device cuda --dtype $dtype --size 1080 1920 --tile-size 512 --no-diffusers \
+      --budgets 8GiB 4GiB 2GiB
+    python3 bench/bench_tiling.py --device cuda --dtype $dtype --size 2160 3840 --tile-size 512 --no-diffusers \
+      --budgets 16GiB 8GiB 4GiB
+  done
+  python3 bench/bench_tiling.py --device cuda --dtype bfloat16 --checkpoint random --frames 17 --size 1080 1920 \
+    --tile-size 512 --no-diffusers
+}
+export -f tiling
+step tiling 240 tiling.txt tiling
 # Target 1: per-part times and each lever vs the plain path, bf16 17x256x256 (compile levers pay their compilation).
 step vae 170 bench.txt python3 bench/bench_vae.py --device cuda --frames 17 --size 256 --repeat 5 \
   --sections parts levers --json "$OUT/bench_levers.json"
@@ -83,16 +98,4 @@ step long 60 bench.txt python3 bench/bench_vae.py --device cuda --frames 51 --si
   --sections parts
 step conv 60 bench.txt python3 bench/bench_vae.py --device cuda --frames 17 --size 256 --repeat 3 \
   --sections conv dtype micro --json "$OUT/bench.json"
-# Exact tiling (issue 30): full-size SDXL spatial VAE (random weights), a real frame resized to 1080p and 4K, fp32
-# and bf16: PSNR and time against untiled (4K: untiled may not fit), the budget curve (time, peak memory).
-tiling() {
-  for dtype in bfloat16 float32; do
-    python3 bench/bench_tiling.py --device cuda --dtype $dtype --size 1080 1920 --tile-size 512 --no-diffusers \
-      --budgets 8GiB 4GiB 2GiB
-    python3 bench/bench_tiling.py --device cuda --dtype $dtype --size 2160 3840 --tile-size 512 --no-diffusers \
-      --budgets 16GiB 8GiB 4GiB
-  done
-}
-export -f tiling
-step tiling 150 tiling.txt tiling
 echo "== done in ${SECONDS}s of ${BUDGET}s"

@@ -71,8 +71,8 @@ def add_job_arguments(parser: argparse.ArgumentParser, job: str) -> None:
     runtime.add_argument("--tile-overlap", type=int, help="the low-memory path's pixels shared by neighbouring tiles "
                                                           "(implies --tiling)")
     runtime.add_argument("--tile-max-memory", help="memory a tiled VAE call may hold beyond its input and output, "
-                                                   "e.g. 8GiB: plans where segment outputs live and the tile size "
-                                                   "(implies --tiling)")
+                                                   "e.g. 8GiB, or auto (90%% of the device's free memory): plans "
+                                                   "where segment outputs live and the tile size (implies --tiling)")
     runtime.add_argument("--tile-parallel", action="store_true", default=None,
                          help="under torchrun, split each frame's tiles across the ranks (every rank takes every "
                               "clip, rank 0 writes; implies --tiling)")

@@ -89,7 +89,7 @@ def test_two_gloo_ranks_equal_one_rank(clip, tmp_path):
     assert (got["z"] - z).abs().max() < 1e-4 and (got["y"] - y).abs().max() < 1e-4
 
 
-def test_the_budget_plans_the_tile_the_store_or_the_low_memory_path(mid):
+def test_the_budget_plans_the_tile_the_store_or_the_low_memory_path(mid, monkeypatch):
     """A 256x384 decode: the stored segments outweigh a tile's working set, so every kind of plan is reachable."""
     vae = mid.spatial_vae
     z = torch.randn(1, 4, 1, 32, 48, generator=torch.Generator().manual_seed(0))
@@ -100,7 +100,11 @@ def test_the_budget_plans_the_tile_the_store_or_the_low_memory_path(mid):
                                      divisor=vae.scaling_factor) for t in (64, 128)}
     need = {t: peak + work for t, (peak, work) in cost.items()}
     assert need[64] < need[128]  # smaller tiles, smaller working set
-    for budget, tile in ((need[128], 128), (need[64], 64)):
+    # "auto": the device's free memory when first planned (here made to hold only the 64-pixel plan).
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < executor.available_memory(f.device) < total
+    monkeypatch.setattr(executor, "available_memory", lambda device: need[64])
+    for budget, tile in ((need[128], 128), (need[64], 64), ("auto", 64)):
         vae.enable_tiling(tile_size=128, max_memory=budget)
         try:
             with torch.no_grad():
@@ -108,7 +112,7 @@ def test_the_budget_plans_the_tile_the_store_or_the_low_memory_path(mid):
             plan, = vae._tiling_plans.values()
         finally:
             vae.disable_tiling()
-        assert (plan.path, plan.tile, plan.store) == ("exact", tile, "device") and plan.need <= budget
+        assert (plan.path, plan.tile, plan.store) == ("exact", tile, "device") and plan.need <= need[tile]
         assert (got - want).abs().max() < 1e-4
     # Below the stored segments: the low-memory path (its results: tests/test_tiling.py), at the largest tile
     # that fits; a CUDA device would first keep the segments in host memory.

@@ -12,6 +12,7 @@ those rows plus the halo the next segment reads, exchanged with its neighbours.
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -529,6 +530,24 @@ class Plan(NamedTuple):
     tile: int
     store: str = "device"  # exact path: where segment outputs live ("device" / "host")
     need: int = 0  # bytes the plan expects to hold beyond the call's input and output (0: no budget given)
+
+
+AUTO_SHARE = 0.9  # of the free memory: headroom for the allocator's fragmentation and for other threads
+
+
+def available_memory(device: torch.device) -> int:
+    """A budget for max_memory="auto": AUTO_SHARE of what the device has free now (CUDA: free memory plus what the
+    caching allocator holds unused; CPU: the kernel's MemAvailable)."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(
+            device)
+    else:
+        try:
+            with open("/proc/meminfo") as f:
+                free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration):  # not Linux
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(free * AUTO_SHARE)
 
 
 def _tiles(start: int) -> List[int]:

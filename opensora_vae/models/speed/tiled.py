@@ -41,12 +41,16 @@ class _Tiled:
         plans: Dict = self.__dict__.setdefault("_tiling_plans", {})
         key = (key, cfg)
         if key not in plans:
-            plans[key] = executor.make_plan(cfg.max_memory, tile, program, *args, device=args[1].device, **kwargs)
-            plan = plans[key]
+            device = args[1].device
+            budget = executor.available_memory(device) if cfg.max_memory == "auto" else cfg.max_memory
+            plans[key] = plan = executor.make_plan(budget, tile, program, *args, device=device, **kwargs)
+            if cfg.max_memory == "auto":
+                logger.info("tiling: max_memory=auto is %d MiB on %s for a %s input: %s", budget >> 20, device,
+                            tuple(args[1].shape), plan)
             if plan.path == "recompute":
                 logger.warning("tiling: max_memory=%d bytes cannot hold the stored segments of a %s input: tiles of "
                                "%d recomputed per GroupNorm (bounded memory, close to untiled but not exact)",
-                               cfg.max_memory, tuple(args[1].shape), plan.tile)
+                               budget, tuple(args[1].shape), plan.tile)
         return plans[key]
 
     def _group(self):

@@ -40,7 +40,7 @@ def parse_bytes(value: Union[int, str]) -> int:
     else:
         m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(value))
         if m is None or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"max_memory must be bytes or a size like '8GiB' or '512MB', got {value!r}")
+            raise ValueError(f"max_memory must be bytes, a size like '8GiB' or '512MB', or 'auto', got {value!r}")
         n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     if n <= 0:
         raise ValueError(f"max_memory must be positive, got {value!r}")
@@ -52,7 +52,8 @@ class TilingConfig:
     """`enable_tiling`'s arguments. tile_size: the largest tile side, in pixels of the layer being run (the exact
     path; the low-memory path: pixels of the spatial VAE's frames, multiples of 16). max_memory: bytes (or "8GiB")
     a tiled VAE call may hold beyond its input and output; the plan (where segment outputs live, the tile size, or
-    the low-memory path) follows from it (None: segment outputs on the compute device, tiles of tile_size).
+    the low-memory path) follows from it (None: segment outputs on the compute device, tiles of tile_size; "auto":
+    90% of the device's free memory when an input shape is first planned).
     The low-memory path's options: overlap (pixels; None: tile_size // 8 rounded down to a multiple of 16),
     temporal_tile_size (the temporal VAE's, in latent pixels, both paths; None: tile_size // 4), temporal_overlap
     (None: about tile_size // 16),
@@ -76,7 +77,7 @@ class TilingConfig:
             object.__setattr__(self, "recompute", True)
         if self.recompute and self.parallel:
             raise ValueError("parallel tiling runs the exact path: drop recompute / exact_norms / tile_mid_block")
-        if self.max_memory is not None:
+        if self.max_memory is not None and self.max_memory != "auto":
             object.__setattr__(self, "max_memory", parse_bytes(self.max_memory))
         if self.overlap is None:
             object.__setattr__(self, "overlap", self.tile_size // 8 // 16 * 16)
