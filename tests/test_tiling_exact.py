@@ -71,6 +71,21 @@ def test_tiled_equals_untiled_through_both_vaes(size, clip, mid, monkeypatch):
                                           "temporal_decode"}
 
 
+def test_a_budget_plans_both_vaes_through_the_fast_convolutions(clip):
+    """Plans run the networks on fake tensors; a convolution backend chosen for the real shapes (oneDNN here) must
+    not be asked to run them."""
+    model = tiny_pipeline(seed=2)
+    x = clip[..., :40, :96]
+    z, y = _roundtrip(model, x)  # the backends calibrated on these shapes first
+    assert any(getattr(m, "backends", ()) for m in model.modules())
+    model.enable_tiling(tile_size=16, max_memory="auto")
+    with torch.no_grad():
+        zt, yt = model.encode(x, sample_posterior=False), model.decode(z, num_frames=x.shape[2])
+    assert (zt - z).abs().max() < 1e-4 and (yt - y).abs().max() < 1e-4
+    plans = [p for m in model.modules() for p in getattr(m, "_tiling_plans", {}).values()]
+    assert len(plans) == 4 and all(p.path == "exact" for p in plans), plans
+
+
 def test_two_gloo_ranks_equal_one_rank(clip, tmp_path):
     """parallel=True: each rank computes its band of rows of every segment, statistics all-gathered, margins
     exchanged with the neighbours; every rank gets the whole output, equal to one process's."""
@@ -87,6 +102,7 @@ def test_two_gloo_ranks_equal_one_rank(clip, tmp_path):
     zt, yt = _tiled_roundtrip(model, x, z, tile_size=16)
     assert (got["z"] - zt).abs().max() < 1e-4 and (got["y"] - yt).abs().max() < 1e-4
     assert (got["z"] - z).abs().max() < 1e-4 and (got["y"] - y).abs().max() < 1e-4
+    assert (got["y_auto"] - y).abs().max() < 1e-4
 
 
 def test_the_budget_plans_the_tile_the_store_or_the_low_memory_path(mid, monkeypatch):

@@ -9,6 +9,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from . import calibrate, derived, onednn, subpixel, winograd
 from .tiled import set_tiling
@@ -30,8 +31,9 @@ class _Dispatch:
 
 def run(conv: nn.Module, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
     """conv(x) through the first backend of `names` that applies to the call and measured faster here than the
-    rest of the chain (`calibrate`), else PyTorch's convolution."""
-    for i, name in enumerate(names):
+    rest of the chain (`calibrate`), else PyTorch's convolution (always, for the fake tensors of tiling's plans: the
+    backends' kernels have no shape-only form)."""
+    for i, name in enumerate(() if isinstance(x, FakeTensor) else names):
         backend = BACKENDS[name]
         if backend.applies(x) and calibrate.chooses(name, conv, x, backend.forward,
                                                     lambda c, v, rest=tuple(names[i + 1:]): run(c, v, rest)):

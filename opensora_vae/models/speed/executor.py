@@ -223,18 +223,16 @@ class Executor:
             raise UserError(f"parallel tiling: bands of {b1 - b0} rows are too thin for {self.world} ranks "
                             f"(a layer reads {reach} rows of its neighbours): use fewer ranks for this frame size")
         ops, recvs = [], []
-        if b0 > 0:  # a neighbour above
-            ops.append(dist.P2POp(dist.isend, x.data[..., b0 - r0:b0 - r0 + reach, :].contiguous(),
-                                  self._peer(self.rank - 1), self.group))
-            buf = torch.empty_like(x.data[..., :reach, :])
-            ops.append(dist.P2POp(dist.irecv, buf, self._peer(self.rank - 1), self.group))
-            recvs.append((b0 - reach, buf))
-        if b1 < x.height:  # a neighbour below
-            ops.append(dist.P2POp(dist.isend, x.data[..., b1 - r0 - reach:b1 - r0, :].contiguous(),
-                                  self._peer(self.rank + 1), self.group))
-            buf = torch.empty_like(x.data[..., :reach, :])
-            ops.append(dist.P2POp(dist.irecv, buf, self._peer(self.rank + 1), self.group))
-            recvs.append((b1, buf))
+        for peer, send, recv in ((self.rank - 1, b0, b0 - reach), (self.rank + 1, b1 - reach, b1)):
+            if not 0 <= peer < self.world:
+                continue
+            # Messages on the compute device: NCCL takes no host tensors, and a copy on the device's stream is
+            # ordered after the pending copies into host memory where a host-side read is not.
+            rows = x.data[..., send - r0:send - r0 + reach, :].to(self.device, non_blocking=True).contiguous()
+            ops.append(dist.P2POp(dist.isend, rows, self._peer(peer), self.group))
+            buf = torch.empty_like(rows)
+            ops.append(dist.P2POp(dist.irecv, buf, self._peer(peer), self.group))
+            recvs.append((recv, buf))
         for req in dist.batch_isend_irecv(ops) if ops else ():
             req.wait()
         for start, buf in recvs:
@@ -246,15 +244,16 @@ class Executor:
 
     def _gather_bands(self, x: Stored) -> torch.Tensor:
         """The whole frame of x in x.data (every rank's band gathered into it); x.data must be whole-sized."""
-        bands = [torch.zeros(2, dtype=torch.long) for _ in range(self.world)]
-        dist.all_gather(bands, torch.tensor(x.band), group=self.group)
-        longest = max(int(b[1] - b[0]) for b in bands)
-        mine = x.data.new_zeros((*x.data.shape[:-2], longest, x.data.shape[-1]))
+        bands = [torch.zeros(2, dtype=torch.long, device=self.device) for _ in range(self.world)]
+        dist.all_gather(bands, torch.tensor(x.band, device=self.device), group=self.group)
+        bands = [b.tolist() for b in bands]
+        longest = max(b - a for a, b in bands)
+        mine = torch.zeros((*x.data.shape[:-2], longest, x.data.shape[-1]), dtype=x.data.dtype, device=self.device)
         mine[..., :x.band[1] - x.band[0], :] = x.own()
         got = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(got, mine, group=self.group)
         for (a, b), g in zip(bands, got):
-            x.data[..., int(a) - x.rows[0]:int(b) - x.rows[0], :] = g[..., :int(b - a), :]
+            x.data[..., a - x.rows[0]:b - x.rows[0], :] = g[..., :b - a, :]
         return x.data
 
     # ----- whole-frame reductions --------------------------------------------------------------------------------
@@ -300,12 +299,14 @@ class Executor:
 
     def whole(self, x: Stored) -> torch.Tensor:
         """The whole frame of x on the compute device (ranks: their bands gathered)."""
-        if self.world == 1 or self.plan_only:
+        if self.world == 1:
             return x.data.to(self.device)
-        full = Stored(x.data.new_empty((*x.data.shape[:-2], x.height, x.data.shape[-1])), band=x.band,
-                      height=x.height)
+        shape = (*x.data.shape[:-2], x.height, x.data.shape[-1])
+        if self.plan_only:  # counted: the gathered frame is held while it is read
+            return self._alloc(shape, x.data.dtype)
+        full = Stored(torch.empty(shape, dtype=x.data.dtype, device=self.device), band=x.band, height=x.height)
         full.own().copy_(x.own())
-        return self._gather_bands(full).to(self.device)
+        return self._gather_bands(full)
 
 
 # ----- the networks' programs -----------------------------------------------------------------------------------
@@ -557,13 +558,14 @@ def _tiles(start: int) -> List[int]:
     return sizes if sizes[-1] <= MIN_TILE else sizes + [MIN_TILE]
 
 
-def make_plan(budget: Optional[int], tile: int, program: Callable, *args, device: torch.device, **kwargs) -> Plan:
+def make_plan(budget: Optional[int], tile: int, program: Callable, *args, device: torch.device, group=None,
+              **kwargs) -> Plan:
     """The fastest plan whose estimated memory fits `budget` bytes: segment outputs on the device at the largest
     tile that fits, else (CUDA) in pinned host memory, else tiles recomputed per GroupNorm (memory one tile's:
     estimated as twice the exact path's working set at that tile). None: no budget."""
     if budget is None:
         return Plan("exact", tile)
-    costs = {t: plan_program(program, *args, device=device, tile=t, **kwargs) for t in _tiles(tile)}
+    costs = {t: plan_program(program, *args, device=device, tile=t, group=group, **kwargs) for t in _tiles(tile)}
     for store in ("device", "host") if device.type == "cuda" else ("device",):
         for t, (peak, work) in costs.items():
             need = (peak if store == "device" else 0) + work

@@ -41,16 +41,24 @@ class _Tiled:
         plans: Dict = self.__dict__.setdefault("_tiling_plans", {})
         key = (key, cfg)
         if key not in plans:
-            device = args[1].device
-            budget = executor.available_memory(device) if cfg.max_memory == "auto" else cfg.max_memory
-            plans[key] = plan = executor.make_plan(budget, tile, program, *args, device=device, **kwargs)
+            device, group = args[1].device, self._group()
+            budget = cfg.max_memory
+            if budget == "auto":
+                budget = executor.available_memory(device)
+                if group is not None:  # every rank must make the same plan
+                    least = torch.tensor(budget, device=device)
+                    dist.all_reduce(least, dist.ReduceOp.MIN, group=group)
+                    budget = int(least)
+            plans[key] = plan = executor.make_plan(budget, tile, program, *args, device=device, group=group,
+                                                   **kwargs)
             if cfg.max_memory == "auto":
                 logger.info("tiling: max_memory=auto is %d MiB on %s for a %s input: %s", budget >> 20, device,
                             tuple(args[1].shape), plan)
             if plan.path == "recompute":
                 logger.warning("tiling: max_memory=%d bytes cannot hold the stored segments of a %s input: tiles of "
-                               "%d recomputed per GroupNorm (bounded memory, close to untiled but not exact)",
-                               budget, tuple(args[1].shape), plan.tile)
+                               "%d recomputed per GroupNorm (bounded memory, close to untiled but not exact%s)",
+                               budget, tuple(args[1].shape), plan.tile,
+                               "; every rank runs the whole frame" if group is not None else "")
         return plans[key]
 
     def _group(self):
