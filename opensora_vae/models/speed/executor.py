@@ -185,6 +185,8 @@ class Executor:
                 dest[..., a * num // den - m0:b * num // den - m0, c * num // den:d * num // den].copy_(
                     y[..., (a - h0) * num // den:(b - h0) * num // den, (c - w0) * num // den:(d - w0) * num // den],
                     non_blocking=True)
+        if self.pin and out is None:  # the copies into host memory done before the host reads windows of it
+            torch.cuda.current_stream(self.device).synchronize()
         result = Stored(dest, band=(o0, o1), rows=(m0, m1), height=ho, filled=self.world == 1)
         if out is not None and self.world > 1:
             self._gather_bands(result)
