@@ -199,7 +199,8 @@ def test_tiling_is_refused_where_gradients_flow(clip):
 
 def test_inference_and_encoding_split_each_frame_across_ranks(tmp_path, sample_videos):
     """--tile-parallel under torchrun: every rank takes every clip, splits its frames' tiles, rank 0 writes; the
-    outputs equal one process's untiled ones (lossless video; latents to 1e-4) and are written once."""
+    outputs equal one process's untiled ones (lossless video; latents to 1e-4) and are written once. Encoding plans
+    from --tile-max-memory auto."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import encode_latents
     import inference_vae
@@ -219,7 +220,8 @@ def test_inference_and_encoding_split_each_frame_across_ranks(tmp_path, sample_v
         common = [str(config), "--ckpt-path", str(ckpt), "--data-path", str(csv), *extra]
         script = ROOT / "scripts" / ("inference_vae.py" if job == "inference" else "encode_latents.py")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-               *common, "--save-dir", str(tmp_path / f"{job}2"), "--tile-parallel", "--tile-size", "16"]
+               *common, "--save-dir", str(tmp_path / f"{job}2"), "--tile-parallel", "--tile-size", "16",
+               *(["--tile-max-memory", "auto"] if job == "encode" else [])]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         (inference_vae if job == "inference" else encode_latents).main(common + ["--save-dir", str(tmp_path / job)])
