@@ -155,6 +155,8 @@ def main(argv=None) -> None:
               f"pixel peak 2")
     print(f"{'method':<28}{'enc PSNR':>9}{'enc band':>9}{'dec PSNR':>9}{'dec band':>9}{'enc time':>9}{'dec time':>9}")
 
+    last = [None, None]  # the latest row's latents and pixels
+
     def report(label):
         # Peak beyond what is held when the row starts (on CPU freed memory the allocator keeps counts as held).
         nonlocal base
@@ -178,7 +180,6 @@ def main(argv=None) -> None:
         report("diffusers tiling")
         module.disable_tiling()
     cuda = x.is_cuda
-    last = [None, None]  # the latest row's latents and pixels
     base = torch.cuda.memory_allocated() if cuda else rss()
 
     def peak():
