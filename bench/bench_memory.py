@@ -122,8 +122,8 @@ def _model(args):
     torch.manual_seed(0)
     if args.legacy:
         VideoAutoencoderKL._frames = _legacy_frames
-    if args.model == "full":  # the published structure (SDXL spatial VAE + VAE_Temporal_SD), random weights
-        cfg = dict(type="OpenSoraVAE_V1_2", vae_2d=dict(from_pretrained=None, config=None, micro_batch_size=1))
+    if args.model == "full":
+        from common import FULL_RANDOM as cfg
     else:
         cfg = dict(type="VideoAutoencoderPipeline", vae_2d=MID_VAE_2D, vae_temporal=TINY_TEMPORAL, micro_frame_size=17)
     model = build_model(cfg).eval().to(args.device, getattr(torch, args.dtype))

@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import provenance  # bench/ is the script's folder
+from common import FULL_RANDOM, provenance  # bench/ is the script's folder
 from opensora_vae.models.speed import executor
 from opensora_vae.data.samples import sample_clips
 from opensora_vae.data.video import read_video
@@ -120,8 +120,7 @@ def main(argv=None) -> None:
         from opensora_vae.models.pipeline import VideoAutoencoderPipeline
 
         if args.checkpoint == "random":
-            cfg = dict(type="OpenSoraVAE_V1_2", vae_2d=dict(from_pretrained=None, config=None, micro_batch_size=1))
-            model = build_model(cfg)
+            model = build_model(FULL_RANDOM)
         else:
             model = VideoAutoencoderPipeline.from_pretrained(args.checkpoint)
         model = model.eval().to(args.device, dtype)
@@ -155,22 +154,21 @@ def main(argv=None) -> None:
               f"pixel peak 2")
     print(f"{'method':<28}{'enc PSNR':>9}{'enc band':>9}{'dec PSNR':>9}{'dec band':>9}{'enc time':>9}{'dec time':>9}")
 
-    last = [None, None]  # the latest row's latents and pixels
-
     def report(label):
+        """One row; returns its latents and pixels."""
         # Peak beyond what is held when the row starts (on CPU freed memory the allocator keeps counts as held).
         nonlocal base
         torch.cuda.reset_peak_memory_stats() if x.is_cuda else reset_peak()
         base = torch.cuda.memory_allocated() if x.is_cuda else rss()
         zt, te = timed(encode)
         yt, td = timed(decode)
-        last[:] = zt, yt
         extra = f"  peak +{(peak() - base) / 2**20:.0f} MiB" if args.budgets else ""
         if y is None:
             print(f"{label:<28}{'-':>9}{'-':>9}{'-':>9}{'-':>9}{te:8.1f}s{td:8.1f}s{extra}", flush=True)
-            return
-        print(f"{label:<28}{psnr(z, zt, z_peak):9.1f}{worst_band(z, zt, z_peak):9.1f}{psnr(y, yt, 2):9.1f}"
-              f"{worst_band(y, yt, 2):9.1f}{te / t_enc:8.2f}x{td / t_dec:8.2f}x{extra}", flush=True)
+        else:
+            print(f"{label:<28}{psnr(z, zt, z_peak):9.1f}{worst_band(z, zt, z_peak):9.1f}{psnr(y, yt, 2):9.1f}"
+                  f"{worst_band(y, yt, 2):9.1f}{te / t_enc:8.2f}x{td / t_dec:8.2f}x{extra}", flush=True)
+        return zt, yt
 
     module = spatial.module  # diffusers' own tiling, same tile size, its default 25% overlap
     if not args.no_diffusers:
@@ -187,13 +185,13 @@ def main(argv=None) -> None:
 
     for budget in [None] + args.budgets:
         model.enable_tiling(tile_size=args.tile_size, max_memory=budget, temporal_tile_size=args.temporal_tile_size)
-        report("exact" + (f" max_memory={budget}" if budget else ""))
+        row = report("exact" + (f" max_memory={budget}" if budget else ""))
         plans = [f"{k[0][0]} {p.path}/{p.store} tile {p.tile} need {p.need / 2**20:.0f} MiB"
                  for m in model.modules() for k, p in getattr(m, "_tiling_plans", {}).items()]
         if budget:
             print(f"{'':<28}plans: {'; '.join(plans)}")
         if budget is None:
-            exact = tuple(last)
+            exact = row
     for mid in args.tile_mid_block:
         for n in args.exact_norms:
             model.enable_tiling(tile_size=args.tile_size, overlap=args.overlap, exact_norms=n, tile_mid_block=bool(mid),
@@ -252,18 +250,24 @@ def curve(args) -> None:
         print(out.strip().splitlines()[-1], flush=True)
 
 
-def curve_worker(args) -> None:
+def random_decode(args, threads: int, **tiling):
+    """The full-size spatial VAE tiled with `tiling`, random latents for an args.size frame, warmed up."""
     from opensora_vae.models.spatial import VideoAutoencoderKL
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
     model = VideoAutoencoderKL(config=None, micro_batch_size=1).eval()
     f = model.patch_size[1]
     z = torch.randn(1, 4, 1, args.size[0] // f, args.size[1] // f)
-    out = torch.empty(1, 3, 1, *args.size)
-    budget = None if args.curve_worker == "none" else args.curve_worker
-    model.enable_tiling(tile_size=args.tile_size, max_memory=budget)
+    model.enable_tiling(tile_size=args.tile_size, **tiling)
     timed(lambda: model.decode(z[..., :16, :16]))  # warm-up
+    return model, z
+
+
+def curve_worker(args) -> None:
+    budget = None if args.curve_worker == "none" else args.curve_worker
+    model, z = random_decode(args, args.threads, max_memory=budget)
+    out = torch.empty(1, 3, 1, *args.size)
     plan_start = time.perf_counter()
     with torch.inference_mode():  # the plan (fake tensors) before the measured call
         plan = model._plan(("decode", z[:, :, 0].shape, z.dtype, z.device), executor.autoencoderkl_decode,
@@ -280,16 +284,8 @@ def curve_worker(args) -> None:
 def ranks_worker(args) -> None:
     import torch.distributed as dist
 
-    from opensora_vae.models.spatial import VideoAutoencoderKL
-
     dist.init_process_group("gloo")
-    torch.set_num_threads(1)
-    torch.manual_seed(args.seed)
-    model = VideoAutoencoderKL(config=None, micro_batch_size=1).eval()
-    f = model.patch_size[1]
-    z = torch.randn(1, 4, 1, args.size[0] // f, args.size[1] // f)
-    model.enable_tiling(tile_size=args.tile_size, parallel=dist.get_world_size() > 1)
-    timed(lambda: model.decode(z[..., :16, :16]))  # warm-up
+    model, z = random_decode(args, 1, parallel=dist.get_world_size() > 1)
     dist.barrier()
     _, t = timed(lambda: model.decode(z))
     if dist.get_rank() == 0:

@@ -19,6 +19,9 @@ from opensora_vae.runtime import peak_memory_bytes, reset_peak_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The published structure (SDXL spatial VAE + VAE_Temporal_SD) at random weights, one frame per spatial call.
+FULL_RANDOM = dict(type="OpenSoraVAE_V1_2", vae_2d=dict(from_pretrained=None, config=None, micro_batch_size=1))
+
 # Dense peak throughput in TFLOP/s (vendor datasheets, no sparsity): (bf16 tensor core, fp32 non-tensor).
 DEVICE_PEAK_TFLOPS = {
     "H100 PCIe": {torch.bfloat16: 756.0, torch.float32: 51.2},
